@@ -1,0 +1,37 @@
+"""gradsynth: LLM unlearning by retention-prioritized gradient synthesis (SAGO, one-sided PCGrad).
+
+Layers, lowest first: :mod:`gradsynth.rules` (pure maths on tensors) and
+:mod:`gradsynth.optim` (the optimizer shell).
+"""
+
+from gradsynth.optim import GradientGeometry, SynthesizingOptimizer
+from gradsynth.rules import (
+    FunctionRule,
+    Rule,
+    available_rules,
+    get_rule,
+    pcgrad,
+    register_rule,
+    sago,
+    sago_prefer_retain,
+    unregister_rule,
+    weighted_sum,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FunctionRule",
+    "GradientGeometry",
+    "Rule",
+    "SynthesizingOptimizer",
+    "__version__",
+    "available_rules",
+    "get_rule",
+    "pcgrad",
+    "register_rule",
+    "sago",
+    "sago_prefer_retain",
+    "unregister_rule",
+    "weighted_sum",
+]

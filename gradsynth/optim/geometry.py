@@ -1,0 +1,92 @@
+"""Gradient-geometry diagnostics of one synthesis: the quantities the paper reports.
+
+Over all managed parameters, with f, r, g the forget, retain and synthesized gradients flattened::
+
+    cos_fr = <f, r> / (|f| |r|)     cos_gr = <g, r> / (|g| |r|)     cos_gf = <g, f> / (|g| |f|)
+    conflict_fraction = #{i : sign(f_i) = -sign(r_i) != 0} / #coordinates
+    norm_f = |f|,  norm_r = |r|,  norm_g = |g|
+
+Sums stay 0-dim float64 tensors on each device while the optimizer loops over parameters; they
+are read on the host once, when :meth:`GeometryAccumulator.result` is called. A cosine with a
+zero-norm side is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from gradsynth.rules.reductions import dot64, sign_conflict
+
+_FF, _RR, _FR, _GG, _GF, _GR, _CONFLICTS = range(7)
+
+
+@dataclass(frozen=True)
+class GradientGeometry:
+    """Gradient geometry of one synthesis (see :mod:`gradsynth.optim.geometry`)."""
+
+    cos_fr: float
+    cos_gr: float
+    cos_gf: float
+    conflict_fraction: float
+    norm_f: float
+    norm_r: float
+    norm_g: float
+    numel: int
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields as a flat dict, e.g. for a logger."""
+        return asdict(self)
+
+
+def _cos(dot: float, sq_a: float, sq_b: float) -> float:
+    denom = math.sqrt(sq_a * sq_b)
+    return dot / denom if denom > 0 else math.nan
+
+
+class GeometryAccumulator:
+    """Adds up the sums behind :class:`GradientGeometry` one parameter tensor at a time."""
+
+    def __init__(self) -> None:
+        self._totals: dict[torch.device, Tensor] = {}
+        self._numel = 0
+
+    def add(self, forget: Tensor, retain: Tensor, update: Tensor) -> None:
+        """Account for one parameter tensor; no host sync."""
+        sums = torch.stack(
+            [
+                dot64(forget, forget),
+                dot64(retain, retain),
+                dot64(forget, retain),
+                dot64(update, update),
+                dot64(update, forget),
+                dot64(update, retain),
+                sign_conflict(forget, retain).sum(dtype=torch.float64),
+            ]
+        )
+        device = sums.device
+        if device in self._totals:
+            self._totals[device] += sums
+        else:
+            self._totals[device] = sums
+        self._numel += forget.numel()
+
+    def result(self) -> GradientGeometry | None:
+        """Read the sums (one host sync per device) and form the geometry; None if empty."""
+        if not self._totals:
+            return None
+        total = sum(t.to("cpu") for t in self._totals.values())
+        s = total.tolist()
+        return GradientGeometry(
+            cos_fr=_cos(s[_FR], s[_FF], s[_RR]),
+            cos_gr=_cos(s[_GR], s[_GG], s[_RR]),
+            cos_gf=_cos(s[_GF], s[_GG], s[_FF]),
+            conflict_fraction=s[_CONFLICTS] / self._numel if self._numel else math.nan,
+            norm_f=math.sqrt(s[_FF]),
+            norm_r=math.sqrt(s[_RR]),
+            norm_g=math.sqrt(s[_GG]),
+            numel=self._numel,
+        )

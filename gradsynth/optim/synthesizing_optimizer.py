@@ -1,0 +1,405 @@
+"""``SynthesizingOptimizer``: the optimizer shell around the pure rules.
+
+Each step collects two task gradients, forget ``f`` and retain ``r``, synthesizes one update
+gradient ``g = rule(f, r; alpha, gamma)`` per parameter group, writes it into ``p.grad`` and
+hands over to the wrapped optimizer, which never knows the difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradsynth.optim.geometry import GeometryAccumulator, GradientGeometry
+from gradsynth.optim.task_gradients import FORGET, RETAIN, TaskGradients
+from gradsynth.rules.base import Rule
+from gradsynth.rules.registry import RuleLike, get_rule
+
+#: Keys of a param group that carry per-group synthesis settings.
+GROUP_KEYS = ("rule", "alpha", "gamma")
+#: Version of the ``"gradsynth"`` entry in :meth:`SynthesizingOptimizer.state_dict`.
+STATE_VERSION = 1
+
+
+def _check_weight(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{name} must be finite and non-negative (it weights a gradient the rules compare by sign), "
+            f"got {value}"
+        )
+    return value
+
+
+def _rule_name(rule: Rule) -> str:
+    return rule.name or type(rule).__name__
+
+
+class SynthesizingOptimizer(torch.optim.Optimizer):
+    r"""Wraps any optimizer so that each step follows a synthesized, retention-first gradient.
+
+    Args:
+        optimizer: an optimizer built over the model's parameters (any ``torch.optim.Optimizer``,
+            including ones from other libraries). Its ``param_groups``, ``state`` and
+            ``defaults`` are shared, not copied: LR schedulers, ``GradScaler`` and
+            ``clip_grad_norm_`` acting on the wrapper act on it.
+        rule: ``"sago"`` (default), ``"sago_prefer_retain"``, ``"pcgrad"``, ``"pcgrad_global"``,
+            ``"sum"``, a registered name, a :class:`~gradsynth.rules.Rule`, or a per-tensor
+            function ``fn(f, r, *, alpha, gamma) -> g``.
+        alpha: weight of the retain gradient (>= 0).
+        gamma: weight of the forget gradient (>= 0).
+        track_geometry: after each synthesis, compute the gradient geometry
+            (:attr:`geometry`); costs extra passes over the gradients and one temporary the
+            size of the largest parameter.
+
+    A param group may carry its own ``"rule"``, ``"alpha"`` and ``"gamma"``. A key that the
+    wrapped optimizer itself uses as a hyper-parameter (RMSprop's ``alpha``) belongs to it, and
+    the wrapper's value applies to that group instead.
+
+    Usage::
+
+        opt = SynthesizingOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-5), rule="sago")
+        opt.zero_grad()
+        opt.backward_forget(forget_loss)
+        opt.backward_retain(retain_loss)
+        opt.step()
+    """
+
+    # GradScaler must unscale p.grad itself; never let it hand scale tensors to a fused base.
+    _step_supports_amp_scaling = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        rule: RuleLike = "sago",
+        *,
+        alpha: float = 1.0,
+        gamma: float = 1.0,
+        track_geometry: bool = False,
+    ) -> None:
+        if isinstance(optimizer, SynthesizingOptimizer):
+            raise ValueError(
+                "this optimizer is a SynthesizingOptimizer already; wrap the base optimizer once "
+                "(its .optimizer attribute) and set the rule there"
+            )
+        if not all(hasattr(optimizer, name) for name in ("param_groups", "step", "zero_grad", "state")):
+            raise TypeError(
+                f"SynthesizingOptimizer wraps an optimizer (a torch.optim.Optimizer or one with "
+                f"param_groups, state, step and zero_grad); got {type(optimizer).__name__}. "
+                "Build the optimizer first: SynthesizingOptimizer(torch.optim.AdamW(model.parameters()))"
+            )
+        self._base = optimizer
+        self._rule = get_rule(rule)
+        self._alpha = _check_weight("alpha", alpha)
+        self._gamma = _check_weight("gamma", gamma)
+        self.track_geometry = bool(track_geometry)
+        self._tasks = TaskGradients()
+        self._synthesized = False
+        self._geometry: GeometryAccumulator | None = None
+        # What torch.optim.Optimizer.__init__ sets up for step/state-dict hooks and profiling.
+        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
+        self._patch_step_function()
+        for group in self._base.param_groups:
+            self._check_group(group)
+
+    # ----- delegation to the wrapped optimizer ---------------------------------------------
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer."""
+        return self._base
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self._base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._base.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self._base.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._base.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self._base.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self._base.defaults = value
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: e.g. schedule-free optimizers' train()/eval().
+        if name.startswith("__") or name == "_base" or "_base" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self._base, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        return (
+            f"SynthesizingOptimizer(rule={_rule_name(self._rule)!r}, alpha={self._alpha}, "
+            f"gamma={self._gamma}, optimizer={type(self._base).__name__})"
+        )
+
+    # ----- settings --------------------------------------------------------------------------
+
+    @property
+    def rule(self) -> Rule:
+        """The default rule (a param group's ``"rule"`` overrides it)."""
+        return self._rule
+
+    @rule.setter
+    def rule(self, value: RuleLike) -> None:
+        self._rule = get_rule(value)
+
+    @property
+    def alpha(self) -> float:
+        """Default weight of the retain gradient."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = _check_weight("alpha", value)
+
+    @property
+    def gamma(self) -> float:
+        """Default weight of the forget gradient."""
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gamma = _check_weight("gamma", value)
+
+    def _owns_key(self, group: dict[str, Any], key: str) -> bool:
+        return key in group and key not in getattr(self._base, "defaults", {})
+
+    def group_settings(self, group: dict[str, Any]) -> tuple[Rule, float, float]:
+        """The ``(rule, alpha, gamma)`` that apply to one param group."""
+        rule = get_rule(group["rule"]) if self._owns_key(group, "rule") else self._rule
+        alpha = _check_weight("alpha", group["alpha"]) if self._owns_key(group, "alpha") else self._alpha
+        gamma = _check_weight("gamma", group["gamma"]) if self._owns_key(group, "gamma") else self._gamma
+        return rule, alpha, gamma
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        self.group_settings(group)
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError(
+                    "gradsynth does not handle complex parameters (SAGO compares signs, which "
+                    "complex numbers lack); view them as real with torch.view_as_real"
+                )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the wrapped optimizer; it may carry ``rule``/``alpha``/``gamma``."""
+        self._check_group(param_group)
+        self._base.add_param_group(param_group)
+
+    def _params(self) -> Iterator[Tensor]:
+        for group in self._base.param_groups:
+            yield from group["params"]
+
+    # ----- collecting the two task gradients ------------------------------------------------
+
+    def backward_forget(self, loss: Tensor | None = None, **backward_kwargs: Any) -> None:
+        """Attribute to the forget task what backward accumulates since the last ``backward_*`` call.
+
+        With ``loss``, runs ``loss.backward(**backward_kwargs)`` first. With ``None``, the
+        backward was done elsewhere (``accelerator.backward``, ``scaler.scale(loss).backward()``):
+        call this right after it.
+        """
+        self._backward(FORGET, loss, backward_kwargs)
+
+    def backward_retain(self, loss: Tensor | None = None, **backward_kwargs: Any) -> None:
+        """Attribute to the retain task what backward accumulates since the last ``backward_*`` call.
+
+        Same contract as :meth:`backward_forget`.
+        """
+        self._backward(RETAIN, loss, backward_kwargs)
+
+    def _backward(self, task: str, loss: Tensor | None, backward_kwargs: dict[str, Any]) -> None:
+        if self._synthesized:
+            raise RuntimeError(
+                f"backward_{task}() after synthesize() and before step()/zero_grad(): p.grad holds the "
+                "synthesized update, which would be mixed into the task gradient. Call all "
+                "backward_* of a step first, then synthesize()/step(); call zero_grad() before the next step."
+            )
+        if loss is not None:
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"backward_{task} expects a loss tensor or None, got {type(loss).__name__}")
+            with torch.no_grad():
+                self._tasks.before_backward(task, self._params())
+            loss.backward(**backward_kwargs)
+        elif backward_kwargs:
+            raise TypeError(f"backward_{task}(None) runs no backward, so it takes no backward arguments")
+        with torch.no_grad():
+            self._tasks.absorb(task, self._params())
+
+    # ----- synthesis --------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        """True when task gradients wait to be synthesized."""
+        return self._tasks.pending
+
+    @torch.no_grad()
+    def synthesize(self) -> None:
+        """Write the synthesized gradient into ``p.grad`` of every managed parameter.
+
+        Idempotent: with nothing pending it does nothing. Call it before ``clip_grad_norm_`` or
+        ``scaler.unscale_(opt)`` so they act on the synthesized gradient; ``step()`` calls it
+        otherwise. A parameter neither task reached keeps its ``p.grad``; one that a single task
+        reached gets a zero gradient for the other.
+        """
+        if not self._tasks.pending:
+            return
+        geometry = GeometryAccumulator() if self.track_geometry else None
+        # Group the work by rule, so that a rule's scope (pcgrad_global) spans param groups.
+        by_rule: dict[int, tuple[Rule, list[tuple[Tensor, float, float]]]] = {}
+        for group in self._base.param_groups:
+            rule, alpha, gamma = self.group_settings(group)
+            entries = by_rule.setdefault(id(rule), (rule, []))[1]
+            for p in group["params"]:
+                forget, retain = self._tasks.peek(p)
+                if forget is None and retain is None:
+                    continue
+                if self._tasks.has_unattributed(p):
+                    raise RuntimeError(
+                        f"a gradient reached a parameter of shape {tuple(p.shape)} after the last "
+                        "backward_forget()/backward_retain() call, so it belongs to no task; call "
+                        "backward_forget(None) or backward_retain(None) right after that backward"
+                    )
+                entries.append((p, alpha, gamma))
+        for rule, entries in by_rule.values():
+            pairs = []
+            for p, _, _ in entries:
+                forget, retain = self._tasks.take(p)
+                pairs.append(
+                    (
+                        torch.zeros_like(retain) if forget is None else forget,
+                        torch.zeros_like(forget) if retain is None else retain,
+                    )
+                )
+            context = rule.prepare([f for f, _ in pairs], [r for _, r in pairs])
+            for (p, alpha, gamma), (forget, retain) in zip(entries, pairs, strict=True):
+                if geometry is None:
+                    rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=retain, context=context)
+                    update = retain
+                else:
+                    update = torch.empty_like(retain)
+                    rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=update, context=context)
+                    geometry.add(forget, retain, update)
+                if p.grad is None:
+                    p.grad = update
+                else:  # a zeroed buffer someone else owns (e.g. a DDP bucket view)
+                    p.grad.copy_(update)
+                    self._tasks.release_view(p)
+            pairs.clear()
+        self._tasks.clear()
+        self._geometry = geometry
+        self._synthesized = True
+
+    @property
+    def geometry(self) -> GradientGeometry | None:
+        """Gradient geometry of the last synthesis (``track_geometry=True``), else ``None``.
+
+        Reading it costs one host sync per device.
+        """
+        return None if self._geometry is None else self._geometry.result()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Synthesize pending task gradients, then step the wrapped optimizer.
+
+        A ``closure`` must zero the gradients, call ``backward_forget``/``backward_retain`` and
+        return the loss; it is followed by a synthesis each time the wrapped optimizer calls it.
+        """
+        if closure is None:
+            self.synthesize()
+            result = self._base.step()
+        else:
+
+            def synthesized_closure() -> Any:
+                loss = closure()
+                self.synthesize()
+                return loss
+
+            self.synthesize()
+            result = self._base.step(synthesized_closure)
+        self._synthesized = False
+        return result
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop pending task gradients and zero ``p.grad`` through the wrapped optimizer."""
+        self._tasks.clear()
+        self._synthesized = False
+        self._base.zero_grad(set_to_none=set_to_none)
+
+    # ----- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus a ``"gradsynth"`` entry with the wrapper's settings.
+
+        Refused while task gradients are pending: a checkpoint holds optimizer state, not
+        half-collected gradients. Take it after ``step()`` or ``zero_grad()``.
+        """
+        if self._tasks.pending:
+            raise RuntimeError(
+                "state_dict() called with task gradients pending (after backward_forget/backward_retain, "
+                "before step()); save the checkpoint after step() or zero_grad()"
+            )
+        state = self._base.state_dict()
+        state["gradsynth"] = {
+            "version": STATE_VERSION,
+            "rule": _rule_name(self._rule),
+            "alpha": self._alpha,
+            "gamma": self._gamma,
+            "track_geometry": self.track_geometry,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or a plain one of the wrapped optimizer).
+
+        The wrapper's settings are restored by rule name: a custom rule must be registered
+        (``gradsynth.register_rule``) under the saved name before loading.
+        """
+        state_dict = dict(state_dict)
+        settings = state_dict.pop("gradsynth", None)
+        if settings is not None:
+            version = settings.get("version")
+            if version != STATE_VERSION:
+                raise ValueError(
+                    f"this checkpoint's gradsynth entry has version {version!r}; this gradsynth reads "
+                    f"version {STATE_VERSION}"
+                )
+            rule = self._rule if settings["rule"] == _rule_name(self._rule) else get_rule(settings["rule"])
+            alpha = _check_weight("alpha", settings["alpha"])
+            gamma = _check_weight("gamma", settings["gamma"])
+        self._base.load_state_dict(state_dict)
+        if settings is not None:
+            self._rule, self._alpha, self._gamma = rule, alpha, gamma
+            self.track_geometry = bool(settings.get("track_geometry", False))
+        self._tasks.clear()
+        self._synthesized = False

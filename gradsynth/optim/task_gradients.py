@@ -1,0 +1,118 @@
+"""Bookkeeping of the two task gradients between ``backward_*`` calls and the synthesis.
+
+Invariant after every ``backward_forget`` / ``backward_retain`` call: each task's accumulated
+gradient lives in its own stash, and ``p.grad`` holds nothing pending (it is ``None``, or a
+zeroed buffer that belongs to someone else, such as a DDP bucket view). So whatever the next
+backward adds to ``p.grad`` belongs, without doubt, to the next task named.
+
+Memory (gradient sets beyond params + one gradient set, as plain training holds):
+
+- moving ``p.grad`` into an empty stash is a pointer move (the tensor is taken over and
+  ``p.grad`` is set to ``None``); into a filled stash it is one ``add_``;
+- when the task is known before the backward (``backward_forget(loss)``), the task's stash is
+  put back into ``p.grad`` first, so autograd accumulates straight into it: at most one extra
+  gradient set, whatever the accumulation pattern;
+- when the backward ran elsewhere (``backward_forget(None)``), a backward on top of two filled
+  stashes allocates a third set for its fresh gradient.
+
+Buffers we do not own (``p.grad`` is a view into someone's storage) are copied, never taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+FORGET = "forget"
+RETAIN = "retain"
+TASKS = (FORGET, RETAIN)
+
+
+def _check_dense(param: Tensor, grad: Tensor) -> None:
+    if grad.layout != torch.strided:
+        kind = "sparse" if grad.is_sparse or "sparse" in str(grad.layout) else str(grad.layout)
+        raise RuntimeError(
+            f"gradsynth cannot synthesize a {kind} gradient (parameter of shape {tuple(param.shape)}): "
+            "the rules are defined on dense gradients. Use a dense layout, e.g. "
+            "nn.Embedding(..., sparse=False)."
+        )
+
+
+def _owned(grad: Tensor) -> bool:
+    """True when the gradient tensor is not a view into storage that someone else manages."""
+    return grad._base is None
+
+
+class TaskGradients:
+    """Per-parameter stashes of the forget and retain gradients of the current step."""
+
+    def __init__(self) -> None:
+        self._stash: dict[str, dict[Tensor, Tensor]] = {task: {} for task in TASKS}
+        # Zeroed p.grad views left in place, with their version counter when we zeroed them.
+        self._zeroed_views: dict[Tensor, int] = {}
+
+    @property
+    def pending(self) -> bool:
+        """True when either task holds a gradient that has not been synthesized."""
+        return any(self._stash[task] for task in TASKS)
+
+    def tasks_pending(self) -> tuple[str, ...]:
+        return tuple(task for task in TASKS if self._stash[task])
+
+    def before_backward(self, task: str, params: Iterable[Tensor]) -> None:
+        """Put ``task``'s stash back into empty ``p.grad`` so the next backward adds into it."""
+        stash = self._stash[task]
+        for p in params:
+            if p.grad is None and p in stash:
+                p.grad = stash.pop(p)
+
+    def absorb(self, task: str, params: Iterable[Tensor]) -> None:
+        """Move what ``p.grad`` accumulated since the last call into ``task``'s stash."""
+        stash = self._stash[task]
+        for p in params:
+            grad = p.grad
+            if grad is None:
+                continue
+            _check_dense(p, grad)
+            if p in self._zeroed_views and self._zeroed_views[p] == grad._version:
+                continue  # our own zeroed view, nothing new in it
+            held = stash.get(p)
+            if _owned(grad):
+                if held is None:
+                    stash[p] = grad
+                else:
+                    held.add_(grad)
+                p.grad = None
+                self._zeroed_views.pop(p, None)
+            else:
+                if held is None:
+                    stash[p] = grad.clone()
+                else:
+                    held.add_(grad)
+                grad.zero_()
+                self._zeroed_views[p] = grad._version
+
+    def take(self, param: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Remove and return ``(forget, retain)`` of one parameter; ``None`` for a task that missed it."""
+        return self._stash[FORGET].pop(param, None), self._stash[RETAIN].pop(param, None)
+
+    def peek(self, param: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        return self._stash[FORGET].get(param), self._stash[RETAIN].get(param)
+
+    def has_unattributed(self, param: Tensor) -> bool:
+        """True when ``p.grad`` gained values after the last ``backward_*`` call."""
+        grad = param.grad
+        if grad is None:
+            return False
+        return self._zeroed_views.get(param) != grad._version
+
+    def release_view(self, param: Tensor) -> None:
+        self._zeroed_views.pop(param, None)
+
+    def clear(self) -> None:
+        """Drop every pending task gradient."""
+        for task in TASKS:
+            self._stash[task].clear()
+        self._zeroed_views.clear()

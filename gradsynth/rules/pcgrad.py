@@ -1,0 +1,88 @@
+"""One-sided PCGrad, the paper's adaptation: only the forget gradient is ever projected.
+
+::
+
+    if <f, r> < 0:  f' = f - <f, r> / ||r||^2 * r     else: f' = f
+    g = gamma * f' + alpha * r  =  gamma * f + (alpha - gamma * k) * r,
+    with k = min(<f, r>, 0) / ||r||^2
+
+``pcgrad`` takes ``<f, r>`` and ``||r||^2`` per parameter tensor (as the reference code does);
+``pcgrad_global`` takes them once over the whole scope of the rule (every parameter whose param
+group uses it), then applies the same ``k`` everywhere.
+
+Guarantee (alpha, gamma >= 0): ``<f', r> >= 0``, hence ``<g, r> = gamma <f', r> + alpha ||r||^2
+>= 0`` over the tensor (``pcgrad``) or the scope (``pcgrad_global``). Unlike SAGO, single
+coordinates may still oppose retention.
+
+The inner products are accumulated in float64 and ``k`` stays a 0-dim tensor on the device:
+no host sync, no underflow for tiny gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradsynth.rules.base import Rule
+from gradsynth.rules.reductions import dot64
+from gradsynth.rules.weighted_sum import weighted_sum
+
+
+def projection_coefficient(forget_dot_retain: Tensor, retain_sq_norm: Tensor) -> Tensor:
+    """``k = <f, r> / ||r||^2`` where ``<f, r> < 0``, else 0 (a 0-dim tensor)."""
+    safe_norm = retain_sq_norm.clamp_min(torch.finfo(retain_sq_norm.dtype).tiny)
+    return torch.where(forget_dot_retain < 0, forget_dot_retain / safe_norm, 0.0)
+
+
+def _apply_projection(
+    forget: Tensor, retain: Tensor, k: Tensor, alpha: float, gamma: float, out: Tensor | None
+) -> Tensor:
+    retain_weight = alpha - gamma * k
+    return weighted_sum(forget, retain, alpha=retain_weight, gamma=gamma, out=out)
+
+
+def pcgrad(
+    forget: Tensor, retain: Tensor, *, alpha: float = 1.0, gamma: float = 1.0, out: Tensor | None = None
+) -> Tensor:
+    """One-sided PCGrad on one tensor (see the module docstring)."""
+    k = projection_coefficient(dot64(forget, retain), dot64(retain, retain))
+    return _apply_projection(forget, retain, k, alpha, gamma, out)
+
+
+class PCGrad(Rule):
+    """Rule ``"pcgrad"``: :func:`pcgrad` per parameter tensor."""
+
+    name = "pcgrad"
+
+    def combine(
+        self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None
+    ) -> None:
+        pcgrad(forget, retain, alpha=alpha, gamma=gamma, out=out)
+
+
+class PCGradGlobal(Rule):
+    """Rule ``"pcgrad_global"``: one projection coefficient over every tensor in the scope."""
+
+    name = "pcgrad_global"
+
+    def prepare(self, forget: Sequence[Tensor], retain: Sequence[Tensor]) -> Tensor | None:
+        if not retain:
+            return None
+        # Tensors spread over several devices are reduced on the first one.
+        device = retain[0].device
+        fr = torch.zeros((), dtype=torch.float64, device=device)
+        rr = torch.zeros((), dtype=torch.float64, device=device)
+        for f, r in zip(forget, retain, strict=True):
+            fr += dot64(f, r).to(device)
+            rr += dot64(r, r).to(device)
+        return projection_coefficient(fr, rr)
+
+    def combine(
+        self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None
+    ) -> None:
+        if not isinstance(context, Tensor):
+            raise RuntimeError("pcgrad_global.combine needs the coefficient returned by its prepare()")
+        _apply_projection(forget, retain, context.to(retain.device), alpha, gamma, out)

@@ -1,0 +1,78 @@
+"""SAGO, Sign-Align Gradient Optimization, and its ``prefer_retain`` variant (Xiao et al., 2026).
+
+Coordinate-wise, with ``c_i = 1`` where the signs of ``f_i`` and ``r_i`` are opposite and
+``c_i = 0`` elsewhere (signs agree, or either is zero)::
+
+    sago:               g_i = c_i * alpha * r_i + (1 - c_i) * gamma * f_i
+    sago_prefer_retain: g_i = c_i * alpha * r_i + (1 - c_i) * (gamma * f_i + alpha * r_i)
+
+Guarantee (alpha, gamma >= 0): ``g_i * r_i >= 0`` for every coordinate, so ``cos(g, r) >= 0``.
+
+Written as products with ``c`` rather than a selection so that a non-finite value in either
+gradient reaches ``g`` (``0 * inf`` is NaN): a forget overflow at a coordinate where retain
+wins must still make a ``GradScaler`` skip the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from gradsynth.rules.base import Rule
+from gradsynth.rules.reductions import sign_conflict
+
+
+def _blend(
+    forget: Tensor, retain: Tensor, alpha: float, gamma: float, out: Tensor | None, keep_retain: bool
+) -> Tensor:
+    conflict = sign_conflict(forget, retain)
+    agree = conflict.neg().add_(1)
+    retain_part = conflict.mul_(retain)
+    if alpha != 1.0:
+        retain_part.mul_(alpha)
+    forget_part = agree.mul_(forget)
+    if gamma != 1.0:
+        forget_part.mul_(gamma)
+    if keep_retain:
+        forget_part.add_(retain, alpha=alpha)
+    # Both inputs are fully read above, so ``out`` may alias either of them.
+    if out is None:
+        return retain_part.add_(forget_part)
+    return out.copy_(retain_part.add_(forget_part))
+
+
+def sago(
+    forget: Tensor, retain: Tensor, *, alpha: float = 1.0, gamma: float = 1.0, out: Tensor | None = None
+) -> Tensor:
+    """SAGO: retain wins where signs conflict, forget alone elsewhere (see the module docstring)."""
+    return _blend(forget, retain, alpha, gamma, out, keep_retain=False)
+
+
+def sago_prefer_retain(
+    forget: Tensor, retain: Tensor, *, alpha: float = 1.0, gamma: float = 1.0, out: Tensor | None = None
+) -> Tensor:
+    """SAGO variant: retain alone where signs conflict, ``gamma*f + alpha*r`` elsewhere."""
+    return _blend(forget, retain, alpha, gamma, out, keep_retain=True)
+
+
+class Sago(Rule):
+    """Rule ``"sago"``: :func:`sago` per parameter tensor."""
+
+    name = "sago"
+
+    def combine(
+        self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None
+    ) -> None:
+        sago(forget, retain, alpha=alpha, gamma=gamma, out=out)
+
+
+class SagoPreferRetain(Rule):
+    """Rule ``"sago_prefer_retain"``: :func:`sago_prefer_retain` per parameter tensor."""
+
+    name = "sago_prefer_retain"
+
+    def combine(
+        self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None
+    ) -> None:
+        sago_prefer_retain(forget, retain, alpha=alpha, gamma=gamma, out=out)

@@ -1,0 +1,46 @@
+"""The naive GradDiff baseline: ``g = gamma * f + alpha * r``.
+
+Also the final step of both PCGrad rules, which differ from it only in the retain weight
+(a 0-dim tensor there, so that no host sync is needed to apply it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradsynth.rules.base import Rule
+
+
+def weighted_sum(
+    forget: Tensor,
+    retain: Tensor,
+    *,
+    alpha: float | Tensor = 1.0,
+    gamma: float = 1.0,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Return ``gamma * f + alpha * r``, written into ``out`` (which may be ``f`` or ``r``).
+
+    ``alpha`` may be a 0-dim tensor, applied without reading it on the host.
+    """
+    if out is retain:
+        return out.mul_(alpha).add_(forget, alpha=gamma)
+    if out is forget:
+        return out.mul_(gamma).add_(retain * alpha)
+    if out is None:
+        out = torch.empty_like(retain)
+    return torch.mul(retain, alpha, out=out).add_(forget, alpha=gamma)
+
+
+class WeightedSum(Rule):
+    """Rule ``"sum"``: :func:`weighted_sum`, the naive baseline with no conflict handling."""
+
+    name = "sum"
+
+    def combine(
+        self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None
+    ) -> None:
+        weighted_sum(forget, retain, alpha=alpha, gamma=gamma, out=out)
