@@ -1,7 +1,7 @@
 """gradsynth: LLM unlearning by retention-prioritized gradient synthesis (SAGO, one-sided PCGrad).
 
-Layers, lowest first: :mod:`gradsynth.rules` (pure maths on tensors) and
-:mod:`gradsynth.optim` (the optimizer shell).
+Layers, lowest first: `gradsynth.rules` (pure maths on tensors) and
+`gradsynth.optim` (the optimizer shell).
 """
 
 from gradsynth.optim import GradientGeometry, SynthesizingOptimizer

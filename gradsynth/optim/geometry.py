@@ -7,7 +7,7 @@ Over all managed parameters, with f, r, g the forget, retain and synthesized gra
     norm_f = |f|,  norm_r = |r|,  norm_g = |g|
 
 Sums stay 0-dim float64 tensors on each device while the optimizer loops over parameters; they
-are read on the host once, when :meth:`GeometryAccumulator.result` is called. A cosine with a
+are read on the host once, when `GeometryAccumulator.result` is called. A cosine with a
 zero-norm side is NaN.
 """
 
@@ -26,7 +26,7 @@ _FF, _RR, _FR, _GG, _GF, _GR, _CONFLICTS = range(7)
 
 @dataclass(frozen=True)
 class GradientGeometry:
-    """Gradient geometry of one synthesis (see :mod:`gradsynth.optim.geometry`)."""
+    """Gradient geometry of one synthesis (see `gradsynth.optim.geometry`)."""
 
     cos_fr: float
     cos_gr: float
@@ -48,7 +48,7 @@ def _cos(dot: float, sq_a: float, sq_b: float) -> float:
 
 
 class GeometryAccumulator:
-    """Adds up the sums behind :class:`GradientGeometry` one parameter tensor at a time."""
+    """Adds up the sums behind `GradientGeometry` one parameter tensor at a time."""
 
     def __init__(self) -> None:
         self._totals: dict[torch.device, Tensor] = {}

@@ -22,7 +22,7 @@ from gradsynth.rules.registry import RuleLike, get_rule
 
 #: Keys of a param group that carry per-group synthesis settings.
 GROUP_KEYS = ("rule", "alpha", "gamma")
-#: Version of the ``"gradsynth"`` entry in :meth:`SynthesizingOptimizer.state_dict`.
+#: Version of the ``"gradsynth"`` entry in `SynthesizingOptimizer.state_dict`.
 STATE_VERSION = 1
 
 
@@ -51,12 +51,12 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
             ``defaults`` are shared, not copied: LR schedulers, ``GradScaler`` and
             ``clip_grad_norm_`` acting on the wrapper act on it.
         rule: ``"sago"`` (default), ``"sago_prefer_retain"``, ``"pcgrad"``, ``"pcgrad_global"``,
-            ``"sum"``, a registered name, a :class:`~gradsynth.rules.Rule`, or a per-tensor
+            ``"sum"``, a registered name, a `gradsynth.rules.Rule`, or a per-tensor
             function ``fn(f, r, *, alpha, gamma) -> g``.
         alpha: weight of the retain gradient (>= 0).
         gamma: weight of the forget gradient (>= 0).
         track_geometry: after each synthesis, compute the gradient geometry
-            (:attr:`geometry`); costs extra passes over the gradients and one temporary the
+            (`geometry`); costs extra passes over the gradients and one temporary the
             size of the largest parameter.
 
     A param group may carry its own ``"rule"``, ``"alpha"`` and ``"gamma"``. A key that the
@@ -235,7 +235,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
     def backward_retain(self, loss: Tensor | None = None, **backward_kwargs: Any) -> None:
         """Attribute to the retain task what backward accumulates since the last ``backward_*`` call.
 
-        Same contract as :meth:`backward_forget`.
+        Same contract as `backward_forget`.
         """
         self._backward(RETAIN, loss, backward_kwargs)
 
@@ -302,7 +302,12 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
                         torch.zeros_like(forget) if retain is None else retain,
                     )
                 )
-            context = rule.prepare([f for f, _ in pairs], [r for _, r in pairs])
+            context = rule.prepare(
+                [f for f, _ in pairs],
+                [r for _, r in pairs],
+                alpha=[alpha for _, alpha, _ in entries],
+                gamma=[gamma for _, _, gamma in entries],
+            )
             for (p, alpha, gamma), (forget, retain) in zip(entries, pairs, strict=True):
                 if geometry is None:
                     rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=retain, context=context)
@@ -380,7 +385,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict` (or a plain one of the wrapped optimizer).
+        """Load a state dict from `state_dict` (or a plain one of the wrapped optimizer).
 
         The wrapper's settings are restored by rule name: a custom rule must be registered
         (``gradsynth.register_rule``) under the saved name before loading.

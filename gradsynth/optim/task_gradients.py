@@ -70,14 +70,17 @@ class TaskGradients:
 
     def absorb(self, task: str, params: Iterable[Tensor]) -> None:
         """Move what ``p.grad`` accumulated since the last call into ``task``'s stash."""
-        stash = self._stash[task]
+        fresh = []
         for p in params:
             grad = p.grad
             if grad is None:
                 continue
             _check_dense(p, grad)
-            if p in self._zeroed_views and self._zeroed_views[p] == grad._version:
-                continue  # our own zeroed view, nothing new in it
+            if self._zeroed_views.get(p) != grad._version:  # not our untouched zeroed view
+                fresh.append(p)
+        stash = self._stash[task]
+        for p in fresh:
+            grad = p.grad
             held = stash.get(p)
             if _owned(grad):
                 if held is None:
@@ -92,7 +95,10 @@ class TaskGradients:
                 else:
                     held.add_(grad)
                 grad.zero_()
-                self._zeroed_views[p] = grad._version
+                self._zeroed_views[p] = -1
+        # Views of one storage share one version counter, so read them after all the zeroing.
+        for p in self._zeroed_views:
+            self._zeroed_views[p] = p.grad._version
 
     def take(self, param: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Remove and return ``(forget, retain)`` of one parameter; ``None`` for a task that missed it."""

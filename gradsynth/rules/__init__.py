@@ -1,6 +1,6 @@
 """Pure synthesis rules: functions on tensors that turn (f, r) into one update g.
 
-This layer holds the maths only: no optimizer state, no hooks. See :mod:`gradsynth.rules.base`
+This layer holds the maths only: no optimizer state, no hooks. See `gradsynth.rules.base`
 for the protocol a rule follows.
 """
 

@@ -3,8 +3,9 @@
 A rule works in two phases, so that rules which need quantities over many tensors (a global
 projection) and rules that look at one tensor at a time share one interface:
 
-1. ``context = rule.prepare(forgets, retains)`` once per synthesis, over every parameter the
-   rule governs (its *scope*), for quantities that span tensors. Most rules return ``None``.
+1. ``context = rule.prepare(forgets, retains, alpha=alphas, gamma=gammas)`` once per synthesis,
+   over every parameter the rule governs (its *scope*; ``alphas``/``gammas`` hold each tensor's
+   weights), for quantities that span tensors. Most rules return ``None``.
 2. ``rule.combine(f, r, alpha=..., gamma=..., out=..., context=context)`` once per parameter
    tensor, writing ``g`` into ``out``.
 
@@ -33,7 +34,14 @@ class Rule(ABC):
     #: The name the rule is registered and saved under.
     name: str = ""
 
-    def prepare(self, forget: Sequence[Tensor], retain: Sequence[Tensor]) -> Any:
+    def prepare(
+        self,
+        forget: Sequence[Tensor],
+        retain: Sequence[Tensor],
+        *,
+        alpha: Sequence[float],
+        gamma: Sequence[float],
+    ) -> Any:
         """Compute quantities that span the whole scope; the default needs none."""
         return None
 
@@ -55,7 +63,7 @@ class Rule(ABC):
 
 
 class FunctionRule(Rule):
-    """Adapts a per-tensor function ``fn(f, r, *, alpha, gamma) -> g`` to the :class:`Rule` protocol.
+    """Adapts a per-tensor function ``fn(f, r, *, alpha, gamma) -> g`` to the `Rule` protocol.
 
     The function may return a new tensor; it is copied into ``out``. It sees one parameter
     tensor at a time and gets no context.

@@ -6,13 +6,19 @@
     g = gamma * f' + alpha * r  =  gamma * f + (alpha - gamma * k) * r,
     with k = min(<f, r>, 0) / ||r||^2
 
-``pcgrad`` takes ``<f, r>`` and ``||r||^2`` per parameter tensor (as the reference code does);
+``pcgrad`` takes ``<f, r>`` and ``||r||^2`` per parameter tensor (as the reference code does).
+
 ``pcgrad_global`` takes them once over the whole scope of the rule (every parameter whose param
-group uses it), then applies the same ``k`` everywhere.
+group uses it). Param groups may weight their forget gradients differently, so it projects the
+weighted forget gradient ``F = (gamma_1 f_1, gamma_2 f_2, ...)`` of the whole scope::
+
+    K = min(<F, r>, 0) / ||r||^2          g_j = gamma_j f_j + (alpha_j - K) r_j
+
+which is the formula above, ``K = gamma * k``, when every group has the same ``gamma``.
 
 Guarantee (alpha, gamma >= 0): ``<f', r> >= 0``, hence ``<g, r> = gamma <f', r> + alpha ||r||^2
->= 0`` over the tensor (``pcgrad``) or the scope (``pcgrad_global``). Unlike SAGO, single
-coordinates may still oppose retention.
+>= 0`` over the tensor (``pcgrad``); for ``pcgrad_global``, ``<F - K r, r> >= 0`` and so
+``<g, r> >= 0`` over the scope. Unlike SAGO, single coordinates may still oppose retention.
 
 The inner products are accumulated in float64 and ``k`` stays a 0-dim tensor on the device:
 no host sync, no underflow for tiny gradients.
@@ -53,7 +59,7 @@ def pcgrad(
 
 
 class PCGrad(Rule):
-    """Rule ``"pcgrad"``: :func:`pcgrad` per parameter tensor."""
+    """Rule ``"pcgrad"``: `pcgrad` per parameter tensor."""
 
     name = "pcgrad"
 
@@ -68,15 +74,23 @@ class PCGradGlobal(Rule):
 
     name = "pcgrad_global"
 
-    def prepare(self, forget: Sequence[Tensor], retain: Sequence[Tensor]) -> Tensor | None:
+    def prepare(
+        self,
+        forget: Sequence[Tensor],
+        retain: Sequence[Tensor],
+        *,
+        alpha: Sequence[float],
+        gamma: Sequence[float],
+    ) -> Tensor | None:
+        """Return ``K = min(<F, r>, 0) / ||r||^2`` over the scope, ``F`` the gamma-weighted forget."""
         if not retain:
             return None
         # Tensors spread over several devices are reduced on the first one.
         device = retain[0].device
         fr = torch.zeros((), dtype=torch.float64, device=device)
         rr = torch.zeros((), dtype=torch.float64, device=device)
-        for f, r in zip(forget, retain, strict=True):
-            fr += dot64(f, r).to(device)
+        for f, r, weight in zip(forget, retain, gamma, strict=True):
+            fr += weight * dot64(f, r).to(device)
             rr += dot64(r, r).to(device)
         return projection_coefficient(fr, rr)
 
@@ -85,4 +99,4 @@ class PCGradGlobal(Rule):
     ) -> None:
         if not isinstance(context, Tensor):
             raise RuntimeError("pcgrad_global.combine needs the coefficient returned by its prepare()")
-        _apply_projection(forget, retain, context.to(retain.device), alpha, gamma, out)
+        weighted_sum(forget, retain, alpha=alpha - context.to(retain.device), gamma=gamma, out=out)

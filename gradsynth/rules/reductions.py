@@ -19,17 +19,28 @@ from torch import Tensor
 CHUNK_NUMEL = 1 << 20
 
 
+def flat_chunks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """Aligned flat views of same-shaped tensors, ``CHUNK_NUMEL`` elements at a time.
+
+    Writing into a chunk writes into the tensor. Tensors that cannot be viewed flat (non-
+    contiguous, or tensor subclasses such as DTensor shards, which keep their own semantics)
+    come back whole, as one chunk.
+    """
+    shape = tensors[0].shape
+    if any(t.shape != shape for t in tensors):
+        raise ValueError(f"tensors of different shapes: {[tuple(t.shape) for t in tensors]}")
+    flat_ok = all(type(t) is Tensor and t.is_contiguous() for t in tensors)
+    if not flat_ok or tensors[0].numel() <= CHUNK_NUMEL:
+        return [tensors]
+    return list(zip(*(t.view(-1).split(CHUNK_NUMEL) for t in tensors), strict=True))
+
+
 def dot64(a: Tensor, b: Tensor) -> Tensor:
     """Return ``sum(a * b)`` as a 0-dim float64 tensor on ``a``'s device, without a host sync."""
-    if a.shape != b.shape:
-        raise ValueError(f"dot64 needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if type(a) is not Tensor or type(b) is not Tensor or a.numel() <= CHUNK_NUMEL:
-        # Tensor subclasses (e.g. DTensor shards) keep their own reduction semantics.
-        return (a.to(torch.float64) * b.to(torch.float64)).sum()
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    for chunk_a, chunk_b in zip(flat_a.split(CHUNK_NUMEL), flat_b.split(CHUNK_NUMEL), strict=True):
-        total += torch.dot(chunk_a.to(torch.float64), chunk_b.to(torch.float64))
+    total = None
+    for chunk_a, chunk_b in flat_chunks(a, b):
+        part = (chunk_a.to(torch.float64) * chunk_b.to(torch.float64)).sum()
+        total = part if total is None else total + part
     return total
 
 

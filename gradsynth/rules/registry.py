@@ -18,12 +18,12 @@ RuleLike = str | Rule | RuleFunction
 
 
 def available_rules() -> list[str]:
-    """Names of every rule that :func:`get_rule` resolves, built-in ones first."""
+    """Names of every rule that `get_rule` resolves, built-in ones first."""
     return list(_REGISTRY)
 
 
 def get_rule(rule: RuleLike) -> Rule:
-    """Resolve a rule given by name, as a :class:`Rule`, or as a per-tensor function."""
+    """Resolve a rule given by name, as a `Rule`, or as a per-tensor function."""
     if isinstance(rule, Rule):
         return rule
     if isinstance(rule, str):
@@ -48,7 +48,7 @@ def register_rule(
 ) -> Rule | Callable[[Rule | RuleFunction], Rule | RuleFunction]:
     """Make ``rule`` usable by ``name``; without ``rule``, return a decorator.
 
-    ``rule`` is a :class:`Rule` (instance or class with a no-argument constructor) or a per-tensor
+    ``rule`` is a `Rule` (instance or class with a no-argument constructor) or a per-tensor
     function ``fn(f, r, *, alpha, gamma) -> g``. A name already taken is refused unless
     ``overwrite=True``; the built-in rules can never be replaced.
     """
@@ -83,7 +83,7 @@ def register_rule(
 
 
 def unregister_rule(name: str) -> None:
-    """Remove a rule that :func:`register_rule` added."""
+    """Remove a rule that `register_rule` added."""
     if name in _BUILTIN:
         raise ValueError(f"{name!r} is a built-in rule and cannot be removed")
     if name not in _REGISTRY:

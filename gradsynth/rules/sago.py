@@ -5,6 +5,7 @@ Coordinate-wise, with ``c_i = 1`` where the signs of ``f_i`` and ``r_i`` are opp
 
     sago:               g_i = c_i * alpha * r_i + (1 - c_i) * gamma * f_i
     sago_prefer_retain: g_i = c_i * alpha * r_i + (1 - c_i) * (gamma * f_i + alpha * r_i)
+                      = alpha * r_i + (1 - c_i) * gamma * f_i
 
 Guarantee (alpha, gamma >= 0): ``g_i * r_i >= 0`` for every coordinate, so ``cos(g, r) >= 0``.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from gradsynth.rules.base import Rule
@@ -27,19 +29,18 @@ def _blend(
     forget: Tensor, retain: Tensor, alpha: float, gamma: float, out: Tensor | None, keep_retain: bool
 ) -> Tensor:
     conflict = sign_conflict(forget, retain)
-    agree = conflict.neg().add_(1)
-    retain_part = conflict.mul_(retain)
-    if alpha != 1.0:
-        retain_part.mul_(alpha)
-    forget_part = agree.mul_(forget)
+    forget_part = conflict.neg().add_(1).mul_(forget)
     if gamma != 1.0:
         forget_part.mul_(gamma)
     if keep_retain:
-        forget_part.add_(retain, alpha=alpha)
+        # c*alpha*r + (1-c)*(gamma*f + alpha*r) == alpha*r + (1-c)*gamma*f
+        retain_part = torch.mul(retain, alpha) if alpha != 1.0 else retain
+    else:
+        retain_part = conflict.mul_(retain)
+        if alpha != 1.0:
+            retain_part.mul_(alpha)
     # Both inputs are fully read above, so ``out`` may alias either of them.
-    if out is None:
-        return retain_part.add_(forget_part)
-    return out.copy_(retain_part.add_(forget_part))
+    return torch.add(forget_part, retain_part, out=out) if out is not None else forget_part.add_(retain_part)
 
 
 def sago(
@@ -57,7 +58,7 @@ def sago_prefer_retain(
 
 
 class Sago(Rule):
-    """Rule ``"sago"``: :func:`sago` per parameter tensor."""
+    """Rule ``"sago"``: `sago` per parameter tensor."""
 
     name = "sago"
 
@@ -68,7 +69,7 @@ class Sago(Rule):
 
 
 class SagoPreferRetain(Rule):
-    """Rule ``"sago_prefer_retain"``: :func:`sago_prefer_retain` per parameter tensor."""
+    """Rule ``"sago_prefer_retain"``: `sago_prefer_retain` per parameter tensor."""
 
     name = "sago_prefer_retain"
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.rules.base import Rule
+from gradsynth.rules.reductions import flat_chunks
 
 
 def weighted_sum(
@@ -24,8 +25,17 @@ def weighted_sum(
 ) -> Tensor:
     """Return ``gamma * f + alpha * r``, written into ``out`` (which may be ``f`` or ``r``).
 
-    ``alpha`` may be a 0-dim tensor, applied without reading it on the host.
+    ``alpha`` may be a 0-dim tensor, applied without reading it on the host; then the sum is
+    formed in float64, because such a weight (PCGrad's ``alpha - gamma * k``) may lie beyond the
+    range of the gradients' dtype even where its product with ``r`` does not.
     """
+    if isinstance(alpha, Tensor):
+        if out is None:
+            out = torch.empty_like(retain)
+        weight = alpha.to(torch.float64)
+        for f, r, o in flat_chunks(forget, retain, out):
+            o.copy_(r.to(torch.float64).mul_(weight).add_(f.to(torch.float64), alpha=gamma))
+        return out
     if out is retain:
         return out.mul_(alpha).add_(forget, alpha=gamma)
     if out is forget:
@@ -36,7 +46,7 @@ def weighted_sum(
 
 
 class WeightedSum(Rule):
-    """Rule ``"sum"``: :func:`weighted_sum`, the naive baseline with no conflict handling."""
+    """Rule ``"sum"``: `weighted_sum`, the naive baseline with no conflict handling."""
 
     name = "sum"
 

@@ -1,0 +1,143 @@
+"""The paper's guarantees as properties over random gradients (hypothesis).
+
+- SAGO: ``g_i * r_i >= 0`` on every coordinate (both variants).
+- PCGrad (per tensor and global): ``<g, r> >= 0``.
+- Every rule: a non-finite value in either task gradient reaches the update.
+- Every built-in rule is positively homogeneous: ``rule(s*f, s*r) = s * rule(f, r)`` for s > 0,
+  which is what makes synthesizing before ``GradScaler.unscale_`` exact.
+
+Inputs span zeros, tiny (1e-30) and huge magnitudes, and float32/bfloat16/float16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from conftest import RULES
+from helpers import linear_loss, update_of, zero_params
+from hypothesis import given, settings
+
+from gradsynth import SynthesizingOptimizer, pcgrad, sago, sago_prefer_retain, weighted_sum
+from gradsynth.rules import PCGradGlobal
+
+DTYPES = {
+    torch.float32: (1e-30, 1e30),
+    torch.bfloat16: (1e-30, 1e30),
+    torch.float16: (1e-4, 1e3),
+}
+
+
+@st.composite
+def gradient_pairs(draw, max_len=64, dtype=None):
+    """Two same-shaped gradients in one dtype, each entry zero, small, ordinary or huge."""
+    if dtype is None:
+        dtype = draw(st.sampled_from(list(DTYPES)))
+    tiny, huge = DTYPES[dtype]
+    n = draw(st.integers(1, max_len))
+    magnitude = st.sampled_from([0.0, tiny, 1e-3, 1.0, 7.5, huge])
+    value = st.builds(lambda m, s, u: s * m * u, magnitude, st.sampled_from([-1.0, 1.0]), st.floats(0.5, 2.0))
+    f = torch.tensor(draw(st.lists(value, min_size=n, max_size=n)), dtype=torch.float64).to(dtype)
+    r = torch.tensor(draw(st.lists(value, min_size=n, max_size=n)), dtype=torch.float64).to(dtype)
+    alpha = draw(st.sampled_from([0.0, 0.1, 1.0, 3.0]))
+    gamma = draw(st.sampled_from([0.0, 0.1, 1.0, 3.0]))
+    return f, r, alpha, gamma
+
+
+@settings(max_examples=300, deadline=None)
+@given(gradient_pairs())
+@pytest.mark.parametrize("rule", [sago, sago_prefer_retain])
+def test_sago_never_opposes_retain_on_any_coordinate(rule, case):
+    f, r, alpha, gamma = case
+    g = rule(f, r, alpha=alpha, gamma=gamma)
+    assert g.dtype == f.dtype
+    assert torch.all(g.double() * r.double() >= 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(gradient_pairs())
+def test_pcgrad_update_has_nonnegative_inner_product_with_retain(case):
+    f, r, alpha, gamma = case
+    g = pcgrad(f, r, alpha=alpha, gamma=gamma).double()
+    fd, rd = f.double(), r.double()
+    inner = float((g * rd).sum())
+    # Rounding g to the dtype may cost eps * |g| * |r|; beyond that the inner product is >= 0.
+    eps = torch.finfo(f.dtype).eps
+    slack = 4 * eps * float(g.abs() @ rd.abs()) + 4 * eps * gamma * float(fd.abs() @ rd.abs())
+    assert inner >= -slack
+    # The projected forget gradient is never in conflict with retain.
+    assert math.isfinite(inner)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(list(DTYPES)).flatmap(
+        lambda dtype: st.lists(gradient_pairs(max_len=16, dtype=dtype), min_size=1, max_size=4)
+    )
+)
+def test_pcgrad_global_inner_product_over_the_scope(cases):
+    dtype = cases[0][0].dtype
+    rule = PCGradGlobal()
+    forgets, retains = [c[0] for c in cases], [c[1] for c in cases]
+    alphas, gammas = [c[2] for c in cases], [c[3] for c in cases]
+    k = rule.prepare(forgets, retains, alpha=alphas, gamma=gammas)
+    eps = torch.finfo(dtype).eps
+    inner = 0.0
+    slack = 0.0
+    for f, r, alpha, gamma in cases:
+        out = torch.empty_like(r)
+        rule.combine(f, r, alpha=alpha, gamma=gamma, out=out, context=k)
+        g, rd = out.double(), r.double()
+        inner += float((g * rd).sum())
+        slack += 4 * eps * (float(g.abs() @ rd.abs()) + gamma * float(f.double().abs() @ rd.abs()))
+    assert inner >= -slack
+
+
+NONFINITE = [float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("bad", NONFINITE)
+@pytest.mark.parametrize("where", ["forget", "retain"])
+@pytest.mark.parametrize("rule", RULES)
+def test_non_finite_reaches_the_update(rule, where, bad):
+    """Even where the rule picks the other task's finite value at that coordinate."""
+    f = torch.tensor([1.0, -2.0, 3.0, 0.0])
+    r = torch.tensor([-1.0, 2.0, 3.0, 1.0])
+    for i in range(4):
+        fi, ri = f.clone(), r.clone()
+        (fi if where == "forget" else ri)[i] = bad
+        params = zero_params([(4,)])
+        opt = SynthesizingOptimizer(torch.optim.SGD(params, lr=1.0), rule)
+        opt.backward_forget(linear_loss(params, [fi]))
+        opt.backward_retain(linear_loss(params, [ri]))
+        opt.synthesize()
+        assert not torch.isfinite(params[0].grad).all(), (rule, where, bad, i)
+
+
+@settings(max_examples=100, deadline=None)
+@given(gradient_pairs(), st.sampled_from([2.0**-8, 0.5, 2.0, 2.0**16]))
+@pytest.mark.parametrize("rule", ["sago", "sago_prefer_retain", "pcgrad", "sum"])
+def test_rules_commute_with_a_common_scale(rule, case, scale):
+    f, r, alpha, gamma = case
+    if f.dtype != torch.float32:
+        return  # powers of two are exact scalings only away from the dtype's range limits
+    f, r = f.clamp(-1e30, 1e30), r.clamp(-1e30, 1e30)
+    fn = {"sago": sago, "sago_prefer_retain": sago_prefer_retain, "pcgrad": pcgrad, "sum": weighted_sum}[rule]
+    g = fn(f, r, alpha=alpha, gamma=gamma).double()
+    gs = fn(f * scale, r * scale, alpha=alpha, gamma=gamma).double() / scale
+    torch.testing.assert_close(gs, g, rtol=1e-6, atol=1e-30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(gradient_pairs(max_len=24))
+def test_sago_through_the_optimizer_never_opposes_retain(case):
+    f, r, alpha, gamma = case
+    params = zero_params([tuple(f.shape)], f.dtype)
+    opt = SynthesizingOptimizer(torch.optim.SGD(params, lr=1.0), "sago", alpha=alpha, gamma=gamma)
+    opt.backward_forget(linear_loss(params, [f]))
+    opt.backward_retain(linear_loss(params, [r]))
+    opt.step()
+    g = update_of(params)[0]
+    assert torch.all(g.double() * r.double() >= 0)
