@@ -10,7 +10,7 @@ from torch import Tensor
 
 def linear_loss(params: Sequence[Tensor], targets: Sequence[Tensor | None]) -> Tensor:
     """``sum_i <p_i, t_i>``: its gradient w.r.t. ``p_i`` is exactly ``t_i`` (None: p_i not reached)."""
-    terms = [(p * t).sum() for p, t in zip(params, targets) if t is not None]
+    terms = [(p * t).sum() for p, t in zip(params, targets, strict=True) if t is not None]
     return torch.stack(terms).sum()
 
 

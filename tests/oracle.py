@@ -20,25 +20,28 @@ def _conflict(f: float, r: float) -> bool:
 
 
 def sago(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
-    out = [alpha * ri if _conflict(fi, ri) else gamma * fi for fi, ri in zip(_floats(f), _floats(r))]
+    out = [
+        alpha * ri if _conflict(fi, ri) else gamma * fi for fi, ri in zip(_floats(f), _floats(r), strict=True)
+    ]
     return torch.tensor(out, dtype=torch.float64).reshape(f.shape)
 
 
 def sago_prefer_retain(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
     out = [
-        alpha * ri if _conflict(fi, ri) else gamma * fi + alpha * ri for fi, ri in zip(_floats(f), _floats(r))
+        alpha * ri if _conflict(fi, ri) else gamma * fi + alpha * ri
+        for fi, ri in zip(_floats(f), _floats(r), strict=True)
     ]
     return torch.tensor(out, dtype=torch.float64).reshape(f.shape)
 
 
 def weighted_sum(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
-    out = [gamma * fi + alpha * ri for fi, ri in zip(_floats(f), _floats(r))]
+    out = [gamma * fi + alpha * ri for fi, ri in zip(_floats(f), _floats(r), strict=True)]
     return torch.tensor(out, dtype=torch.float64).reshape(f.shape)
 
 
 def _project(fs: list[list[float]], rs: list[list[float]]) -> float:
     """The projection coefficient k = <f, r>/|r|^2 if <f, r> < 0 else 0, over all given tensors."""
-    dot = math.fsum(fi * ri for f, r in zip(fs, rs) for fi, ri in zip(f, r))
+    dot = math.fsum(fi * ri for f, r in zip(fs, rs, strict=True) for fi, ri in zip(f, r, strict=True))
     rr = math.fsum(ri * ri for r in rs for ri in r)
     return dot / rr if dot < 0 else 0.0
 
@@ -46,20 +49,20 @@ def _project(fs: list[list[float]], rs: list[list[float]]) -> float:
 def pcgrad(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
     fl, rl = _floats(f), _floats(r)
     k = _project([fl], [rl])
-    out = [gamma * (fi - k * ri) + alpha * ri for fi, ri in zip(fl, rl)]
+    out = [gamma * (fi - k * ri) + alpha * ri for fi, ri in zip(fl, rl, strict=True)]
     return torch.tensor(out, dtype=torch.float64).reshape(f.shape)
 
 
 def pcgrad_global(
     fs: list[Tensor], rs: list[Tensor], alphas: list[float], gammas: list[float]
 ) -> list[Tensor]:
-    """Project the gamma-weighted forget gradient of the whole scope: g_j = gamma_j f_j - K r_j + alpha_j r_j."""
+    """Project the scope's gamma-weighted forget gradient: g_j = gamma_j f_j - K r_j + alpha_j r_j."""
     fl, rl = [_floats(f) for f in fs], [_floats(r) for r in rs]
-    weighted = [[gamma * x for x in f] for f, gamma in zip(fl, gammas)]
+    weighted = [[gamma * x for x in f] for f, gamma in zip(fl, gammas, strict=True)]
     k = _project(weighted, rl)
     results = []
-    for f, fvals, rvals, alpha, gamma in zip(fs, fl, rl, alphas, gammas):
-        out = [gamma * fi - k * ri + alpha * ri for fi, ri in zip(fvals, rvals)]
+    for f, fvals, rvals, alpha, gamma in zip(fs, fl, rl, alphas, gammas, strict=True):
+        out = [gamma * fi - k * ri + alpha * ri for fi, ri in zip(fvals, rvals, strict=True)]
         results.append(torch.tensor(out, dtype=torch.float64).reshape(f.shape))
     return results
 
@@ -79,7 +82,7 @@ def synthesize(
     if rule == "pcgrad_global":
         return pcgrad_global(fs, rs, alphas, gammas)
     fn = PER_TENSOR[rule]
-    return [fn(f, r, a, g) for f, r, a, g in zip(fs, rs, alphas, gammas)]
+    return [fn(f, r, a, g) for f, r, a, g in zip(fs, rs, alphas, gammas, strict=True)]
 
 
 def geometry(fs: list[Tensor], rs: list[Tensor], gs: list[Tensor]) -> dict[str, float]:
@@ -88,7 +91,7 @@ def geometry(fs: list[Tensor], rs: list[Tensor], gs: list[Tensor]) -> dict[str, 
     g = [x for t in gs for x in _floats(t)]
 
     def dot(a: list[float], b: list[float]) -> float:
-        return math.fsum(x * y for x, y in zip(a, b))
+        return math.fsum(x * y for x, y in zip(a, b, strict=True))
 
     def cos(a: list[float], b: list[float]) -> float:
         return dot(a, b) / math.sqrt(dot(a, a) * dot(b, b))
@@ -97,7 +100,7 @@ def geometry(fs: list[Tensor], rs: list[Tensor], gs: list[Tensor]) -> dict[str, 
         "cos_fr": cos(f, r),
         "cos_gr": cos(g, r),
         "cos_gf": cos(g, f),
-        "conflict_fraction": sum(_conflict(a, b) for a, b in zip(f, r)) / len(f),
+        "conflict_fraction": sum(_conflict(a, b) for a, b in zip(f, r, strict=True)) / len(f),
         "norm_f": math.sqrt(dot(f, f)),
         "norm_r": math.sqrt(dot(r, r)),
         "norm_g": math.sqrt(dot(g, g)),

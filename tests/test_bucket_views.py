@@ -50,7 +50,7 @@ def test_ddp_gradients_match_the_plain_run(one_process_group, rule, bucket_view)
     ddp_model = DistributedDataParallel(_model(), gradient_as_bucket_view=bucket_view)
     opt = SynthesizingOptimizer(torch.optim.SGD(ddp_model.parameters(), lr=0.1, momentum=0.9), rule)
     got = _run(ddp_model, opt, steps=3, accumulate=2)
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     if bucket_view:
         # The bucket views stayed in place: DDP still owns p.grad.

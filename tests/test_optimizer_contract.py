@@ -52,7 +52,7 @@ def test_unknown_rule_lists_the_known_ones():
     [({"alpha": -1.0}, ValueError), ({"gamma": float("nan")}, ValueError), ({"alpha": "1"}, TypeError)],
 )
 def test_bad_weights_are_refused(kw, exc):
-    with pytest.raises(exc, match="alpha|gamma"):
+    with pytest.raises(exc, match=r"alpha|gamma"):
         SynthesizingOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), **kw)
 
 
@@ -111,7 +111,7 @@ def test_an_unattributed_backward_is_refused():
 def test_backward_kwargs_and_loss_type():
     model = _model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    lf, lr = _losses(model)
+    lf, _ = _losses(model)
     opt.backward_forget(lf, retain_graph=True)
     opt.backward_forget(lf)  # the graph was kept
     with pytest.raises(TypeError, match="loss tensor"):
@@ -162,7 +162,7 @@ def test_set_to_none_false_over_many_steps_matches_set_to_none_true(rule):
             opt.backward_retain(lr)
             opt.step()
         results[set_to_none] = [p.detach().clone() for p in model.parameters()]
-    for a, b in zip(results[True], results[False]):
+    for a, b in zip(results[True], results[False], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -201,7 +201,7 @@ def test_closure_is_followed_by_a_synthesis():
     before = [p.detach().clone() for p in model.parameters()]
     opt.step(closure)
     assert len(calls) >= 2
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_custom_rules_by_function_and_by_class():
@@ -308,3 +308,21 @@ def test_geometry_is_none_unless_tracked():
     opt.backward_retain(lr)
     opt.step()
     assert opt.geometry is None
+
+
+def test_a_failed_backward_leaves_the_task_gradients_consistent():
+    params = zero_params([(3,)])
+    opt = SynthesizingOptimizer(torch.optim.SGD(params, lr=1.0), "sum")
+    opt.backward_forget(linear_loss(params, [torch.ones(3)]))
+    with pytest.raises(RuntimeError):
+        opt.backward_forget(torch.tensor(1.0))  # does not require grad: backward fails
+    opt.backward_retain(linear_loss(params, [torch.full((3,), 2.0)]))
+    opt.step()
+    torch.testing.assert_close(update_of(params)[0], torch.full((3,), 3.0))
+
+
+def test_a_rule_class_is_accepted_like_an_instance():
+    from gradsynth.rules import Sago
+
+    opt = SynthesizingOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), Sago)
+    assert opt.rule.name == "sago"

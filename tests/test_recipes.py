@@ -42,7 +42,7 @@ BASES = {
 
 @pytest.mark.parametrize("base", list(BASES))
 def test_sum_rule_equals_plain_training_on_the_weighted_loss(base):
-    """With rule "sum", the wrapper must be invisible: same trajectory as one backward of gamma*Lf + alpha*Lr."""
+    """Rule "sum" is invisible: the trajectory of one backward of gamma*Lf + alpha*Lr per step."""
     alpha, gamma = 0.7, 0.3
     plain_model, wrapped_model = _model(), _model()
     plain = BASES[base](plain_model.parameters())
@@ -57,7 +57,7 @@ def test_sum_rule_equals_plain_training_on_the_weighted_loss(base):
         wrapped.backward_forget(lf)
         wrapped.backward_retain(lr)
         wrapped.step()
-    for a, b in zip(_params(plain_model), _params(wrapped_model)):
+    for a, b in zip(_params(plain_model), _params(wrapped_model), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -82,7 +82,7 @@ def test_every_base_takes_the_synthesized_gradient(base, rule):
         opt.backward_retain(lr)
         opt.step()
         probe.zero_grad()
-    for a, b in zip(_params(ref_model), _params(model)):
+    for a, b in zip(_params(ref_model), _params(model), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -124,7 +124,7 @@ def test_clipping_acts_on_the_synthesized_gradient(rule):
     torch.testing.assert_close(returned, total)
     before = _params(model)
     opt.step()
-    for b, a, g in zip(before, _params(model), synthesized):
+    for b, a, g in zip(before, _params(model), synthesized, strict=True):
         torch.testing.assert_close(b - a, g * (max_norm / float(total)), rtol=1e-5, atol=1e-7)
 
 
@@ -153,7 +153,7 @@ def test_grad_scaler_recipe_gives_the_unscaled_update(rule):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(opt)
         scaler.update()
-    for a, b in zip(_params(ref_model), _params(model)):
+    for a, b in zip(_params(ref_model), _params(model), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -220,7 +220,7 @@ def test_resume_from_state_dict_is_bit_exact(rule):
     rsched.load_state_dict(ckpt["sched"])
     assert (resumed.rule.name, resumed.alpha, resumed.gamma) == (rule, 0.5, 2.0)
     _train(resumed, resumed_model, 3, start=3)
-    for a, b in zip(uninterrupted, _params(resumed_model)):
+    for a, b in zip(uninterrupted, _params(resumed_model), strict=True):
         assert torch.equal(a, b)
 
 
@@ -290,6 +290,6 @@ def test_pytorch_optimizer_base():
     opt = SynthesizingOptimizer(base, "pcgrad")
     before = _params(model)
     _train(opt, model, 2)
-    assert any(not torch.equal(a, b) for a, b in zip(before, _params(model)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, _params(model), strict=True))
     state = opt.state_dict()
     assert state["gradsynth"]["rule"] == "pcgrad"

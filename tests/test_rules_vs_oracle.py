@@ -46,14 +46,14 @@ def _run(rule, forgets, retains, *, alpha=1.0, gamma=1.0, order="fr", micro=1, l
 
 
 def _expected(rule, forgets, retains, alpha, gamma):
-    fs = [torch.zeros(s) if t is None else t for s, t in zip(SHAPES, forgets)]
-    rs = [torch.zeros(s) if t is None else t for s, t in zip(SHAPES, retains)]
+    fs = [torch.zeros(s) if t is None else t for s, t in zip(SHAPES, forgets, strict=True)]
+    rs = [torch.zeros(s) if t is None else t for s, t in zip(SHAPES, retains, strict=True)]
     n = len(fs)
     return oracle.synthesize(rule, fs, rs, [alpha] * n, [gamma] * n)
 
 
 def _assert_close(got, want, rtol=1e-5, atol=1e-6):
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         scale = float(w.abs().max()) if w.numel() else 1.0
         torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol * max(scale, 1.0))
 
@@ -116,7 +116,7 @@ def test_sago_drops_parameters_only_retain_reached():
     for g in got[1:]:
         assert torch.count_nonzero(g) == 0
     _, got_prefer = _run("sago_prefer_retain", forgets, retains)
-    for g, r in zip(got_prefer[1:], retains[1:]):
+    for g, r in zip(got_prefer[1:], retains[1:], strict=True):
         torch.testing.assert_close(g, r)
 
 
@@ -142,7 +142,7 @@ def test_pcgrad_variants_tiny_and_huge_magnitudes(rule):
         retains = [t * scale for t in _random_grads(SHAPES)]
         _, got = _run(rule, forgets, retains)
         want = _expected(rule, forgets, retains, 1.0, 1.0)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g.double() / scale, w / scale, rtol=1e-5, atol=1e-5)
 
 
@@ -172,7 +172,7 @@ def test_per_group_rules():
     opt.step()
     got = update_of(params)
     _assert_close(got[:1], [oracle.weighted_sum(f_all[0], r_all[0], 1.0, 0.5)])
-    _assert_close(got[1:], [oracle.sago(f, r, 1.0, 1.0) for f, r in zip(f_all[1:], r_all[1:])])
+    _assert_close(got[1:], [oracle.sago(f, r, 1.0, 1.0) for f, r in zip(f_all[1:], r_all[1:], strict=True)])
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -190,7 +190,7 @@ def test_geometry_matches_oracle(rule):
     assert got["numel"] == sum(p.numel() for p in params)
     # The geometry-tracking path writes the same update as the plain one.
     _, plain = _run(rule, forgets, retains, alpha=0.8)
-    for a, b in zip(update_of(params), plain):
+    for a, b in zip(update_of(params), plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -208,6 +208,31 @@ def test_rules_in_other_dtypes(rule, dtype):
     got = update_of(params)
     want = _expected(rule, forgets, retains, 0.5, 1.0)
     tol = {torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_chunked_reductions_match_the_oracle(rule, monkeypatch):
+    """Long tensors are reduced and combined in chunks; force tiny chunks on small tensors."""
+    import gradsynth.rules.reductions as reductions
+
+    monkeypatch.setattr(reductions, "CHUNK_NUMEL", 5)
+    forgets, retains = _random_grads(SHAPES), _random_grads(SHAPES)
+    _, got = _run(rule, forgets, retains, alpha=0.5, gamma=1.5)
+    _assert_close(got, _expected(rule, forgets, retains, 0.5, 1.5))
+
+
+def test_non_contiguous_inputs_to_the_rule_functions(monkeypatch):
+    import gradsynth.rules.reductions as reductions
+    from gradsynth import pcgrad, sago
+
+    monkeypatch.setattr(reductions, "CHUNK_NUMEL", 5)
+    f, r = torch.randn(6, 4).t(), torch.randn(6, 4).t()
+    assert not f.is_contiguous()
+    torch.testing.assert_close(pcgrad(f, r, alpha=0.5).double(), oracle.pcgrad(f, r, 0.5, 1.0))
+    torch.testing.assert_close(sago(f, r, gamma=2.0).double(), oracle.sago(f, r, 1.0, 2.0))
+    out = r.clone()
+    pcgrad(f, out, out=out)
+    torch.testing.assert_close(out.double(), oracle.pcgrad(f, r, 1.0, 1.0))

@@ -103,6 +103,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         self._tasks = TaskGradients()
         self._synthesized = False
         self._geometry: GeometryAccumulator | None = None
+        self._geometry_result: GradientGeometry | None = None
         # What torch.optim.Optimizer.__init__ sets up for step/state-dict hooks and profiling.
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
@@ -251,8 +252,14 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"backward_{task} expects a loss tensor or None, got {type(loss).__name__}")
             with torch.no_grad():
                 self._tasks.before_backward(task, self._params())
-            loss.backward(**backward_kwargs)
-        elif backward_kwargs:
+            try:
+                loss.backward(**backward_kwargs)
+            finally:
+                # Even when backward fails, the task's stash must leave p.grad again.
+                with torch.no_grad():
+                    self._tasks.absorb(task, self._params())
+            return
+        if backward_kwargs:
             raise TypeError(f"backward_{task}(None) runs no backward, so it takes no backward arguments")
         with torch.no_grad():
             self._tasks.absorb(task, self._params())
@@ -324,6 +331,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
             pairs.clear()
         self._tasks.clear()
         self._geometry = geometry
+        self._geometry_result = None
         self._synthesized = True
 
     @property
@@ -332,7 +340,9 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
 
         Reading it costs one host sync per device.
         """
-        return None if self._geometry is None else self._geometry.result()
+        if self._geometry is not None and self._geometry_result is None:
+            self._geometry_result = self._geometry.result()
+        return self._geometry_result
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Synthesize pending task gradients, then step the wrapped optimizer.

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: Elements per chunk: the float64 temporaries of one chunk take 8 MiB each.
-CHUNK_NUMEL = 1 << 20
+#: Elements per chunk: each float64 temporary of one chunk takes 2 MiB.
+CHUNK_NUMEL = 1 << 18
 
 
 def flat_chunks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:

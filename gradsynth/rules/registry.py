@@ -26,6 +26,8 @@ def get_rule(rule: RuleLike) -> Rule:
     """Resolve a rule given by name, as a `Rule`, or as a per-tensor function."""
     if isinstance(rule, Rule):
         return rule
+    if isinstance(rule, type) and issubclass(rule, Rule):
+        return rule()
     if isinstance(rule, str):
         try:
             return _REGISTRY[rule]
