@@ -22,25 +22,33 @@ import torch
 from torch import Tensor
 
 from gradsynth.rules.base import Rule
-from gradsynth.rules.reductions import sign_conflict
+from gradsynth.rules.reductions import flat_chunks, scratch
 
 
 def _blend(
     forget: Tensor, retain: Tensor, alpha: float, gamma: float, out: Tensor | None, keep_retain: bool
 ) -> Tensor:
-    conflict = sign_conflict(forget, retain)
-    forget_part = conflict.neg().add_(1).mul_(forget)
-    if gamma != 1.0:
-        forget_part.mul_(gamma)
-    if keep_retain:
-        # c*alpha*r + (1-c)*(gamma*f + alpha*r) == alpha*r + (1-c)*gamma*f
-        retain_part = torch.mul(retain, alpha) if alpha != 1.0 else retain
-    else:
-        retain_part = conflict.mul_(retain)
-        if alpha != 1.0:
-            retain_part.mul_(alpha)
-    # Both inputs are fully read above, so ``out`` may alias either of them.
-    return torch.add(forget_part, retain_part, out=out) if out is not None else forget_part.add_(retain_part)
+    if out is None:
+        out = torch.empty_like(retain)
+    chunks = flat_chunks(forget, retain, out, elementwise=True)
+    buf_c, buf_k = scratch(chunks, forget.dtype, 2)
+    for f, r, o in chunks:
+        c, k = buf_c[: f.numel()].view(f.shape), buf_k[: f.numel()].view(f.shape)
+        # c = 1 where signs conflict (sign_conflict, written into a reused buffer), k = 1 - c
+        torch.sign(f, out=c).mul_(torch.sign(r, out=k)).lt_(0)
+        forget_part = torch.neg(c, out=k).add_(1).mul_(f)
+        if gamma != 1.0:
+            forget_part.mul_(gamma)
+        if keep_retain:
+            # c*alpha*r + (1-c)*(gamma*f + alpha*r) == alpha*r + (1-c)*gamma*f
+            retain_part = torch.mul(r, alpha, out=c)
+        else:
+            retain_part = c.mul_(r)
+            if alpha != 1.0:
+                retain_part.mul_(alpha)
+        # Both inputs are fully read above, so ``o`` may alias either of them.
+        torch.add(forget_part, retain_part, out=o)
+    return out
 
 
 def sago(

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.rules.base import Rule
-from gradsynth.rules.reductions import flat_chunks
+from gradsynth.rules.reductions import flat_chunks, scratch
 
 
 def weighted_sum(
@@ -33,8 +33,11 @@ def weighted_sum(
         if out is None:
             out = torch.empty_like(retain)
         weight = alpha.to(torch.float64)
-        for f, r, o in flat_chunks(forget, retain, out):
-            o.copy_(r.to(torch.float64).mul_(weight).add_(f.to(torch.float64), alpha=gamma))
+        chunks = flat_chunks(forget, retain, out)
+        buf_f, buf_r = scratch(chunks, torch.float64, 2)
+        for f, r, o in chunks:
+            f64, r64 = buf_f[: f.numel()].view(f.shape), buf_r[: r.numel()].view(r.shape)
+            o.copy_(r64.copy_(r).mul_(weight).add_(f64.copy_(f), alpha=gamma))
         return out
     if out is retain:
         return out.mul_(alpha).add_(forget, alpha=gamma)
