@@ -37,6 +37,7 @@ BASES = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
     "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5),
     "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-1),
+    "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
 }
 
 
@@ -128,12 +129,16 @@ def test_clipping_acts_on_the_synthesized_gradient(rule):
         torch.testing.assert_close(b - a, g * (max_norm / float(total)), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("base", ["sgd_momentum", "adamw_fused"])
 @pytest.mark.parametrize("rule", RULES)
-def test_grad_scaler_recipe_gives_the_unscaled_update(rule):
-    """scaler.scale on each task, synthesize, unscale_, clip, scaler.step == the run without a scaler."""
+def test_grad_scaler_recipe_gives_the_unscaled_update(rule, base):
+    """scaler.scale on each task, synthesize, unscale_, clip, scaler.step == the run without a scaler.
+
+    A fused base optimizer could unscale by itself; the wrapper keeps GradScaler on the plain path.
+    """
     ref_model, model = _model(), _model()
-    ref = SynthesizingOptimizer(torch.optim.SGD(ref_model.parameters(), lr=0.1), rule)
-    opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), rule)
+    ref = SynthesizingOptimizer(BASES[base](ref_model.parameters()), rule)
+    opt = SynthesizingOptimizer(BASES[base](model.parameters()), rule)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for step in range(3):
         ref.zero_grad()
