@@ -326,3 +326,34 @@ def test_a_rule_class_is_accepted_like_an_instance():
 
     opt = SynthesizingOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), Sago)
     assert opt.rule.name == "sago"
+
+
+def test_step_after_a_plain_backward_is_refused():
+    """loss.backward(); opt.step() names no task: refuse instead of stepping on an unsynthesized gradient."""
+    model = _model()
+    opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    _losses(model)[1].backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="belongs to no task"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_set_to_none_false_keeps_unreached_buffers_out_of_the_stashes():
+    """Zeroed buffers of parameters a task did not reach are not taken as that task's gradient."""
+    params = zero_params([(3,), (3,)])
+    opt = SynthesizingOptimizer(torch.optim.SGD(params, lr=1.0), "sum")
+    ones = torch.ones(3)
+    opt.zero_grad(set_to_none=False)
+    opt.backward_forget(linear_loss(params, [ones, ones]))
+    opt.backward_retain(linear_loss(params, [ones, ones]))
+    opt.step()
+    after_first = update_of(params)
+    opt.zero_grad(set_to_none=False)  # p.grad of both parameters: zeroed buffers
+    opt.backward_forget(linear_loss(params, [ones, None]))
+    assert opt._tasks.peek(params[1]) == (None, None)
+    opt.backward_retain(linear_loss(params, [ones, None]))
+    opt.step()
+    torch.testing.assert_close(update_of(params)[0], after_first[0] + 2 * ones)
+    assert torch.equal(update_of(params)[1], after_first[1])
+    assert torch.equal(params[1].grad, torch.zeros(3))  # plain set_to_none=False behaviour

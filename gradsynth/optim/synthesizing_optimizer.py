@@ -282,23 +282,14 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         """
         if not self._tasks.pending:
             return
+        self._refuse_unattributed()
         geometry = GeometryAccumulator() if self.track_geometry else None
         # Group the work by rule, so that a rule's scope (pcgrad_global) spans param groups.
         by_rule: dict[int, tuple[Rule, list[tuple[Tensor, float, float]]]] = {}
         for group in self._base.param_groups:
             rule, alpha, gamma = self.group_settings(group)
             entries = by_rule.setdefault(id(rule), (rule, []))[1]
-            for p in group["params"]:
-                forget, retain = self._tasks.peek(p)
-                if forget is None and retain is None:
-                    continue
-                if self._tasks.has_unattributed(p):
-                    raise RuntimeError(
-                        f"a gradient reached a parameter of shape {tuple(p.shape)} after the last "
-                        "backward_forget()/backward_retain() call, so it belongs to no task; call "
-                        "backward_forget(None) or backward_retain(None) right after that backward"
-                    )
-                entries.append((p, alpha, gamma))
+            entries.extend((p, alpha, gamma) for p in group["params"] if self._tasks.reached(p))
         for rule, entries in by_rule.values():
             pairs = []
             for p, _, _ in entries:
@@ -323,16 +314,20 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
                     update = torch.empty_like(retain)
                     rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=update, context=context)
                     geometry.add(forget, retain, update)
-                if p.grad is None:
-                    p.grad = update
-                else:  # a zeroed buffer someone else owns (e.g. a DDP bucket view)
-                    p.grad.copy_(update)
-                    self._tasks.release_view(p)
+                self._tasks.place(p, update)
             pairs.clear()
-        self._tasks.clear()
         self._geometry = geometry
         self._geometry_result = None
         self._synthesized = True
+
+    def _refuse_unattributed(self) -> None:
+        param = self._tasks.unattributed(self._params())
+        if param is not None:
+            raise RuntimeError(
+                f"a gradient reached a parameter of shape {tuple(param.shape)} after the last "
+                "backward_forget()/backward_retain() call, so it belongs to no task; call "
+                "backward_forget(None) or backward_retain(None) right after that backward"
+            )
 
     @property
     def geometry(self) -> GradientGeometry | None:
@@ -351,6 +346,8 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         return the loss; it is followed by a synthesis each time the wrapped optimizer calls it.
         """
         if closure is None:
+            if not self._synthesized and not self._tasks.pending:
+                self._refuse_unattributed()  # e.g. loss.backward(); opt.step() with no task named
             self.synthesize()
             result = self._base.step()
         else:
@@ -370,6 +367,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         self._tasks.clear()
         self._synthesized = False
         self._base.zero_grad(set_to_none=set_to_none)
+        self._tasks.mark_empty(self._params())
 
     # ----- checkpoints --------------------------------------------------------------------------
 

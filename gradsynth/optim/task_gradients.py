@@ -1,9 +1,14 @@
 """Bookkeeping of the two task gradients between ``backward_*`` calls and the synthesis.
 
 Invariant after every ``backward_forget`` / ``backward_retain`` call: each task's accumulated
-gradient lives in its own stash, and ``p.grad`` holds nothing pending (it is ``None``, or a
-zeroed buffer that belongs to someone else, such as a DDP bucket view). So whatever the next
-backward adds to ``p.grad`` belongs, without doubt, to the next task named.
+gradient lives in its own stash, and ``p.grad`` holds nothing pending: it is ``None`` or a
+*known-empty buffer* (a zeroed ``p.grad`` we must not take, such as a DDP bucket view, or one
+that ``zero_grad(set_to_none=False)`` zeroed). So whatever the next backward adds to ``p.grad``
+belongs, without doubt, to the next task named, and a gradient that arrives with no task named
+afterwards is caught (its buffer is not ``None`` and not known-empty).
+
+A known-empty buffer is recognised by its version counter (``Tensor._version``, host metadata:
+reading it costs no device sync), which every in-place write bumps.
 
 Memory (gradient sets beyond params + one gradient set, as plain training holds):
 
@@ -50,16 +55,32 @@ class TaskGradients:
 
     def __init__(self) -> None:
         self._stash: dict[str, dict[Tensor, Tensor]] = {task: {} for task in TASKS}
-        # Zeroed p.grad views left in place, with their version counter when we zeroed them.
-        self._zeroed_views: dict[Tensor, int] = {}
+        # Known-empty p.grad buffers, with their version counter when they were last known empty.
+        self._empty: dict[Tensor, int] = {}
 
     @property
     def pending(self) -> bool:
         """True when either task holds a gradient that has not been synthesized."""
         return any(self._stash[task] for task in TASKS)
 
-    def tasks_pending(self) -> tuple[str, ...]:
-        return tuple(task for task in TASKS if self._stash[task])
+    def _holds_new_values(self, param: Tensor) -> bool:
+        grad = param.grad
+        return grad is not None and self._empty.get(param) != grad._version
+
+    def _remember_empty(self) -> None:
+        # Views of one storage share one version counter: read them after all the writing.
+        for p in list(self._empty):
+            if p.grad is None:
+                del self._empty[p]
+            else:
+                self._empty[p] = p.grad._version
+
+    def mark_empty(self, params: Iterable[Tensor]) -> None:
+        """Record that every non-None ``p.grad`` holds nothing (after ``zero_grad(set_to_none=False)``)."""
+        for p in params:
+            if p.grad is not None:
+                self._empty[p] = -1
+        self._remember_empty()
 
     def before_backward(self, task: str, params: Iterable[Tensor]) -> None:
         """Put ``task``'s stash back into empty ``p.grad`` so the next backward adds into it."""
@@ -72,11 +93,9 @@ class TaskGradients:
         """Move what ``p.grad`` accumulated since the last call into ``task``'s stash."""
         fresh = []
         for p in params:
-            grad = p.grad
-            if grad is None:
-                continue
-            _check_dense(p, grad)
-            if self._zeroed_views.get(p) != grad._version:  # not our untouched zeroed view
+            if p.grad is not None:
+                _check_dense(p, p.grad)
+            if self._holds_new_values(p):
                 fresh.append(p)
         stash = self._stash[task]
         for p in fresh:
@@ -88,37 +107,41 @@ class TaskGradients:
                 else:
                     held.add_(grad)
                 p.grad = None
-                self._zeroed_views.pop(p, None)
             else:
                 if held is None:
                     stash[p] = grad.clone()
                 else:
                     held.add_(grad)
                 grad.zero_()
-                self._zeroed_views[p] = -1
-        # Views of one storage share one version counter, so read them after all the zeroing.
-        for p in self._zeroed_views:
-            self._zeroed_views[p] = p.grad._version
+                self._empty[p] = -1
+        self._remember_empty()
+
+    def unattributed(self, params: Iterable[Tensor]) -> Tensor | None:
+        """A parameter whose ``p.grad`` gained values after the last ``backward_*`` call, if any."""
+        return next((p for p in params if self._holds_new_values(p)), None)
 
     def take(self, param: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Remove and return ``(forget, retain)`` of one parameter; ``None`` for a task that missed it."""
         return self._stash[FORGET].pop(param, None), self._stash[RETAIN].pop(param, None)
 
     def peek(self, param: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """``(forget, retain)`` of one parameter, left in place."""
         return self._stash[FORGET].get(param), self._stash[RETAIN].get(param)
 
-    def has_unattributed(self, param: Tensor) -> bool:
-        """True when ``p.grad`` gained values after the last ``backward_*`` call."""
-        grad = param.grad
-        if grad is None:
-            return False
-        return self._zeroed_views.get(param) != grad._version
+    def reached(self, param: Tensor) -> bool:
+        """True when either task holds a gradient for ``param``."""
+        return param in self._stash[FORGET] or param in self._stash[RETAIN]
 
-    def release_view(self, param: Tensor) -> None:
-        self._zeroed_views.pop(param, None)
+    def place(self, param: Tensor, update: Tensor) -> None:
+        """Make ``update`` the parameter's gradient (copied into a known-empty buffer if there is one)."""
+        if param.grad is None:
+            param.grad = update
+        else:
+            param.grad.copy_(update)
+            self._empty.pop(param, None)
 
     def clear(self) -> None:
-        """Drop every pending task gradient."""
+        """Drop every pending task gradient and every record of empty buffers."""
         for task in TASKS:
             self._stash[task].clear()
-        self._zeroed_views.clear()
+        self._empty.clear()
