@@ -357,3 +357,21 @@ def test_set_to_none_false_keeps_unreached_buffers_out_of_the_stashes():
     torch.testing.assert_close(update_of(params)[0], after_first[0] + 2 * ones)
     assert torch.equal(update_of(params)[1], after_first[1])
     assert torch.equal(params[1].grad, torch.zeros(3))  # plain set_to_none=False behaviour
+
+
+def test_deepcopy_gives_an_independent_working_wrapper():
+    import copy
+
+    model = _model()
+    opt = SynthesizingOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), "pcgrad", alpha=0.5)
+    clone = copy.deepcopy(opt)
+    assert (clone.rule.name, clone.alpha) == ("pcgrad", 0.5)
+    assert clone.optimizer is not opt.optimizer
+    weight = clone.param_groups[0]["params"][0]
+    assert weight is not next(model.parameters())
+    before = weight.detach().clone()
+    clone.backward_forget(-weight.sum())
+    clone.backward_retain(weight.pow(2).sum())
+    clone.step()
+    assert not torch.equal(weight.detach(), before)
+    assert torch.equal(next(model.parameters()).detach(), before)  # the original is untouched

@@ -298,3 +298,17 @@ def test_pytorch_optimizer_base():
     assert any(not torch.equal(a, b) for a, b in zip(before, _params(model), strict=True))
     state = opt.state_dict()
     assert state["gradsynth"]["rule"] == "pcgrad"
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run():
+    opt = SynthesizingOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1))
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("save-pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("load-pre"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load-post"))
+    state = opt.state_dict()
+    assert state["extra"] == 1 and "gradsynth" in state
+    state.pop("extra")
+    opt.load_state_dict(state)
+    assert seen == ["save-pre", "load-pre", "load-post"]

@@ -20,8 +20,6 @@ from gradsynth.optim.task_gradients import FORGET, RETAIN, TaskGradients
 from gradsynth.rules.base import Rule
 from gradsynth.rules.registry import RuleLike, get_rule
 
-#: Keys of a param group that carry per-group synthesis settings.
-GROUP_KEYS = ("rule", "alpha", "gamma")
 #: Version of the ``"gradsynth"`` entry in `SynthesizingOptimizer.state_dict`.
 STATE_VERSION = 1
 
@@ -382,6 +380,8 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
                 "state_dict() called with task gradients pending (after backward_forget/backward_retain, "
                 "before step()); save the checkpoint after step() or zero_grad()"
             )
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self._base.state_dict()
         state["gradsynth"] = {
             "version": STATE_VERSION,
@@ -390,6 +390,8 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
             "gamma": self._gamma,
             "track_geometry": self.track_geometry,
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            state = post_hook(self, state) or state
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -398,6 +400,8 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         The wrapper's settings are restored by rule name: a custom rule must be registered
         (``gradsynth.register_rule``) under the saved name before loading.
         """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
         state_dict = dict(state_dict)
         settings = state_dict.pop("gradsynth", None)
         if settings is not None:
@@ -416,3 +420,5 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
             self.track_geometry = bool(settings.get("track_geometry", False))
         self._tasks.clear()
         self._synthesized = False
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
