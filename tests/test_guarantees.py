@@ -141,3 +141,27 @@ def test_sago_through_the_optimizer_never_opposes_retain(case):
     opt.step()
     g = update_of(params)[0]
     assert torch.all(g.double() * r.double() >= 0)
+
+
+FUNCTIONS = {"sago": sago, "sago_prefer_retain": sago_prefer_retain, "pcgrad": pcgrad, "sum": weighted_sum}
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+@pytest.mark.parametrize(("alpha", "gamma"), [(0.0, 1.0), (1.0, 0.0), (1.0, 1.0), (0.5, 2.0)])
+def test_rule_functions_are_alias_safe_and_propagate_non_finite(name, alpha, gamma):
+    fn = FUNCTIONS[name]
+    torch.manual_seed(1)
+    f, r = torch.randn(9), torch.randn(9)
+    want = fn(f, r, alpha=alpha, gamma=gamma)
+    for mode in ("f", "r", "separate"):
+        fi, ri = f.clone(), r.clone()
+        out = {"f": fi, "r": ri, "separate": torch.empty(9)}[mode]
+        got = fn(fi, ri, alpha=alpha, gamma=gamma, out=out)
+        assert got is out
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for bad in NONFINITE:
+            for which in ("f", "r"):
+                fi, ri = f.clone(), r.clone()
+                (fi if which == "f" else ri)[4] = bad
+                out = {"f": fi, "r": ri, "separate": torch.empty(9)}[mode]
+                assert not torch.isfinite(fn(fi, ri, alpha=alpha, gamma=gamma, out=out)).all()

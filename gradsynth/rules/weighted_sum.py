@@ -40,9 +40,9 @@ def weighted_sum(
             o.copy_(r64.copy_(r).mul_(weight).add_(f64.copy_(f), alpha=gamma))
         return out
     if out is retain:
-        return out.mul_(alpha).add_(forget, alpha=gamma)
+        return (out if alpha == 1.0 else out.mul_(alpha)).add_(forget, alpha=gamma)
     if out is forget:
-        return out.mul_(gamma).add_(retain * alpha)
+        return (out if gamma == 1.0 else out.mul_(gamma)).add_(retain, alpha=alpha)
     if out is None:
         out = torch.empty_like(retain)
     return torch.mul(retain, alpha, out=out).add_(forget, alpha=gamma)
