@@ -21,3 +21,25 @@ def zero_params(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype = torch.fl
 def update_of(params: Sequence[Tensor]) -> list[Tensor]:
     """With zero-initialised params and SGD(lr=1), the step's gradient is ``-p``."""
     return [-p.detach().clone() for p in params]
+
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def task_losses(model: torch.nn.Module, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A forget loss (gradient ascent, -CE) and a retain loss (CE) on random batches fixed by ``seed``."""
+    g = torch.Generator().manual_seed(100 + seed)
+    xf, xr = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    yf, yr = torch.randint(0, 3, (8,), generator=g), torch.randint(0, 3, (8,), generator=g)
+    ce = torch.nn.functional.cross_entropy
+    return -ce(model(xf), yf), ce(model(xr), yr)
+
+
+def collect(opt, model: torch.nn.Module, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """One micro-batch of each task through ``opt.backward_forget`` / ``opt.backward_retain``."""
+    lf, lr = task_losses(model, seed)
+    opt.backward_forget(lf)
+    opt.backward_retain(lr)
+    return lf, lr

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import linear_loss, update_of, zero_params
+from helpers import collect, linear_loss, small_model, task_losses, update_of, zero_params
 
 import gradsynth
 from gradsynth import Rule, SynthesizingOptimizer, register_rule, unregister_rule
 
 
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-
-
-def _losses(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xf, xr = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
-    return -model(xf).pow(2).mean(), (model(xr) - 1).pow(2).mean()
-
-
 def test_is_an_optimizer_that_shares_the_base_objects():
-    base = torch.optim.AdamW(_model().parameters(), lr=1e-3)
+    base = torch.optim.AdamW(small_model().parameters(), lr=1e-3)
     opt = SynthesizingOptimizer(base)
     assert isinstance(opt, torch.optim.Optimizer)
     assert opt.param_groups is base.param_groups
@@ -34,7 +23,7 @@ def test_is_an_optimizer_that_shares_the_base_objects():
 
 
 def test_unknown_attributes_reach_the_base():
-    base = torch.optim.SGD(_model().parameters(), lr=0.1)
+    base = torch.optim.SGD(small_model().parameters(), lr=0.1)
     base.train_mode_flag = "from base"
     opt = SynthesizingOptimizer(base)
     assert opt.train_mode_flag == "from base"
@@ -44,7 +33,7 @@ def test_unknown_attributes_reach_the_base():
 
 def test_unknown_rule_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown rule 'sagoo'.*'sago'.*'pcgrad_global'.*'sum'"):
-        SynthesizingOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), "sagoo")
+        SynthesizingOptimizer(torch.optim.SGD(small_model().parameters(), lr=0.1), "sagoo")
 
 
 @pytest.mark.parametrize(
@@ -53,22 +42,22 @@ def test_unknown_rule_lists_the_known_ones():
 )
 def test_bad_weights_are_refused(kw, exc):
     with pytest.raises(exc, match=r"alpha|gamma"):
-        SynthesizingOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), **kw)
+        SynthesizingOptimizer(torch.optim.SGD(small_model().parameters(), lr=0.1), **kw)
 
 
 def test_bad_group_settings_are_refused_at_construction():
-    model = _model()
+    model = small_model()
     groups = [{"params": model[0].parameters(), "rule": "nope"}, {"params": model[2].parameters()}]
     with pytest.raises(ValueError, match="unknown rule 'nope'"):
         SynthesizingOptimizer(torch.optim.SGD(groups, lr=0.1))
 
 
 def test_wrapping_twice_and_wrapping_a_non_optimizer_are_refused():
-    opt = SynthesizingOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1))
+    opt = SynthesizingOptimizer(torch.optim.SGD(small_model().parameters(), lr=0.1))
     with pytest.raises(ValueError, match="already"):
         SynthesizingOptimizer(opt)
     with pytest.raises(TypeError, match="wraps an optimizer"):
-        SynthesizingOptimizer(_model().parameters())
+        SynthesizingOptimizer(small_model().parameters())
 
 
 def test_sparse_gradients_are_refused():
@@ -85,23 +74,21 @@ def test_complex_parameters_are_refused():
 
 
 def test_backward_after_synthesize_is_refused_until_step():
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    lf, lr = _losses(model)
-    opt.backward_forget(lf)
-    opt.backward_retain(lr)
+    collect(opt, model)
     opt.synthesize()
     with pytest.raises(RuntimeError, match="after synthesize"):
-        opt.backward_forget(_losses(model)[0])
+        opt.backward_forget(task_losses(model)[0])
     opt.step()
     opt.zero_grad()
-    opt.backward_forget(_losses(model)[0])  # fine again
+    opt.backward_forget(task_losses(model)[0])  # fine again
 
 
 def test_an_unattributed_backward_is_refused():
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    lf, lr = _losses(model)
+    lf, lr = task_losses(model)
     opt.backward_forget(lf)
     lr.backward()  # nobody says which task this belongs to
     with pytest.raises(RuntimeError, match="belongs to no task"):
@@ -109,9 +96,9 @@ def test_an_unattributed_backward_is_refused():
 
 
 def test_backward_kwargs_and_loss_type():
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    lf, _ = _losses(model)
+    lf, _ = task_losses(model)
     opt.backward_forget(lf, retain_graph=True)
     opt.backward_forget(lf)  # the graph was kept
     with pytest.raises(TypeError, match="loss tensor"):
@@ -153,13 +140,11 @@ def test_set_to_none_false_over_many_steps_matches_set_to_none_true(rule):
     """Stashing by reference would break here: the next backward would write into the stash."""
     results = {}
     for set_to_none in (True, False):
-        model = _model()
+        model = small_model()
         opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), rule)
         for step in range(4):
             opt.zero_grad(set_to_none=set_to_none)
-            lf, lr = _losses(model, seed=step)
-            opt.backward_forget(lf)
-            opt.backward_retain(lr)
+            collect(opt, model, step)
             opt.step()
         results[set_to_none] = [p.detach().clone() for p in model.parameters()]
     for a, b in zip(results[True], results[False], strict=True):
@@ -186,17 +171,14 @@ def test_loss_given_accumulation_adds_in_place_without_new_buffers():
 
 
 def test_closure_is_followed_by_a_synthesis():
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3), "sago")
     calls = []
 
     def closure():
         opt.zero_grad()
-        lf, lr = _losses(model)
-        opt.backward_forget(lf)
-        opt.backward_retain(lr)
         calls.append(1)
-        return lr
+        return collect(opt, model)[1]
 
     before = [p.detach().clone() for p in model.parameters()]
     opt.step(closure)
@@ -268,7 +250,7 @@ def test_base_optimizer_owned_group_keys_stay_the_base():
 
 
 def test_add_param_group_checks_settings():
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1))
     with pytest.raises(ValueError, match="gamma"):
         opt.add_param_group({"params": model[2].parameters(), "gamma": -1})
@@ -277,7 +259,7 @@ def test_add_param_group_checks_settings():
 
 
 def test_settings_can_be_changed_with_checks():
-    opt = SynthesizingOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1))
+    opt = SynthesizingOptimizer(torch.optim.SGD(small_model().parameters(), lr=0.1))
     opt.rule = "pcgrad"
     opt.alpha = 0.5
     opt.gamma = 2.0
@@ -288,24 +270,20 @@ def test_settings_can_be_changed_with_checks():
 
 
 def test_step_hooks_registered_on_the_wrapper_run():
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
     seen = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
     opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
-    lf, lr = _losses(model)
-    opt.backward_forget(lf)
-    opt.backward_retain(lr)
+    collect(opt, model)
     opt.step()
     assert seen == ["pre", "post"]
 
 
 def test_geometry_is_none_unless_tracked():
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    lf, lr = _losses(model)
-    opt.backward_forget(lf)
-    opt.backward_retain(lr)
+    collect(opt, model)
     opt.step()
     assert opt.geometry is None
 
@@ -324,15 +302,15 @@ def test_a_failed_backward_leaves_the_task_gradients_consistent():
 def test_a_rule_class_is_accepted_like_an_instance():
     from gradsynth.rules import Sago
 
-    opt = SynthesizingOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), Sago)
+    opt = SynthesizingOptimizer(torch.optim.SGD(small_model().parameters(), lr=0.1), Sago)
     assert opt.rule.name == "sago"
 
 
 def test_step_after_a_plain_backward_is_refused():
     """loss.backward(); opt.step() names no task: refuse instead of stepping on an unsynthesized gradient."""
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    _losses(model)[1].backward()
+    task_losses(model)[1].backward()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="belongs to no task"):
         opt.step()
@@ -362,7 +340,7 @@ def test_set_to_none_false_keeps_unreached_buffers_out_of_the_stashes():
 def test_deepcopy_gives_an_independent_working_wrapper():
     import copy
 
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), "pcgrad", alpha=0.5)
     clone = copy.deepcopy(opt)
     assert (clone.rule.name, clone.alpha) == ("pcgrad", 0.5)

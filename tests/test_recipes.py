@@ -8,22 +8,9 @@ import io
 import pytest
 import torch
 from conftest import RULES
-from helpers import linear_loss, zero_params
+from helpers import collect, linear_loss, small_model, task_losses, zero_params
 
 from gradsynth import SynthesizingOptimizer, register_rule, unregister_rule
-
-
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-
-
-def _losses(model, step):
-    g = torch.Generator().manual_seed(100 + step)
-    xf, xr = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
-    yf, yr = torch.randint(0, 3, (8,), generator=g), torch.randint(0, 3, (8,), generator=g)
-    ce = torch.nn.functional.cross_entropy
-    return -ce(model(xf), yf), ce(model(xr), yr)
 
 
 def _params(model):
@@ -45,18 +32,16 @@ BASES = {
 def test_sum_rule_equals_plain_training_on_the_weighted_loss(base):
     """Rule "sum" is invisible: the trajectory of one backward of gamma*Lf + alpha*Lr per step."""
     alpha, gamma = 0.7, 0.3
-    plain_model, wrapped_model = _model(), _model()
+    plain_model, wrapped_model = small_model(), small_model()
     plain = BASES[base](plain_model.parameters())
     wrapped = SynthesizingOptimizer(BASES[base](wrapped_model.parameters()), "sum", alpha=alpha, gamma=gamma)
     for step in range(5):
         plain.zero_grad()
-        lf, lr = _losses(plain_model, step)
+        lf, lr = task_losses(plain_model, step)
         (gamma * lf + alpha * lr).backward()
         plain.step()
         wrapped.zero_grad()
-        lf, lr = _losses(wrapped_model, step)
-        wrapped.backward_forget(lf)
-        wrapped.backward_retain(lr)
+        collect(wrapped, wrapped_model, step)
         wrapped.step()
     for a, b in zip(_params(plain_model), _params(wrapped_model), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -66,21 +51,17 @@ def test_sum_rule_equals_plain_training_on_the_weighted_loss(base):
 @pytest.mark.parametrize("rule", RULES)
 def test_every_base_takes_the_synthesized_gradient(base, rule):
     """The base optimizer sees exactly the synthesized gradient: compare with feeding it by hand."""
-    ref_model, model = _model(), _model()
+    ref_model, model = small_model(), small_model()
     ref = BASES[base](ref_model.parameters())
     opt = SynthesizingOptimizer(BASES[base](model.parameters()), rule)
     probe = SynthesizingOptimizer(torch.optim.SGD(ref_model.parameters(), lr=0.0), rule)
     for step in range(3):
         probe.zero_grad()
-        lf, lr = _losses(ref_model, step)
-        probe.backward_forget(lf)
-        probe.backward_retain(lr)
+        collect(probe, ref_model, step)
         probe.synthesize()  # p.grad of ref_model now holds the synthesized gradient
         ref.step()
         opt.zero_grad()
-        lf, lr = _losses(model, step)
-        opt.backward_forget(lf)
-        opt.backward_retain(lr)
+        collect(opt, model, step)
         opt.step()
         probe.zero_grad()
     for a, b in zip(_params(ref_model), _params(model), strict=True):
@@ -88,15 +69,13 @@ def test_every_base_takes_the_synthesized_gradient(base, rule):
 
 
 def test_lr_scheduler_drives_the_base_learning_rate():
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=1.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
     lrs = []
     for step in range(3):
         opt.zero_grad()
-        lf, lr = _losses(model, step)
-        opt.backward_forget(lf)
-        opt.backward_retain(lr)
+        collect(opt, model, step)
         opt.step()
         sched.step()
         lrs.append(opt.optimizer.param_groups[0]["lr"])
@@ -105,18 +84,16 @@ def test_lr_scheduler_drives_the_base_learning_rate():
 
 
 def test_onecycle_and_cosine_schedulers_accept_the_wrapper():
-    opt = SynthesizingOptimizer(torch.optim.AdamW(_model().parameters(), lr=1e-3))
+    opt = SynthesizingOptimizer(torch.optim.AdamW(small_model().parameters(), lr=1e-3))
     torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
     torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
 
 
 @pytest.mark.parametrize("rule", RULES)
 def test_clipping_acts_on_the_synthesized_gradient(rule):
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), rule)
-    lf, lr = _losses(model, 0)
-    opt.backward_forget(lf)
-    opt.backward_retain(lr)
+    collect(opt, model, 0)
     opt.synthesize()
     synthesized = [p.grad.clone() for p in model.parameters()]
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in synthesized]))
@@ -136,21 +113,19 @@ def test_grad_scaler_recipe_gives_the_unscaled_update(rule, base):
 
     A fused base optimizer could unscale by itself; the wrapper keeps GradScaler on the plain path.
     """
-    ref_model, model = _model(), _model()
+    ref_model, model = small_model(), small_model()
     ref = SynthesizingOptimizer(BASES[base](ref_model.parameters()), rule)
     opt = SynthesizingOptimizer(BASES[base](model.parameters()), rule)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for step in range(3):
         ref.zero_grad()
-        lf, lr = _losses(ref_model, step)
-        ref.backward_forget(lf)
-        ref.backward_retain(lr)
+        collect(ref, ref_model, step)
         ref.synthesize()
         torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1.0)
         ref.step()
 
         opt.zero_grad()
-        lf, lr = _losses(model, step)
+        lf, lr = task_losses(model, step)
         opt.backward_forget(scaler.scale(lf))
         opt.backward_retain(scaler.scale(lr))
         opt.synthesize()
@@ -194,15 +169,13 @@ def test_grad_scaler_without_synthesize_fails_loudly():
 def _train(opt, model, steps, start=0):
     for step in range(start, start + steps):
         opt.zero_grad()
-        lf, lr = _losses(model, step)
-        opt.backward_forget(lf)
-        opt.backward_retain(lr)
+        collect(opt, model, step)
         opt.step()
 
 
 @pytest.mark.parametrize("rule", RULES)
 def test_resume_from_state_dict_is_bit_exact(rule):
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), rule, alpha=0.5, gamma=2.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     _train(opt, model, 3)
@@ -215,7 +188,7 @@ def test_resume_from_state_dict_is_bit_exact(rule):
 
     buffer.seek(0)
     ckpt = torch.load(buffer, weights_only=True)
-    resumed_model = _model()
+    resumed_model = small_model()
     resumed_model.load_state_dict(ckpt["model"])
     resumed = SynthesizingOptimizer(
         torch.optim.AdamW(resumed_model.parameters(), lr=1e-2)
@@ -230,9 +203,9 @@ def test_resume_from_state_dict_is_bit_exact(rule):
 
 
 def test_state_dict_is_refused_while_task_gradients_are_pending():
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    opt.backward_forget(_losses(model, 0)[0])
+    opt.backward_forget(task_losses(model, 0)[0])
     with pytest.raises(RuntimeError, match="pending"):
         opt.state_dict()
     opt.zero_grad()
@@ -240,34 +213,34 @@ def test_state_dict_is_refused_while_task_gradients_are_pending():
 
 
 def test_plain_base_checkpoint_loads_into_the_wrapper_and_back():
-    model = _model()
+    model = small_model()
     base = torch.optim.Adam(model.parameters(), lr=1e-2)
     opt = SynthesizingOptimizer(base, "pcgrad")
     _train(opt, model, 2)
     plain_state = base.state_dict()
-    other = SynthesizingOptimizer(torch.optim.Adam(_model().parameters(), lr=1e-2), "pcgrad")
+    other = SynthesizingOptimizer(torch.optim.Adam(small_model().parameters(), lr=1e-2), "pcgrad")
     other.load_state_dict(copy.deepcopy(plain_state))
     assert other.rule.name == "pcgrad"
-    fresh_base = torch.optim.Adam(_model().parameters(), lr=1e-2)
+    fresh_base = torch.optim.Adam(small_model().parameters(), lr=1e-2)
     fresh_base.load_state_dict(opt.optimizer.state_dict())
 
 
 def test_custom_rule_checkpoint_needs_the_rule_registered():
     register_rule("half_sum", lambda f, r, *, alpha, gamma: 0.5 * (f + r))
     try:
-        model = _model()
+        model = small_model()
         opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "half_sum")
         state = opt.state_dict()
     finally:
         unregister_rule("half_sum")
-    other = SynthesizingOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1))
+    other = SynthesizingOptimizer(torch.optim.SGD(small_model().parameters(), lr=0.1))
     with pytest.raises(ValueError, match="unknown rule 'half_sum'"):
         other.load_state_dict(state)
     assert other.rule.name == "sago"  # nothing half-loaded
 
 
 def test_bad_checkpoint_version_is_refused_before_anything_loads():
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
     state = opt.state_dict()
     state["gradsynth"]["version"] = 99
@@ -279,7 +252,7 @@ def test_bad_checkpoint_version_is_refused_before_anything_loads():
 
 def test_schedulefree_base_train_eval_reach_the_base():
     schedulefree = pytest.importorskip("schedulefree")
-    model = _model()
+    model = small_model()
     opt = SynthesizingOptimizer(schedulefree.AdamWScheduleFree(model.parameters(), lr=1e-2), "sago")
     opt.train()
     assert opt.optimizer.param_groups[0]["train_mode"]
@@ -290,7 +263,7 @@ def test_schedulefree_base_train_eval_reach_the_base():
 
 def test_pytorch_optimizer_base():
     pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
-    model = _model()
+    model = small_model()
     base = pytorch_optimizer.Lion(model.parameters(), lr=1e-3)
     opt = SynthesizingOptimizer(base, "pcgrad")
     before = _params(model)
@@ -301,7 +274,7 @@ def test_pytorch_optimizer_base():
 
 
 def test_state_dict_hooks_registered_on_the_wrapper_run():
-    opt = SynthesizingOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1))
+    opt = SynthesizingOptimizer(torch.optim.SGD(small_model().parameters(), lr=0.1))
     seen = []
     opt.register_state_dict_pre_hook(lambda o: seen.append("save-pre"))
     opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
