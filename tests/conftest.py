@@ -3,6 +3,14 @@ import sys
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests: 200 examples each; CI replays a fixed sequence so that a run is reproducible,
+# and HYPOTHESIS_PROFILE=thorough searches far wider before a release.
+settings.register_profile("default", max_examples=200, deadline=None)
+settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
+settings.register_profile("thorough", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
 
 sys.path.insert(0, os.path.dirname(__file__))
 

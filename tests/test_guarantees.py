@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import RULES
 from helpers import linear_loss, update_of, zero_params
-from hypothesis import given, settings
+from hypothesis import given
 
 from gradsynth import SynthesizingOptimizer, pcgrad, sago, sago_prefer_retain, weighted_sum
 from gradsynth.rules import PCGradGlobal
@@ -46,7 +46,6 @@ def gradient_pairs(draw, max_len=64, dtype=None):
     return f, r, alpha, gamma
 
 
-@settings(max_examples=300, deadline=None)
 @given(gradient_pairs())
 @pytest.mark.parametrize("rule", [sago, sago_prefer_retain])
 def test_sago_never_opposes_retain_on_any_coordinate(rule, case):
@@ -56,22 +55,29 @@ def test_sago_never_opposes_retain_on_any_coordinate(rule, case):
     assert torch.all(g.double() * r.double() >= 0)
 
 
-@settings(max_examples=300, deadline=None)
+def _rounding_slack(g, f, r, gamma, dtype):
+    """How far below 0 rounding the update to its dtype can push ``<g, r>``.
+
+    Each stored ``g_i`` is off by at most ``eps * |g_i|`` relative (plus the cancellation of
+    ``gamma * f_i`` against the projection), or by half the smallest subnormal where the exact
+    value underflows: ``<g, r> >= 0`` holds exactly, and for the stored ``g`` up to this.
+    """
+    info = torch.finfo(dtype)
+    spacing = info.smallest_normal * info.eps  # the gap between subnormals
+    relative = 4 * info.eps * (float(g.abs() @ r.abs()) + gamma * float(f.abs() @ r.abs()))
+    return relative + 4 * spacing * float(r.abs().sum())
+
+
 @given(gradient_pairs())
 def test_pcgrad_update_has_nonnegative_inner_product_with_retain(case):
     f, r, alpha, gamma = case
     g = pcgrad(f, r, alpha=alpha, gamma=gamma).double()
     fd, rd = f.double(), r.double()
     inner = float((g * rd).sum())
-    # Rounding g to the dtype may cost eps * |g| * |r|; beyond that the inner product is >= 0.
-    eps = torch.finfo(f.dtype).eps
-    slack = 4 * eps * float(g.abs() @ rd.abs()) + 4 * eps * gamma * float(fd.abs() @ rd.abs())
-    assert inner >= -slack
-    # The projected forget gradient is never in conflict with retain.
-    assert math.isfinite(inner)
+    assert math.isfinite(inner)  # finite inputs, finite update
+    assert inner >= -_rounding_slack(g, fd, rd, gamma, f.dtype)
 
 
-@settings(max_examples=150, deadline=None)
 @given(
     st.sampled_from(list(DTYPES)).flatmap(
         lambda dtype: st.lists(gradient_pairs(max_len=16, dtype=dtype), min_size=1, max_size=4)
@@ -83,7 +89,6 @@ def test_pcgrad_global_inner_product_over_the_scope(cases):
     forgets, retains = [c[0] for c in cases], [c[1] for c in cases]
     alphas, gammas = [c[2] for c in cases], [c[3] for c in cases]
     k = rule.prepare(forgets, retains, alpha=alphas, gamma=gammas)
-    eps = torch.finfo(dtype).eps
     inner = 0.0
     slack = 0.0
     for f, r, alpha, gamma in cases:
@@ -91,7 +96,7 @@ def test_pcgrad_global_inner_product_over_the_scope(cases):
         rule.combine(f, r, alpha=alpha, gamma=gamma, out=out, context=k)
         g, rd = out.double(), r.double()
         inner += float((g * rd).sum())
-        slack += 4 * eps * (float(g.abs() @ rd.abs()) + gamma * float(f.double().abs() @ rd.abs()))
+        slack += _rounding_slack(g, f.double(), rd, gamma, dtype)
     assert inner >= -slack
 
 
@@ -116,7 +121,6 @@ def test_non_finite_reaches_the_update(rule, where, bad):
         assert not torch.isfinite(params[0].grad).all(), (rule, where, bad, i)
 
 
-@settings(max_examples=100, deadline=None)
 @given(gradient_pairs(), st.sampled_from([2.0**-8, 0.5, 2.0, 2.0**16]))
 @pytest.mark.parametrize("rule", ["sago", "sago_prefer_retain", "pcgrad", "sum"])
 def test_rules_commute_with_a_common_scale(rule, case, scale):
@@ -130,7 +134,6 @@ def test_rules_commute_with_a_common_scale(rule, case, scale):
     torch.testing.assert_close(gs, g, rtol=1e-6, atol=1e-30)
 
 
-@settings(max_examples=60, deadline=None)
 @given(gradient_pairs(max_len=24))
 def test_sago_through_the_optimizer_never_opposes_retain(case):
     f, r, alpha, gamma = case
