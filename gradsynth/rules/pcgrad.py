@@ -85,13 +85,14 @@ class PCGradGlobal(Rule):
         """Return ``K = min(<F, r>, 0) / ||r||^2`` over the scope, ``F`` the gamma-weighted forget."""
         if not retain:
             return None
-        # Tensors spread over several devices are reduced on the first one.
+        # Tensors spread over several devices are reduced on the first one. Out-of-place adds:
+        # the terms may be tensor subclasses (DTensor partial sums) that a plain tensor cannot absorb.
         device = retain[0].device
-        fr = torch.zeros((), dtype=torch.float64, device=device)
-        rr = torch.zeros((), dtype=torch.float64, device=device)
+        fr = rr = None
         for f, r, weight in zip(forget, retain, gamma, strict=True):
-            fr += weight * dot64(f, r).to(device)
-            rr += dot64(r, r).to(device)
+            fr_term, rr_term = weight * dot64(f, r).to(device), dot64(r, r).to(device)
+            fr = fr_term if fr is None else fr + fr_term
+            rr = rr_term if rr is None else rr + rr_term
         return projection_coefficient(fr, rr)
 
     def combine(

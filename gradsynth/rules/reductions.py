@@ -48,12 +48,21 @@ def flat_chunks(*tensors: Tensor, elementwise: bool = False) -> list[tuple[Tenso
 
 
 def scratch(chunks: list[tuple[Tensor, ...]], dtype: torch.dtype, count: int) -> list[Tensor]:
-    """``count`` flat buffers as long as the first chunk, allocated once and reused per chunk.
+    """``count`` buffers for the chunks' temporaries, allocated once and reused per chunk.
 
     Fresh allocations per chunk would page-fault on every call; reused buffers stay in cache.
+    For a single chunk (a whole tensor, possibly a DTensor or non-contiguous) the buffers are
+    shaped like it; take a chunk's view with `fit`.
     """
     first = chunks[0][0]
+    if len(chunks) == 1:
+        return [torch.empty_like(first, dtype=dtype) for _ in range(count)]
     return [torch.empty(first.numel(), dtype=dtype, device=first.device) for _ in range(count)]
+
+
+def fit(buffer: Tensor, like: Tensor) -> Tensor:
+    """The part of a `scratch` buffer that matches the chunk ``like``."""
+    return buffer if buffer.shape == like.shape else buffer[: like.numel()].view(like.shape)
 
 
 def dot64(a: Tensor, b: Tensor) -> Tensor:
@@ -64,8 +73,8 @@ def dot64(a: Tensor, b: Tensor) -> Tensor:
     buf_a, buf_b = scratch(chunks, torch.float64, 2)
     total = torch.zeros((), dtype=torch.float64, device=a.device)
     for chunk_a, chunk_b in chunks:
-        x = buf_a[: chunk_a.numel()].copy_(chunk_a)
-        y = x if b is a else buf_b[: chunk_b.numel()].copy_(chunk_b)
+        x = fit(buf_a, chunk_a).copy_(chunk_a)
+        y = x if b is a else fit(buf_b, chunk_b).copy_(chunk_b)
         total += torch.dot(x, y)
     return total
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.rules.base import Rule
-from gradsynth.rules.reductions import flat_chunks, scratch
+from gradsynth.rules.reductions import fit, flat_chunks, scratch
 
 
 def _blend(
@@ -33,7 +33,7 @@ def _blend(
     chunks = flat_chunks(forget, retain, out, elementwise=True)
     buf_c, buf_k = scratch(chunks, forget.dtype, 2)
     for f, r, o in chunks:
-        c, k = buf_c[: f.numel()].view(f.shape), buf_k[: f.numel()].view(f.shape)
+        c, k = fit(buf_c, f), fit(buf_k, f)
         # c = 1 where signs conflict (sign_conflict, written into a reused buffer), k = 1 - c
         torch.sign(f, out=c).mul_(torch.sign(r, out=k)).lt_(0)
         forget_part = torch.neg(c, out=k).add_(1).mul_(f)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.rules.base import Rule
-from gradsynth.rules.reductions import flat_chunks, scratch
+from gradsynth.rules.reductions import fit, flat_chunks, scratch
 
 
 def weighted_sum(
@@ -36,7 +36,7 @@ def weighted_sum(
         chunks = flat_chunks(forget, retain, out)
         buf_f, buf_r = scratch(chunks, torch.float64, 2)
         for f, r, o in chunks:
-            f64, r64 = buf_f[: f.numel()].view(f.shape), buf_r[: r.numel()].view(r.shape)
+            f64, r64 = fit(buf_f, f), fit(buf_r, r)
             o.copy_(r64.copy_(r).mul_(weight).add_(f64.copy_(f), alpha=gamma))
         return out
     if out is retain:
