@@ -313,7 +313,6 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
                     rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=update, context=context)
                     geometry.add(forget, retain, update)
                 self._tasks.place(p, update)
-            pairs.clear()
         self._geometry = geometry
         self._geometry_result = None
         self._synthesized = True

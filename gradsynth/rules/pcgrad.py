@@ -43,19 +43,12 @@ def projection_coefficient(forget_dot_retain: Tensor, retain_sq_norm: Tensor) ->
     return torch.where(forget_dot_retain < 0, forget_dot_retain / safe_norm, 0.0)
 
 
-def _apply_projection(
-    forget: Tensor, retain: Tensor, k: Tensor, alpha: float, gamma: float, out: Tensor | None
-) -> Tensor:
-    retain_weight = alpha - gamma * k
-    return weighted_sum(forget, retain, alpha=retain_weight, gamma=gamma, out=out)
-
-
 def pcgrad(
     forget: Tensor, retain: Tensor, *, alpha: float = 1.0, gamma: float = 1.0, out: Tensor | None = None
 ) -> Tensor:
     """One-sided PCGrad on one tensor (see the module docstring)."""
     k = projection_coefficient(dot64(forget, retain), dot64(retain, retain))
-    return _apply_projection(forget, retain, k, alpha, gamma, out)
+    return weighted_sum(forget, retain, alpha=alpha - gamma * k, gamma=gamma, out=out)
 
 
 class PCGrad(Rule):

@@ -79,11 +79,14 @@ def dot64(a: Tensor, b: Tensor) -> Tensor:
     return total
 
 
-def sign_conflict(forget: Tensor, retain: Tensor) -> Tensor:
+def sign_conflict(
+    forget: Tensor, retain: Tensor, *, out: Tensor | None = None, work: Tensor | None = None
+) -> Tensor:
     """Return a float tensor (dtype of ``forget``) that is 1 where the signs of f and r are opposite.
 
     The test is ``sign(f) * sign(r) < 0`` on the signs, which are exact, and never on the product
     ``f * r``: in float32, ``1e-30 * -1e-30`` underflows to ``-0`` and would hide the conflict.
-    A zero in either gradient is not a conflict, nor is a NaN.
+    A zero in either gradient is not a conflict, nor is a NaN. ``out`` and ``work`` are optional
+    buffers shaped like ``forget``; ``work`` is left holding ``sign(r)``.
     """
-    return torch.sign(forget).mul_(torch.sign(retain)).lt_(0)
+    return torch.sign(forget, out=out).mul_(torch.sign(retain, out=work)).lt_(0)

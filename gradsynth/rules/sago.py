@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.rules.base import Rule
-from gradsynth.rules.reductions import fit, flat_chunks, scratch
+from gradsynth.rules.reductions import fit, flat_chunks, scratch, sign_conflict
 
 
 def _blend(
@@ -34,8 +34,7 @@ def _blend(
     buf_c, buf_k = scratch(chunks, forget.dtype, 2)
     for f, r, o in chunks:
         c, k = fit(buf_c, f), fit(buf_k, f)
-        # c = 1 where signs conflict (sign_conflict, written into a reused buffer), k = 1 - c
-        torch.sign(f, out=c).mul_(torch.sign(r, out=k)).lt_(0)
+        sign_conflict(f, r, out=c, work=k)  # c = 1 where the signs conflict, then k = 1 - c
         forget_part = torch.neg(c, out=k).add_(1).mul_(f)
         if gamma != 1.0:
             forget_part.mul_(gamma)
