@@ -1,12 +1,18 @@
-"""Lower layers never import upper ones: rules (maths) <- optim (shell) <- everything else."""
+"""Lower layers never import upper ones, and the core needs nothing but torch.
+
+Tiers, lowest first: rules (maths) <- optim (shell) <- integrations (HF, distributed) <- the
+unlearning toolkit and the command line.
+"""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gradsynth"
-ORDER = ["rules", "optim"]
+TIERS = [["rules"], ["optim"], ["integrations"], ["unlearning", "world", "cli"]]
+CORE = ["rules", "optim"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -19,19 +25,31 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _is_under(module: str, packages: list[str]) -> bool:
+    return any(module == f"gradsynth.{p}" or module.startswith(f"gradsynth.{p}.") for p in packages)
+
+
+def test_every_subpackage_has_a_tier():
+    subpackages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    tiered = {name for tier in TIERS for name in tier}
+    assert subpackages <= tiered, f"add {sorted(subpackages - tiered)} to TIERS"
+
+
 def test_lower_layers_do_not_import_upper_ones():
-    for rank, layer in enumerate(ORDER):
-        upper = [f"gradsynth.{name}" for name in ORDER[rank + 1 :]]
-        for path in (PACKAGE / layer).glob("*.py"):
-            bad = [m for m in _imports(path) if any(m == u or m.startswith(u + ".") for u in upper)]
-            assert not bad, f"{path.name} in gradsynth/{layer} imports {bad}"
+    for rank, tier in enumerate(TIERS):
+        upper = [name for higher in TIERS[rank + 1 :] for name in higher]
+        for layer in tier:
+            for path in (PACKAGE / layer).rglob("*.py"):
+                bad = [m for m in _imports(path) if _is_under(m, upper)]
+                assert not bad, f"{path.relative_to(PACKAGE)} imports {bad} from a higher layer"
 
 
 def test_core_depends_on_torch_only():
     allowed_roots = {"torch", "gradsynth", "__future__"}
-    for path in PACKAGE.rglob("*.py"):
+    core_files = [PACKAGE / "__init__.py"] + [p for layer in CORE for p in (PACKAGE / layer).rglob("*.py")]
+    for path in core_files:
         for module in _imports(path):
             root = module.split(".")[0]
-            import sys
-
             assert root in allowed_roots or root in sys.stdlib_module_names, f"{path}: imports {module}"
+            if root == "gradsynth":
+                assert _is_under(module, CORE) or module == "gradsynth", f"{path}: imports {module}"
