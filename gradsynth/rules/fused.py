@@ -135,8 +135,9 @@ def _conflict(f: Tensor, r: Tensor) -> Tensor:
 
 
 def _unless_other_nonfinite(kept: Tensor, dropped: Tensor) -> Tensor:
-    # What ``kept + 0 * dropped`` gives, spelled out: the compiler folds ``0 * x`` to 0.
-    return torch.where(torch.isfinite(dropped), kept, float("nan"))
+    # ``kept + 0 * dropped``, but the compiler folds ``0 * x`` to 0; ``x - x`` is 0 for finite x
+    # and NaN for inf or NaN, and costs less than an isfinite test (measured on bfloat16).
+    return kept + (dropped - dropped)
 
 
 def _sago(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
