@@ -115,6 +115,28 @@ def test_fused_pcgrad_global_matches_oracle(compiled):
         torch.testing.assert_close(r.double(), e, rtol=2e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_weighted_apply_matches_oracle(compiled, dtype):
+    # The kernel GPUs use for PCGrad's weight (a float64 tensor, never read on the host); run here
+    # on the CPU through the dispatcher, so that it is tested on this machine too.
+    f, r = _pair(dtype)
+    weight = torch.tensor(0.3, dtype=torch.float64)
+    expected = oracle.weighted_sum(f, r, 0.3, 1.5)
+    f_in, r_in = f.clone(), r.clone()
+    assert fused._into("weighted", f, r, r, weight, 1.5)
+    _assert_near(r, expected, f_in, r_in, 0.3, 1.5)
+
+
+def test_huge_pcgrad_weights_take_the_float64_path(compiled):
+    f = torch.ones(5000)
+    r = torch.full((5000,), -1e-30)
+    assert not fused.linear_into(f, r, r, alpha=torch.tensor(1e70, dtype=torch.float64), gamma=1.0)
+    got = pcgrad(f, r, alpha=1.0, gamma=1.0)
+    with fused.use_backend("eager"):
+        assert torch.equal(got, pcgrad(f, r, alpha=1.0, gamma=1.0))
+    _assert_near(got, oracle.pcgrad(f, r, 1.0, 1.0), f, r, 1.0, 1.0)
+
+
 def test_no_recompilation_for_new_shapes_or_weights(compiled):
     def graphs():
         return counters["stats"]["unique_graphs"]

@@ -4,7 +4,7 @@ Synthesis is memory-bound. The eager rules chain several elementwise operations,
 pass; a fused kernel reads ``f`` and ``r`` once and writes ``g`` once, the traffic of
 ``torch.add(f, r, out=g)``. The kernels, written into ``dst``, which is ``r`` or ``f`` itself::
 
-    c = [f > 0 and r < 0] or [f < 0 and r > 0]           (the signs conflict)
+    c = [f > 0 xor r > 0] and f != 0 and r != 0          (the signs conflict)
     sago:               g = where(c, a*r + 0*(b*f), b*f + 0*(a*r))
     sago_prefer_retain: g = where(c, a*r + 0*(b*f), a*r + b*f)
     linear:             g = w*r + b*f                    (``sum``; PCGrad's apply, w = a - K)
@@ -14,13 +14,14 @@ with ``a = alpha`` and ``b = gamma``. The ``0*x`` terms give exactly the non-fin
 the eager product forms (``0 * inf`` is NaN), so a ``GradScaler`` still sees a forget overflow.
 
 Precision. Half-precision inputs (bfloat16, float16) are computed in float32 and rounded once at
-the end, float32 in float32 and float64 in float64; results agree with the eager path to one
-unit in the last place of the gradient's dtype, and exactly when ``alpha = gamma = 1``. PCGrad's
-apply computes ``w*r`` in float64 for float32 gradients. For half-precision gradients on the CPU
-it uses float32, which represents ``w`` exactly enough, when ``|w| < 2**64``, and otherwise the
-eager float64 path. The dots accumulate in float64; for half-precision gradients on the CPU, the
-products are formed in float32 (exact for float16; exact for bfloat16 unless a product is below
-``2**-126``) and summed in float32 over blocks of 4096, then in float64 (relative error ~1e-7).
+the end, float32 in float32 and float64 in float64; results agree with the eager path to a few
+units in the last place of the gradient's dtype, and exactly for SAGO when ``alpha = gamma = 1``.
+PCGrad's weight ``w = alpha - gamma*k`` is read on the CPU (no device to wait for) and applied in
+the gradients' precision when ``|w| < 2**64``, else by the eager float64 path; on a GPU it stays a
+float64 tensor and the apply computes in float64. The dots accumulate in float64; for
+half-precision gradients on the CPU, the products are formed in float32 (exact for float16;
+exact for bfloat16 unless a product is below ``2**-126``) and summed in float32 over blocks of
+4096, then in float64 (relative error ~1e-7).
 
 When the kernels run (see `set_backend`): ``"auto"`` (the default, or environment variable
 ``GRADSYNTH_BACKEND``) uses them for plain dense contiguous tensors of at least `min_numel`
@@ -47,8 +48,9 @@ from torch import Tensor
 BACKENDS = ("auto", "compiled", "eager")
 #: Below this many elements the eager rules are as fast as a compiled call (~25 us overhead).
 MIN_NUMEL = 1 << 15
-#: Largest PCGrad retain weight the float32 apply of half-precision gradients accepts.
-HALF_APPLY_MAX_WEIGHT = 2.0**64
+#: Largest weight the CPU kernels take as a float (computing in the gradients' precision);
+#: beyond it (PCGrad with a vanishing retain gradient) the eager float64 path runs.
+MAX_HOST_WEIGHT = 2.0**64
 _HALF = (torch.bfloat16, torch.float16)
 _DTYPES = (torch.float32, torch.float64, *_HALF)
 _BLOCK = 1 << 12
@@ -130,24 +132,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _conflict(f: Tensor, r: Tensor) -> Tensor:
-    # On the signs, never on f*r: a product that underflows to -0 would hide the conflict.
-    return ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
-
-
-def _unless_other_nonfinite(kept: Tensor, dropped: Tensor) -> Tensor:
-    # ``kept + 0 * dropped``, but the compiler folds ``0 * x`` to 0; ``x - x`` is 0 for finite x
-    # and NaN for inf or NaN, and costs less than an isfinite test (measured on bfloat16).
-    return kept + (dropped - dropped)
+    # On the signs, never on f*r: a product that underflows to -0 would hide the conflict. A NaN
+    # may count either way: both branches below turn it into NaN.
+    return ((f > 0) ^ (r > 0)) & (f != 0) & (r != 0)
 
 
 def _sago(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
     a, b = alpha * r, gamma * f
-    return torch.where(_conflict(f, r), _unless_other_nonfinite(a, b), _unless_other_nonfinite(b, a))
+    conflict = _conflict(f, r)
+    kept, dropped = torch.where(conflict, a, b), torch.where(conflict, b, a)
+    # ``kept + 0 * dropped``, but the compiler folds ``0 * x`` to 0; ``x - x`` is 0 for finite x
+    # and NaN for inf or NaN (cheaper than an isfinite test, measured on bfloat16).
+    return kept + (dropped - dropped)
 
 
 def _prefer_retain(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
     a, b = alpha * r, gamma * f
-    return torch.where(_conflict(f, r), _unless_other_nonfinite(a, b), a + b)
+    return a + torch.where(_conflict(f, r), b - b, b)
 
 
 def _upcast(dst: Tensor, src: Tensor) -> tuple[Tensor, Tensor]:
@@ -318,16 +319,16 @@ def linear_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float | T
     """Fused ``gamma*f + alpha*r`` (``alpha`` a float or a 0-dim tensor); False where eager must run."""
     if not eligible(forget, retain, out):
         return False
-    if not isinstance(alpha, Tensor):
-        return _into("linear", forget, retain, out, alpha, gamma)
-    weight = alpha.detach().to(device=retain.device, dtype=torch.float64)
-    if retain.dtype in _HALF and retain.device.type == "cpu":
-        # On the CPU a float64 conversion of every element does not vectorise, and reading the
-        # weight costs no device sync; float32 holds every weight the gradients can meet.
-        if not abs(float(weight)) < HALF_APPLY_MAX_WEIGHT:
-            return False
-        weight = weight.to(torch.float32)
-    return _into("weighted", forget, retain, out, weight, gamma)
+    if isinstance(alpha, Tensor):
+        if retain.device.type != "cpu":
+            # On a device, reading the weight would wait for it: apply it as a tensor, in float64.
+            return _into(
+                "weighted", forget, retain, out, alpha.detach().to(retain.device, torch.float64), gamma
+            )
+        alpha = float(alpha)  # a CPU tensor: reading it waits for nothing
+    if not abs(alpha) < MAX_HOST_WEIGHT:
+        return False
+    return _into("linear", forget, retain, out, alpha, gamma)
 
 
 def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
