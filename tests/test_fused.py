@@ -226,3 +226,15 @@ def test_optimizer_steps_agree_between_fused_and_eager_paths():
         results[backend] = [p.detach().clone() for p in model.parameters()]
     for a, b in zip(results["compiled"], results["eager"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiles_under_warnings_as_errors(monkeypatch):
+    # torch's compiler emits deprecation notices of its own; `-W error` must not turn them into
+    # a failed compilation and a silent fallback.
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_status", {})
+    f, r = _pair(torch.float32, n=fused.MIN_NUMEL)
+    with fused.use_backend("compiled"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sago(f, r, out=r)
+    assert fused.status() == {"sago_into_retain[float32, cpu]": "compiled"}

@@ -248,7 +248,10 @@ def _run(name: str, *args: Any) -> Any:
     # First call for this dtype and device: compilation happens before anything is written, so a
     # failure leaves the inputs intact for the eager path.
     try:
-        with torch.no_grad():
+        # The compiler's own deprecation notices are not the user's business, and under
+        # ``-W error`` they would abort the compilation.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             result = kernel(*args)
     except Exception as error:
         if _state["backend"] == "compiled":
