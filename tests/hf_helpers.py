@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gradsynth import SynthesizingOptimizer
+from gradsynth.integrations.task_losses import gradient_ascent_loss, nll_loss
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 64
@@ -43,6 +46,44 @@ def paired_examples(n: int, length: int = 8, seed: int = 1) -> list[dict]:
 
 def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def reference_run(forget, retain, steps, accumulation, *, lr, max_norm, synthesize_per_micro_batch=False):
+    """The unlearning loop written out with SynthesizingOptimizer: GA + NLL, sago, AdamW, a linear
+    schedule, clipping at ``max_norm``; ``forget[i]``/``retain[i]`` are micro-batch ``i``.
+
+    Returns the trained tiny_llama() and the pre-clip norm of each step's gradient.
+    """
+    model = tiny_llama()
+    opt = SynthesizingOptimizer(torch.optim.AdamW(model.parameters(), lr=lr), "sago", track_geometry=True)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 0, steps)
+    norms = []
+    for step in range(steps):
+        micro_batches = [step * accumulation + k for k in range(accumulation)]
+        if synthesize_per_micro_batch:
+            total = [torch.zeros_like(p) for p in model.parameters()]
+            for i in micro_batches:
+                opt.zero_grad()
+                opt.backward_forget(gradient_ascent_loss(model, forget[i]) / accumulation)
+                opt.backward_retain(nll_loss(model, retain[i]) / accumulation)
+                opt.synthesize()
+                for t, p in zip(total, model.parameters(), strict=True):
+                    t.add_(p.grad)
+            opt.zero_grad()
+            for t, p in zip(total, model.parameters(), strict=True):
+                p.grad = t
+            step_fn = opt.optimizer.step
+        else:
+            opt.zero_grad()
+            for i in micro_batches:
+                opt.backward_forget(gradient_ascent_loss(model, forget[i]) / accumulation)
+                opt.backward_retain(nll_loss(model, retain[i]) / accumulation)
+            opt.synthesize()
+            step_fn = opt.step
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+        step_fn()
+        sched.step()
+    return model, norms
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_helpers import fresh_accelerate_state, paired_examples, params_of, tiny_llama
+from hf_helpers import fresh_accelerate_state, paired_examples, params_of, reference_run, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -57,40 +57,6 @@ def _training_logs(trainer):
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
-def _hand_loop(recorder, steps, accumulation, *, synthesize_per_micro_batch=False):
-    """What the trainer must do, written out with SynthesizingOptimizer; returns (model, pre-clip norms)."""
-    model = tiny_llama()
-    opt = SynthesizingOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), "sago", track_geometry=True)
-    sched = transformers.get_linear_schedule_with_warmup(opt, 0, steps)
-    norms = []
-    for step in range(steps):
-        micro_batches = [step * accumulation + k for k in range(accumulation)]
-        if synthesize_per_micro_batch:
-            total = [torch.zeros_like(p) for p in model.parameters()]
-            for i in micro_batches:
-                opt.zero_grad()
-                opt.backward_forget(gradient_ascent_loss(model, recorder.forget[i]) / accumulation)
-                opt.backward_retain(nll_loss(model, recorder.retain[i]) / accumulation)
-                opt.synthesize()
-                for t, p in zip(total, model.parameters(), strict=True):
-                    t.add_(p.grad)
-            opt.zero_grad()
-            for t, p in zip(total, model.parameters(), strict=True):
-                p.grad = t
-            step_fn = opt.optimizer.step
-        else:
-            opt.zero_grad()
-            for i in micro_batches:
-                opt.backward_forget(gradient_ascent_loss(model, recorder.forget[i]) / accumulation)
-                opt.backward_retain(nll_loss(model, recorder.retain[i]) / accumulation)
-            opt.synthesize()
-            step_fn = opt.step
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)))
-        step_fn()
-        sched.step()
-    return model, norms
-
-
 # The per-micro-batch variant steps the base directly, which the LR scheduler cannot see.
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_trainer_equals_the_hand_written_loop_with_one_synthesis_per_step(tmp_path, monkeypatch):
@@ -120,7 +86,9 @@ def test_trainer_equals_the_hand_written_loop_with_one_synthesis_per_step(tmp_pa
     assert len(recorder.forget) == len(recorder.retain) == steps * accumulation
     monkeypatch.undo()
 
-    by_hand, norms = _hand_loop(recorder, steps, accumulation)
+    by_hand, norms = reference_run(
+        recorder.forget, recorder.retain, steps, accumulation, lr=LR, max_norm=MAX_NORM
+    )
     for name, p in params_of(model).items():
         torch.testing.assert_close(p, by_hand.get_parameter(name).detach(), rtol=1e-5, atol=1e-6, msg=name)
 
@@ -139,7 +107,15 @@ def test_trainer_equals_the_hand_written_loop_with_one_synthesis_per_step(tmp_pa
         assert entry["geometry/cos_gr"] >= 0  # SAGO never opposes retention
 
     # Synthesizing each micro-batch instead is a different (wrong) trajectory: the test can tell.
-    per_micro_batch, _ = _hand_loop(recorder, steps, accumulation, synthesize_per_micro_batch=True)
+    per_micro_batch, _ = reference_run(
+        recorder.forget,
+        recorder.retain,
+        steps,
+        accumulation,
+        lr=LR,
+        max_norm=MAX_NORM,
+        synthesize_per_micro_batch=True,
+    )
     assert any(
         not torch.allclose(p, per_micro_batch.get_parameter(n).detach(), rtol=1e-5, atol=1e-6)
         for n, p in params_of(model).items()
