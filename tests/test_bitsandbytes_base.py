@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 from conftest import RULES
-from helpers import collect
+from helpers import collect, train_steps
 
 from gradsynth import SynthesizingOptimizer
 
@@ -22,13 +22,6 @@ def _model() -> torch.nn.Module:
     )
 
 
-def _train(opt, model, steps, start=0):
-    for step in range(start, start + steps):
-        opt.zero_grad()
-        collect(opt, model, step)
-        opt.step()
-
-
 @pytest.mark.parametrize("rule", RULES)
 def test_adamw8bit_takes_the_synthesized_gradient(rule):
     ref_model, model = _model(), _model()
@@ -40,7 +33,7 @@ def test_adamw8bit_takes_the_synthesized_gradient(rule):
         collect(probe, ref_model, step)
         probe.synthesize()
         ref.step()
-        _train(opt, model, 1, start=step)
+        train_steps(opt, model, 1, start=step)
     big = model[2].weight
     assert opt.state[big]["state1"].dtype == torch.uint8  # the 8-bit path ran
     for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
@@ -50,10 +43,10 @@ def test_adamw8bit_takes_the_synthesized_gradient(rule):
 def test_adamw8bit_checkpoint_resume_is_exact():
     model = _model()
     opt = SynthesizingOptimizer(bnb.optim.AdamW8bit(model.parameters(), lr=1e-2), "pcgrad", alpha=0.5)
-    _train(opt, model, 2)
+    train_steps(opt, model, 2)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    _train(opt, model, 2, start=2)
+    train_steps(opt, model, 2, start=2)
 
     buffer.seek(0)
     ckpt = torch.load(buffer, weights_only=True)
@@ -62,6 +55,6 @@ def test_adamw8bit_checkpoint_resume_is_exact():
     resumed = SynthesizingOptimizer(bnb.optim.AdamW8bit(resumed_model.parameters(), lr=1e-2))
     resumed.load_state_dict(ckpt["opt"])
     assert (resumed.rule.name, resumed.alpha) == ("pcgrad", 0.5)
-    _train(resumed, resumed_model, 2, start=2)
+    train_steps(resumed, resumed_model, 2, start=2)
     for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)
