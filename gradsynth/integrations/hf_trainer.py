@@ -147,11 +147,9 @@ class SynthesizingTrainer(Trainer):
             tasks.optimizer.zero_grad(set_to_none=True)
             self._step_open = True
         scale = 1.0 / self.current_gradient_accumulation_steps
-        with self.compute_loss_context_manager():
-            forget = self.compute_forget_loss(model, forget_batch) * scale
+        forget = self._task_loss(self.compute_forget_loss, model, forget_batch) * scale
         tasks.backward_forget(forget)
-        with self.compute_loss_context_manager():
-            retain = self.compute_retain_loss(model, retain_batch) * scale
+        retain = self._task_loss(self.compute_retain_loss, model, retain_batch) * scale
         tasks.backward_retain(retain)
         forget, retain = forget.detach(), retain.detach()
         self._step_stats.add_losses(forget, retain)
@@ -159,6 +157,12 @@ class SynthesizingTrainer(Trainer):
             self._step_stats.end_step(tasks.optimizer.geometry if tasks.optimizer.track_geometry else None)
             self._step_open = False
         return forget + retain
+
+    def _task_loss(self, compute: TaskLoss, model: nn.Module, batch: Any) -> Tensor:
+        with self.compute_loss_context_manager():
+            loss = compute(model, batch)
+        # nn.DataParallel (several GPUs, one process) returns one loss per device.
+        return loss.mean() if self.args.n_gpu > 1 else loss
 
     def prediction_step(
         self,
