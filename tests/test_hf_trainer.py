@@ -72,13 +72,16 @@ def test_trainer_equals_the_hand_written_loop_with_one_synthesis_per_step(tmp_pa
     monkeypatch.setattr(SynthesizingOptimizer, "synthesize", counting_synthesize)
     recorder = Recorder()
     model = tiny_llama()
+    # A plain optimizer and a scheduler built on it: the trainer wraps the optimizer, the scheduler follows.
+    adamw = torch.optim.AdamW(model.parameters(), lr=LR)
+    schedule = transformers.get_linear_schedule_with_warmup(adamw, 0, steps)
     trainer = SynthesizingTrainer(
         model,
         _args(tmp_path, gradient_accumulation_steps=accumulation, max_steps=steps, max_grad_norm=MAX_NORM),
         train_dataset=paired_examples(16),
         forget_loss=recorder.forget_loss,
         retain_loss=recorder.retain_loss,
-        optimizers=(torch.optim.AdamW(model.parameters(), lr=LR), None),
+        optimizers=(adamw, schedule),
     )
     trainer.train()
     # Exactly one synthesis that did work per optimizer step (step() may call it again, idle).
@@ -242,3 +245,24 @@ def _paired_loss(model, examples):
             for side in ("forget", "retain")
         }
         return float(gradient_ascent_loss(model, batch["forget"]) + nll_loss(model, batch["retain"]))
+
+
+def test_a_step_the_scaler_skipped_leaves_nothing_behind(tmp_path):
+    """A GradScaler overflow skips optimizer.step(), so the synthesis stays in p.grad; the next
+    step must start clean and synthesize from its own micro-batch only."""
+    model = tiny_llama()
+    trainer = SynthesizingTrainer(model, _args(tmp_path), train_dataset=paired_examples(4))
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1
+    batches = [trainer.data_collator(paired_examples(2, seed=s)) for s in (7, 8)]
+    trainer.training_step(model, batches[0])  # synthesized; the step is then "skipped"
+    model.zero_grad()  # what the Trainer does after its (skipped) optimizer step
+    trainer.training_step(model, batches[1])
+    after_skip = [p.grad.clone() for p in model.parameters()]
+
+    fresh = SynthesizingTrainer(tiny_llama(), _args(tmp_path), train_dataset=paired_examples(4))
+    fresh.create_optimizer()
+    fresh.current_gradient_accumulation_steps = 1
+    fresh.training_step(fresh.model, batches[1])
+    for a, b in zip(after_skip, (p.grad for p in fresh.model.parameters()), strict=True):
+        assert torch.equal(a, b)
