@@ -96,10 +96,10 @@ class SynthesizingTrainer(Trainer):
         if find_synthesizing_optimizer(optimizer) is None:
             settings = {"track_geometry": True, **self._synthesis_settings}
             self.optimizer = optimizer = SynthesizingOptimizer(optimizer, **settings)
-        self._check_optimizer_covers(self.model if model is None else model)
+        self._refuse_foreign_parameters(self.model if model is None else model)
         return optimizer
 
-    def _check_optimizer_covers(self, model: nn.Module) -> None:
+    def _refuse_foreign_parameters(self, model: nn.Module) -> None:
         model_params = {id(p) for p in model.parameters()}
         stray = [
             p for group in self.optimizer.param_groups for p in group["params"] if id(p) not in model_params
