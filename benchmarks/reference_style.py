@@ -12,20 +12,8 @@ import torch
 from torch import Tensor
 
 
-def sago(forget: list[Tensor], retain: list[Tensor], alpha: float, gamma: float) -> list[Tensor]:
-    out = []
-    for f, r in zip(forget, retain, strict=True):
-        f, r = f.clone(), r.clone()
-        conflict = (f * r) < 0
-        g = torch.zeros_like(f)
-        g[conflict] = alpha * r[conflict]
-        g[~conflict] = gamma * f[~conflict]
-        out.append(g)
-    return out
-
-
-def sago_prefer_retain(
-    forget: list[Tensor], retain: list[Tensor], alpha: float, gamma: float
+def _masked(
+    forget: list[Tensor], retain: list[Tensor], alpha: float, gamma: float, keep_retain: bool
 ) -> list[Tensor]:
     out = []
     for f, r in zip(forget, retain, strict=True):
@@ -33,9 +21,19 @@ def sago_prefer_retain(
         conflict = (f * r) < 0
         g = torch.zeros_like(f)
         g[conflict] = alpha * r[conflict]
-        g[~conflict] = gamma * f[~conflict] + alpha * r[~conflict]
+        g[~conflict] = gamma * f[~conflict] + (alpha * r[~conflict] if keep_retain else 0)
         out.append(g)
     return out
+
+
+def sago(forget: list[Tensor], retain: list[Tensor], alpha: float, gamma: float) -> list[Tensor]:
+    return _masked(forget, retain, alpha, gamma, keep_retain=False)
+
+
+def sago_prefer_retain(
+    forget: list[Tensor], retain: list[Tensor], alpha: float, gamma: float
+) -> list[Tensor]:
+    return _masked(forget, retain, alpha, gamma, keep_retain=True)
 
 
 def weighted_sum(forget: list[Tensor], retain: list[Tensor], alpha: float, gamma: float) -> list[Tensor]:

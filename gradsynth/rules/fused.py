@@ -151,9 +151,16 @@ def _prefer_retain(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
     return a + torch.where(_conflict(f, r), b - b, b)
 
 
-def _upcast(dst: Tensor, src: Tensor) -> tuple[Tensor, Tensor]:
-    compute = _compute_dtype(dst.dtype)
+def _upcast(dst: Tensor, src: Tensor, weight: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
+    # A tensor weight (PCGrad on a device) is float64 and so is the apply; otherwise see
+    # `_compute_dtype`.
+    compute = weight.dtype if isinstance(weight, Tensor) else _compute_dtype(dst.dtype)
     return dst.to(compute), src.to(compute)
+
+
+# One function per rule and per input that receives ``g``: the compiler keeps a small cache of
+# compilations per function, and the two aliasings must not share one (a kernel compiled with
+# ``g`` written over one input was seen to fail when later called to write over the other).
 
 
 def _sago_into_retain(r: Tensor, f: Tensor, alpha: float, gamma: float) -> None:
@@ -176,23 +183,13 @@ def _prefer_into_forget(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Non
     f.copy_(_prefer_retain(fc, rc, alpha, gamma))
 
 
-def _linear_into_retain(r: Tensor, f: Tensor, weight: float, gamma: float) -> None:
-    rc, fc = _upcast(r, f)
+def _linear_into_retain(r: Tensor, f: Tensor, weight: float | Tensor, gamma: float) -> None:
+    rc, fc = _upcast(r, f, weight)
     r.copy_(weight * rc + gamma * fc)
 
 
-def _linear_into_forget(f: Tensor, r: Tensor, weight: float, gamma: float) -> None:
-    fc, rc = _upcast(f, r)
-    f.copy_(weight * rc + gamma * fc)
-
-
-def _weighted_into_retain(r: Tensor, f: Tensor, weight: Tensor, gamma: float) -> None:
-    rc, fc = r.to(weight.dtype), f.to(weight.dtype)
-    r.copy_(weight * rc + gamma * fc)
-
-
-def _weighted_into_forget(f: Tensor, r: Tensor, weight: Tensor, gamma: float) -> None:
-    fc, rc = f.to(weight.dtype), r.to(weight.dtype)
+def _linear_into_forget(f: Tensor, r: Tensor, weight: float | Tensor, gamma: float) -> None:
+    fc, rc = _upcast(f, r, weight)
     f.copy_(weight * rc + gamma * fc)
 
 
@@ -222,8 +219,6 @@ _KERNELS: dict[str, Callable[..., Any]] = {
         _prefer_into_forget,
         _linear_into_retain,
         _linear_into_forget,
-        _weighted_into_retain,
-        _weighted_into_forget,
         _dots_wide,
         _dots_blocked,
     )
