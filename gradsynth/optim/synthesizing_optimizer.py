@@ -313,6 +313,8 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
                     rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=update, context=context)
                     geometry.add(forget, retain, update)
                 self._tasks.place(p, update)
+        if geometry is not None:
+            geometry.reduce()
         self._geometry = geometry
         self._geometry_result = None
         self._synthesized = True
