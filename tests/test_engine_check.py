@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import ast
 from pathlib import Path
 
 import pytest
@@ -68,12 +67,14 @@ def test_zero3_partitioned_parameter_is_refused():
 
 
 def test_check_imports_no_engine_library():
-    code = (
-        "import sys, gradsynth.integrations.distributed; "
-        "print(sorted(m for m in ('deepspeed', 'accelerate', 'transformers') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    source = (ROOT / "gradsynth" / "integrations" / "distributed.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+    assert imported <= {"__future__", "collections"}, imported
 
 
 def test_real_deepspeed_engine_is_refused(tmp_path, monkeypatch):
