@@ -22,6 +22,8 @@ import os
 import sys
 import tempfile
 
+from memory_peak import resident_and_peak_kib  # this folder is on sys.path when the script runs
+
 CONFIGS = [
     ("DDP, plain", "ddp", False, "plain"),
     ("DDP, gradsynth sago", "ddp", False, "sago"),
@@ -31,14 +33,6 @@ CONFIGS = [
     ("FSDP2, gradsynth sago", "fsdp2", False, "sago"),
     ("FSDP2, gradsynth pcgrad", "fsdp2", False, "pcgrad"),
 ]
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _rank(rank: int, world: int, store: str, config: tuple, layers: int, width: int, results) -> None:
@@ -79,12 +73,8 @@ def _rank(rank: int, world: int, store: str, config: tuple, layers: int, width: 
 
     step(0)
     opt.zero_grad(set_to_none=True)
-    before_kib = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    for seed in range(1, 3):
-        step(seed)
-    results[rank] = ((_rss_kib("VmHWM") - before_kib) / grad_set_kib, grad_set_kib / 1024)
+    before_kib, peak_kib = resident_and_peak_kib(lambda: [step(seed) for seed in range(1, 3)])
+    results[rank] = ((peak_kib - before_kib) / grad_set_kib, grad_set_kib / 1024)
     dist.barrier()
     # Free DDP/FSDP2 (reference cycles) while the group is alive: torch 2.13 sometimes aborts at
     # exit otherwise ("terminate called without an active exception").
