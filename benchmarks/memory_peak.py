@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 CONFIGS = [
     ("plain", "sum", "plain", 1),
@@ -41,6 +42,15 @@ def _rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def resident_and_peak_kib(steps: Callable[[], None]) -> tuple[int, int]:
+    """The resident set size now, and its peak while ``steps()`` runs (both in KiB)."""
+    before_kib = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    steps()
+    return before_kib, _rss_kib("VmHWM")
 
 
 def measure(rule: str, mode: str, micro: int, layers: int, width: int) -> dict:
@@ -78,12 +88,7 @@ def measure(rule: str, mode: str, micro: int, layers: int, width: int) -> dict:
 
     step(0)  # warm-up: lazily allocated state and buffers
     opt.zero_grad(set_to_none=True)
-    params_only_kib = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    for seed in range(1, 3):
-        step(seed)
-    peak_kib = _rss_kib("VmHWM")
+    params_only_kib, peak_kib = resident_and_peak_kib(lambda: [step(seed) for seed in range(1, 3)])
     return {
         "extra_sets": (peak_kib - params_only_kib) / grad_set_kib - 1,
         "grad_set_mib": grad_set_kib / 1024,

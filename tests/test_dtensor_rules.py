@@ -52,3 +52,18 @@ def test_global_reductions_on_dtensors(mesh):
     out = torch.empty_like(rd)
     rule.combine(fd, rd, alpha=1.0, gamma=1.0, out=out, context=k)
     torch.testing.assert_close(out.full_tensor(), pcgrad(f, r))
+
+
+def test_geometry_of_dtensor_gradients(mesh):
+    """The optimizer's geometry reduces DTensor partial sums (FSDP2 gradients) to plain numbers."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from gradsynth.optim.geometry import GeometryAccumulator
+
+    f, r = torch.randn(8, 3), torch.randn(8, 3)
+    g = sago(f, r)
+    want, got = GeometryAccumulator(), GeometryAccumulator()
+    want.add(f, r, g)
+    got.add(*(distribute_tensor(t, mesh, [Shard(0)]) for t in (f, r, g)))
+    got.reduce()
+    assert got.result() == want.result()

@@ -9,6 +9,11 @@ Over all managed parameters, with f, r, g the forget, retain and synthesized gra
 Sums stay 0-dim float64 tensors on each device while the optimizer loops over parameters; they
 are read on the host once, when `GeometryAccumulator.result` is called. A cosine with a
 zero-norm side is NaN.
+
+Sharded gradients (FSDP2 DTensors) give partial sums, one per rank; `GeometryAccumulator.reduce`
+turns them into global ones with one all-reduce of seven numbers per device mesh. It is a
+collective, so every rank calls it (the optimizer does, at the end of each synthesis), and
+`result` then reads the same global geometry on every rank.
 """
 
 from __future__ import annotations
@@ -51,7 +56,9 @@ class GeometryAccumulator:
     """Adds up the sums behind `GradientGeometry` one parameter tensor at a time."""
 
     def __init__(self) -> None:
-        self._totals: dict[torch.device, Tensor] = {}
+        # Keyed by device and device mesh (None for plain tensors): partial sums over a mesh
+        # cannot be added to plain tensors or to partial sums over another mesh.
+        self._totals: dict[tuple[torch.device, object], Tensor] = {}
         self._numel = 0
 
     def add(self, forget: Tensor, retain: Tensor, update: Tensor) -> None:
@@ -67,12 +74,22 @@ class GeometryAccumulator:
                 sign_conflict(forget, retain).sum(dtype=torch.float64),
             ]
         )
-        device = sums.device
-        if device in self._totals:
-            self._totals[device] += sums
+        key = (sums.device, getattr(sums, "device_mesh", None))
+        if key in self._totals:
+            self._totals[key] += sums
         else:
-            self._totals[device] = sums
+            self._totals[key] = sums
         self._numel += forget.numel()
+
+    def reduce(self) -> None:
+        """Make the sums of sharded tensors (DTensors) global; a collective call on every rank.
+
+        No-op for plain tensors. Without it, `result` would see one rank's share only.
+        """
+        for key, total in self._totals.items():
+            full_tensor = getattr(total, "full_tensor", None)
+            if full_tensor is not None:
+                self._totals[key] = full_tensor()
 
     def result(self) -> GradientGeometry | None:
         """Read the sums (one host sync per device) and form the geometry; None if empty."""

@@ -365,6 +365,8 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
                     rule, forget, retain, alpha=alpha, gamma=gamma, context=context, geometry=geometry
                 )
                 self._tasks.place(p, update)
+        if geometry is not None:
+            geometry.reduce()
         self._geometry = geometry
         self._geometry_result = None
         self._synthesized = True

@@ -84,11 +84,34 @@ class TaskGradients:
         self._remember_known()
 
     def before_backward(self, task: str, params: Iterable[Tensor]) -> None:
-        """Put ``task``'s stash back into empty ``p.grad`` so the next backward adds into it."""
+        """Put ``task``'s stash back into ``p.grad`` so the next backward adds into it.
+
+        An empty ``p.grad`` takes the stash over; an existing buffer (a DDP bucket view) gets it
+        added in place. Under DDP's ``no_sync`` this matters: the next synchronised backward
+        all-reduces whatever ``p.grad`` holds, so the task's un-reduced micro-batches must be
+        there, not in the stash. What such a buffer already holds goes to ``task``, as the
+        following `absorb` would have attributed it anyway (DDP re-creates its bucket views,
+        zero-filled copies, when it rebuilds its buckets after the first iteration).
+        """
         stash = self._stash[task]
+        buffers = []
         for p in params:
-            if p.grad is None and p in stash:
+            if p not in stash:
+                continue
+            if p.grad is None:
                 p.grad = stash.pop(p)
+            else:
+                buffers.append((p, self._holds_new_values(p)))
+        # Decide first, write after: views of one storage share a version counter, so a write
+        # into one bucket view makes its siblings look written.
+        for p, holds_values in buffers:
+            if holds_values:
+                p.grad.add_(stash.pop(p))
+            else:
+                p.grad.copy_(stash.pop(p))
+            self._empty.pop(p, None)
+        if buffers:
+            self._remember_empty()
 
     def absorb(self, task: str, params: Iterable[Tensor]) -> None:
         """Move what ``p.grad`` accumulated since the last call into ``task``'s stash."""
