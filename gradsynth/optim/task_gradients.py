@@ -109,9 +109,9 @@ class TaskGradients:
                 p.grad.add_(stash.pop(p))
             else:
                 p.grad.copy_(stash.pop(p))
-            self._empty.pop(p, None)
+            self._known.pop(p, None)
         if buffers:
-            self._remember_empty()
+            self._remember_known()
 
     def absorb(self, task: str, params: Iterable[Tensor]) -> None:
         """Move what ``p.grad`` accumulated since the last call into ``task``'s stash."""
