@@ -34,7 +34,7 @@ from torch import Tensor
 
 from gradsynth.rules import fused
 from gradsynth.rules.base import Rule
-from gradsynth.rules.reductions import dot64
+from gradsynth.rules.reductions import dot64, settled
 from gradsynth.rules.weighted_sum import weighted_sum
 
 
@@ -44,10 +44,22 @@ def projection_coefficient(forget_dot_retain: Tensor, retain_sq_norm: Tensor) ->
     return torch.where(forget_dot_retain < 0, forget_dot_retain / safe_norm, 0.0)
 
 
-def inner_products(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor]:
-    """``(<f, r>, ||r||^2)`` as 0-dim float64 tensors: one fused read where possible."""
+def _local_inner_products(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor]:
     pair = fused.dots(forget, retain)
     return pair if pair is not None else (dot64(forget, retain), dot64(retain, retain))
+
+
+def inner_products(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor]:
+    """``(<f, r>, ||r||^2)`` as 0-dim float64 tensors: one fused read where possible.
+
+    For sharded tensors the two sums are stacked before use, so they are all-reduced once
+    together, not once per operation that reads them.
+    """
+    fr, rr = _local_inner_products(forget, retain)
+    if getattr(fr, "placements", None) is None:
+        return fr, rr
+    both = settled(torch.stack([fr, rr]))
+    return both[0], both[1]
 
 
 def pcgrad(
@@ -88,13 +100,13 @@ class PCGradGlobal(Rule):
         # Tensors spread over several devices are reduced on the first one. Out-of-place adds:
         # the terms may be tensor subclasses (DTensor partial sums) that a plain tensor cannot absorb.
         device = retain[0].device
-        fr = rr = None
+        total = None
         for f, r, weight in zip(forget, retain, gamma, strict=True):
-            fr_pair, rr_term = inner_products(f, r)
-            fr_term, rr_term = weight * fr_pair.to(device), rr_term.to(device)
-            fr = fr_term if fr is None else fr + fr_term
-            rr = rr_term if rr is None else rr + rr_term
-        return projection_coefficient(fr, rr)
+            fr, rr = (term.to(device) for term in _local_inner_products(f, r))
+            term = torch.stack([weight * fr, rr])
+            total = term if total is None else total + term
+        total = settled(total)  # one all-reduce for the whole scope when the gradients are sharded
+        return projection_coefficient(total[0], total[1])
 
     def combine(
         self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None

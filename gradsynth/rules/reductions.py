@@ -90,3 +90,18 @@ def sign_conflict(
     buffers shaped like ``forget``; ``work`` is left holding ``sign(r)``.
     """
     return torch.sign(forget, out=out).mul_(torch.sign(retain, out=work)).lt_(0)
+
+
+def settled(t: Tensor) -> Tensor:
+    """``t`` with any pending cross-rank sum carried out, in one collective; other tensors as they are.
+
+    A sum over a sharded tensor (a DTensor) is a ``Partial`` placement: each rank holds its share,
+    and every later operation that needs the value all-reduces it again. Settling once, on the
+    stacked scalars a rule needs, makes that one all-reduce.
+    """
+    placements = getattr(t, "placements", None)
+    if placements is None or not any(p.is_partial() for p in placements):
+        return t
+    from torch.distributed.tensor import Replicate
+
+    return t.redistribute(placements=[Replicate()] * len(placements))
