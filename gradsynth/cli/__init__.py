@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``gradsynth`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     try:
         import datasets  # noqa: F401  (fail early and clearly without the lm extra)
-        import transformers  # noqa: F401
+        import transformers
     except ImportError as err:
         print(
             f"gradsynth: error: the command line needs the 'lm' extra ({err.name} is missing): "

@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         pareto_plot(staging / "pareto.png", table, splits, as_pct)
     print(report)
     print(
-        f"{len(runs)} runs in {time.perf_counter() - start:.0f}s. Wrote {out}/ (results.md, results.json, pareto.png)"
+        f"{len(runs)} runs in {time.perf_counter() - start:.0f}s. "
+        f"Wrote {out}/ (results.md, results.json, pareto.png)"
     )
     return 0

@@ -131,7 +131,7 @@ def pareto_plot(path: Path, table: list[dict[str, Any]], splits: list[str], as_p
 
     kept_splits = [s for s in splits if s != "forget"]
     fig, axes = plt.subplots(1, len(kept_splits), figsize=(4.2 * len(kept_splits), 3.8), squeeze=False)
-    for ax, split in zip(axes[0], kept_splits):
+    for ax, split in zip(axes[0], kept_splits, strict=True):
         for rule in dict.fromkeys(e["rule"] for e in table):
             entries = sorted((e for e in table if e["rule"] == rule), key=lambda e: e["lr"])
             ax.errorbar(

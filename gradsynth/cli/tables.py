@@ -18,12 +18,16 @@ def num(value: float | None, digits: int = 3) -> str:
 
 def before_after_table(before: dict[str, dict], after: dict[str, dict], sizes: dict[str, int]) -> str:
     """One row per split: recall and NLL before and after, with the wanted direction."""
-    header = f"{'split':<16}{'examples':>9}{'recall before':>15}{'recall after':>14}{'NLL before':>12}{'NLL after':>11}"
+    header = (
+        f"{'split':<16}{'examples':>9}{'recall before':>15}{'recall after':>14}"
+        f"{'NLL before':>12}{'NLL after':>11}"
+    )
     lines = [header, "-" * len(header)]
     for name in before:
         label = f"{name} ({WANTED.get(name, '↑')})"
         lines.append(
-            f"{label:<16}{sizes.get(name, 0):>9}{pct(before[name]['recall']):>15}{pct(after[name]['recall']):>14}"
+            f"{label:<16}{sizes.get(name, 0):>9}"
+            f"{pct(before[name]['recall']):>15}{pct(after[name]['recall']):>14}"
             f"{num(before[name]['nll']):>12}{num(after[name]['nll']):>11}"
         )
     return "\n".join(lines)

@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         print(before_after_table(outcome.before, outcome.after, sizes))
         geometry = mean_geometry(outcome.records)
         print(
-            f"\nMean gradient geometry over {len(outcome.records)} steps: cos(f,r) {num(geometry['cos_fr'])}, "
+            f"\nMean gradient geometry over {len(outcome.records)} steps: "
+            f"cos(f,r) {num(geometry['cos_fr'])}, "
             f"cos(g,r) {num(geometry['cos_gr'])}, cos(g,f) {num(geometry['cos_gf'])}, "
             f"conflicting coordinates {num(geometry['conflict_fraction'])}; loop {outcome.seconds:.1f}s"
         )

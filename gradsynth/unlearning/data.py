@@ -45,7 +45,10 @@ def load_examples(path: str | Path, what: str = "data") -> list[Example]:
     if len(table) == 0:
         raise DataError(f"{what} {path}: the file has no rows; give at least one example")
     if {"question", "answer"} <= columns:
-        return [Example(prompt_of(str(q)), str(a)) for q, a in zip(table["question"], table["answer"])]
+        return [
+            Example(prompt_of(str(q)), str(a))
+            for q, a in zip(table["question"], table["answer"], strict=True)
+        ]
     if "text" in columns:
         texts = [str(t) for t in table["text"] if t is not None and str(t).strip()]
         if not texts:

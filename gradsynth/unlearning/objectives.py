@@ -15,7 +15,8 @@ Forget losses (to minimise; each pushes the forget answers' likelihood down):
 Retain losses (to minimise):
 
     NLL     L_r = NLL (mean answer-token cross-entropy; "GD")
-    KL      L_r = mean over answer tokens of KL(p_ref || p_theta) = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))
+    KL      L_r = mean over answer tokens of KL(p_ref || p_theta),
+            KL = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))
 
 These are the formulas of the open-unlearning framework as restated in the paper (arXiv
 2604.14808). NPO needs a frozen reference model; SimNPO does not.

@@ -69,7 +69,8 @@ def load_world_model(
 
     examples = world_examples(world)
     log(
-        f"Training the '{size_name}' world model once ({len(examples)} facts); it is cached in {folder.parent}"
+        f"Training the '{size_name}' world model once ({len(examples)} facts); "
+        f"it is cached in {folder.parent}"
     )
     start = time.perf_counter()
     texts = [f"{e.prompt} {e.answer}" for e in examples]
