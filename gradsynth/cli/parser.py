@@ -14,10 +14,10 @@ from gradsynth.rules import available_rules
 from gradsynth.unlearning.objectives import FORGET_LOSSES, RETAIN_LOSSES
 from gradsynth.world.sizes import SIZES
 
-DEFAULT_LR = 3e-4
+DEFAULT_LR = 1e-3
 DEFAULT_STEPS = 60
 COMPARE_RULES = "sum,pcgrad,sago,sago_prefer_retain"
-COMPARE_LRS = "1e-4,3e-4,1e-3"
+COMPARE_LRS = "3e-4,1e-3,2e-3"
 
 
 class _Parser(argparse.ArgumentParser):
