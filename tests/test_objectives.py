@@ -131,12 +131,18 @@ def test_task_losses_dispatch_to_the_formulas():
     logprob, length = sequence_logprob(logits, labels)
     simnpo = forget_loss(model, batch, LossSettings("simnpo", beta=2.0, delta=0.1))
     assert float(simnpo) == pytest.approx(float(simnpo_loss(logprob, length, 2.0, 0.1)))
-    assert float(retain_loss(model, batch, LossSettings(retain="kl"), reference=model)) == pytest.approx(0, abs=1e-7)
+    assert float(retain_loss(model, batch, LossSettings(retain="kl"), reference=model)) == pytest.approx(
+        0, abs=1e-7
+    )
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"forget": "rmu"}, "unknown forget loss"), ({"retain": "ce"}, "unknown retain loss"), ({"beta": 0}, "beta")],
+    [
+        ({"forget": "rmu"}, "unknown forget loss"),
+        ({"retain": "ce"}, "unknown retain loss"),
+        ({"beta": 0}, "beta"),
+    ],
 )
 def test_loss_settings_refuse_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

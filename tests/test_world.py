@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from gradsynth.unlearning.encoding import IGNORE_INDEX, Example, encode  # noqa: E402
-from gradsynth.world import SIZES, build_world, split_world  # noqa: E402
-from gradsynth.world.cache import cache_key, world_examples  # noqa: E402
-from gradsynth.world.tokenizer import train_tokenizer  # noqa: E402
+from gradsynth.unlearning.encoding import IGNORE_INDEX, Example, encode
+from gradsynth.world import SIZES, build_world, split_world
+from gradsynth.world.cache import cache_key, world_examples
+from gradsynth.world.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = SIZES["ci"]
@@ -49,7 +49,10 @@ def test_world_has_the_configured_size_and_distinct_people():
     assert len(set(world.names)) == SIZE.n_people
     assert len(world.people) == SIZE.n_people * SIZE.n_relations
     assert len({f.question for f in world.sums}) == SIZE.n_sums
-    assert all(int(f.answer) == sum(int(t) for t in f.question.rstrip("?").split() if t.isdigit()) for f in world.sums)
+    assert all(
+        int(f.answer) == sum(int(t) for t in f.question.rstrip("?").split() if t.isdigit())
+        for f in world.sums
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -86,7 +89,7 @@ def test_answers_and_eos_are_labelled_prompt_is_not():
     world = build_world(SIZE, 0)
     tokenizer = train_tokenizer([f"{e.prompt} {e.answer}" for e in world_examples(world)], SIZE.vocab_size)
     example = world_examples(world)[0]
-    ids, labels = encode(tokenizer, example, 48)
+    _, labels = encode(tokenizer, example, 48)
     answer = [t for t in labels if t != IGNORE_INDEX]
     assert answer[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(answer[:-1]).strip() == example.answer

@@ -102,8 +102,23 @@ def model_task(args: argparse.Namespace) -> Task:
     )
 
 
+def require_lm_extra() -> None:
+    """Fail clearly, not with a traceback, when the ``lm`` extra is not installed."""
+    try:
+        import datasets  # noqa: F401
+        import matplotlib  # noqa: F401
+        import transformers
+    except ImportError as err:
+        raise CliError(
+            f"this needs the 'lm' extra ({err.name} is missing): pip install 'gradsynth[lm]'"
+        ) from err
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_task(args: argparse.Namespace, seed: int, log: Any = print) -> Task:
     """The task the arguments describe; one-line `CliError` for anything unusable."""
+    require_lm_extra()
     if args.model is None:
         if args.forget or args.retain:
             raise CliError("--forget/--retain go with --model; without --model the embedded world is used")

@@ -29,9 +29,11 @@ def load_examples(path: str | Path, what: str = "data") -> list[Example]:
         raise DataError(f"{what} {path}: no such file")
     try:
         with path.open("rb") as handle:
-            handle.read(1)
+            empty = not handle.read(1)
     except OSError as err:
         raise DataError(f"{what} {path}: cannot be read ({err.strerror}); check its permissions") from err
+    if empty:
+        raise DataError(f"{what} {path}: the file has no rows; give at least one example")
     import datasets
 
     datasets.disable_progress_bars()
