@@ -39,9 +39,8 @@ def test_world_is_identical_across_processes_with_different_hash_seeds():
     ).stdout
     world = build_world(SIZE, 0)
     splits = split_world(world, SIZE, 3)
-    assert output.strip() == (
-        f"{[(f.question, f.answer) for f in world.people + world.sums]!r} {splits.targets} {splits.neighbours}"
-    )
+    facts = [(f.question, f.answer) for f in world.people + world.sums]
+    assert output.strip() == f"{facts!r} {splits.targets} {splits.neighbours}"
 
 
 def test_world_has_the_configured_size_and_distinct_people():
