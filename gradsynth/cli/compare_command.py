@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
                             "seed": seed,
                             "rule": rule,
                             "lr": lr,
+                            "targets": task.description.get("targets"),
                             "steps": settings.steps,
                             "seconds": round(outcome.seconds, 2),
                             "before": before,
@@ -85,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         **settings_for(args, rules[0], lrs[0], seeds[0], len(task.forget)).as_dict(),
         "device": device,
     }
-    settings.update(rule=None, lr=None, seed=None, rules=rules, lrs=lrs, seeds=seeds, task=task.description)
+    task_info = {k: v for k, v in task.description.items() if k not in ("targets", "neighbours")}
+    settings.update(rule=None, lr=None, seed=None, rules=rules, lrs=lrs, seeds=seeds, task=task_info)
     with staged_output(out, args.overwrite) as staging:
         (staging / "results.md").write_text(report)
         payload = {"settings": settings, "before": before, "aggregate": table, "runs": runs}
