@@ -118,6 +118,8 @@ def test_unlearn_on_a_saved_model_with_jsonl_data(world_cache, tmp_path):
     after = report["metrics"]["after"]
     assert set(after) == {"forget", "retain"}
     assert after["forget"]["recall"] is not None and after["retain"]["recall"] is None  # text has no answers
+    assert report["metrics"]["before"]["forget"]["rougeL_recall"] == 1.0  # the model knew these answers
+    assert 0.0 <= after["forget"]["rougeL_recall"] <= 1.0 and "rougeL_recall" not in after["retain"]
     assert report["settings"]["losses"] == {"forget": "npo", "retain": "kl", "beta": 0.5, "delta": 0.0}
     assert (out / "model.safetensors").is_file()
 

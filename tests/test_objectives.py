@@ -147,3 +147,27 @@ def test_task_losses_dispatch_to_the_formulas():
 def test_loss_settings_refuse_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LossSettings(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("reference", "generated", "expected"),
+    [
+        ("the oboe", "The oboe", 1.0),
+        ("a b c d", "a x c y d", 3 / 4),
+        ("a b c d", "d c b a", 1 / 4),
+        ("rye bread", "", 0.0),
+        ("", "anything", 0.0),
+    ],
+)
+def test_rouge_l_recall_by_hand(reference, generated, expected):
+    from gradsynth.unlearning.generation import rouge_l_recall
+
+    assert rouge_l_recall(reference, generated) == pytest.approx(expected)
+
+
+def test_steps_for_epochs_covers_the_forget_set():
+    from gradsynth.unlearning.loop import steps_for_epochs
+
+    assert steps_for_epochs(2, n_forget=30, batch_size=16, grad_accum=1) == 4  # 60 examples / 16 -> 4 steps
+    assert steps_for_epochs(1, n_forget=30, batch_size=4, grad_accum=8) == 1
+    assert steps_for_epochs(0.01, n_forget=3, batch_size=16, grad_accum=1) == 1

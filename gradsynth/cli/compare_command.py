@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                 task.max_length = args.max_length
             batches = evaluation_batches(task)
             task.model.to(device)
-            before = evaluate(task.model, batches)
+            before = evaluate(task.model, batches, task)
             for rule in rules:
                 for lr in lrs:
                     settings = settings_for(args, rule, lr, seed, len(task.forget))

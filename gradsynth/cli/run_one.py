@@ -14,6 +14,7 @@ from torch import Tensor
 from gradsynth.cli.sources import Task
 from gradsynth.unlearning.encoding import encode, make_batches, pad_id_of
 from gradsynth.unlearning.evaluate import split_metrics
+from gradsynth.unlearning.generation import rouge_l_of
 from gradsynth.unlearning.loop import StepRecord, UnlearnSettings, unlearn
 
 EVAL_BATCH = 64
@@ -41,9 +42,15 @@ def evaluation_batches(task: Task) -> dict[str, tuple[list[dict[str, Tensor]], b
 
 
 def evaluate(
-    model: Any, batches: dict[str, tuple[list[dict[str, Tensor]], bool]]
+    model: Any, batches: dict[str, tuple[list[dict[str, Tensor]], bool]], task: Task | None = None
 ) -> dict[str, dict[str, Any]]:
-    return {name: split_metrics(model, b, answers) for name, (b, answers) in batches.items()}
+    """NLL and recall per split; with a task that asks for it, also ROUGE-L recall of greedy answers."""
+    metrics = {name: split_metrics(model, b, answers) for name, (b, answers) in batches.items()}
+    if task is not None and task.generate_eval:
+        for name, examples in task.splits.items():
+            if batches[name][1]:
+                metrics[name]["rougeL_recall"] = rouge_l_of(model, task.tokenizer, examples)
+    return metrics
 
 
 def run_unlearning(
@@ -61,7 +68,7 @@ def run_unlearning(
     model = task.model if in_place else copy.deepcopy(task.model)
     model.to(device)
     eval_batches = eval_batches if eval_batches is not None else evaluation_batches(task)
-    before = before if before is not None else evaluate(model, eval_batches)
+    before = before if before is not None else evaluate(model, eval_batches, task)
     reference = None
     if settings.losses.needs_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -87,4 +94,4 @@ def run_unlearning(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
-    return model, RunOutcome(before, evaluate(model, eval_batches), records, seconds)
+    return model, RunOutcome(before, evaluate(model, eval_batches, task), records, seconds)

@@ -31,6 +31,7 @@ class Task:
     splits: dict[str, list[Example]]
     max_length: int
     description: dict[str, Any] = field(default_factory=dict)
+    generate_eval: bool = False  # also score greedy generations (ROUGE-L); the world's recall is exact
 
 
 def world_task(size: str, seed: int, log: Any = print) -> Task:
@@ -93,6 +94,7 @@ def model_task(args: argparse.Namespace) -> Task:
         retain=retain,
         splits={"forget": forget, "retain": retain},
         max_length=args.max_length or 256,
+        generate_eval=True,
         description={
             "source": args.model,
             "forget_file": str(args.forget),
