@@ -30,6 +30,8 @@ CONFIGS = [
     ("wrapper, losses passed, 2 interleaved micro-batches", "sago", "loss", 2),
     ("wrapper, backward_*(None)", "sago", "none", 1),
     ("wrapper, backward_*(None), 2 interleaved micro-batches", "sago", "none", 2),
+    ("wrapper, streaming=True", "sago", "streaming", 1),
+    ("wrapper, streaming=True", "pcgrad", "streaming", 1),
 ]
 
 
@@ -51,7 +53,7 @@ def measure(rule: str, mode: str, micro: int, layers: int, width: int) -> dict:
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
     grad_set_kib = sum(p.numel() * p.element_size() for p in model.parameters()) / 1024
     base = torch.optim.SGD(model.parameters(), lr=1e-6)
-    opt = base if mode == "plain" else SynthesizingOptimizer(base, rule)
+    opt = base if mode == "plain" else SynthesizingOptimizer(base, rule, streaming=mode == "streaming")
     x = torch.randn(2, width)
 
     def losses(seed: int):
@@ -64,7 +66,7 @@ def measure(rule: str, mode: str, micro: int, layers: int, width: int) -> dict:
             lf, lr = losses(seed + m)
             if mode == "plain":
                 (lf + lr).backward()
-            elif mode == "loss":
+            elif mode in ("loss", "streaming"):
                 opt.backward_forget(lf)
                 opt.backward_retain(lr)
             else:

@@ -43,3 +43,11 @@ def collect(opt, model: torch.nn.Module, seed: int = 0) -> tuple[Tensor, Tensor]
     opt.backward_forget(lf)
     opt.backward_retain(lr)
     return lf, lr
+
+
+def train_steps(opt, model: torch.nn.Module, steps: int, start: int = 0) -> None:
+    """``steps`` full optimizer steps of `collect`'s two tasks, seeds ``start, start + 1, ...``."""
+    for step in range(start, start + steps):
+        opt.zero_grad()
+        collect(opt, model, step)
+        opt.step()

@@ -53,3 +53,10 @@ def test_core_depends_on_torch_only():
             assert root in allowed_roots or root in sys.stdlib_module_names, f"{path}: imports {module}"
             if root == "gradsynth":
                 assert _is_under(module, CORE) or module == "gradsynth", f"{path}: imports {module}"
+
+
+def test_integrations_package_imports_no_third_party_module():
+    """``import gradsynth.integrations`` works without transformers: each module imports its own."""
+    for module in _imports(PACKAGE / "integrations" / "__init__.py"):
+        root = module.split(".")[0]
+        assert root in {"gradsynth", "__future__"} or root in sys.stdlib_module_names, module

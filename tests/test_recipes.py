@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 from conftest import RULES
-from helpers import collect, linear_loss, small_model, task_losses, zero_params
+from helpers import collect, linear_loss, small_model, task_losses, train_steps, zero_params
 
 from gradsynth import SynthesizingOptimizer, register_rule, unregister_rule
 
@@ -166,24 +166,17 @@ def test_grad_scaler_without_synthesize_fails_loudly():
     assert torch.equal(params[0].detach(), torch.zeros(4))  # nothing stepped
 
 
-def _train(opt, model, steps, start=0):
-    for step in range(start, start + steps):
-        opt.zero_grad()
-        collect(opt, model, step)
-        opt.step()
-
-
 @pytest.mark.parametrize("rule", RULES)
 def test_resume_from_state_dict_is_bit_exact(rule):
     model = small_model()
     opt = SynthesizingOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), rule, alpha=0.5, gamma=2.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    _train(opt, model, 3)
+    train_steps(opt, model, 3)
     sched.step()
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buffer)
 
-    _train(opt, model, 3, start=3)
+    train_steps(opt, model, 3, start=3)
     uninterrupted = _params(model)
 
     buffer.seek(0)
@@ -197,7 +190,7 @@ def test_resume_from_state_dict_is_bit_exact(rule):
     resumed.load_state_dict(ckpt["opt"])
     rsched.load_state_dict(ckpt["sched"])
     assert (resumed.rule.name, resumed.alpha, resumed.gamma) == (rule, 0.5, 2.0)
-    _train(resumed, resumed_model, 3, start=3)
+    train_steps(resumed, resumed_model, 3, start=3)
     for a, b in zip(uninterrupted, _params(resumed_model), strict=True):
         assert torch.equal(a, b)
 
@@ -216,7 +209,7 @@ def test_plain_base_checkpoint_loads_into_the_wrapper_and_back():
     model = small_model()
     base = torch.optim.Adam(model.parameters(), lr=1e-2)
     opt = SynthesizingOptimizer(base, "pcgrad")
-    _train(opt, model, 2)
+    train_steps(opt, model, 2)
     plain_state = base.state_dict()
     other = SynthesizingOptimizer(torch.optim.Adam(small_model().parameters(), lr=1e-2), "pcgrad")
     other.load_state_dict(copy.deepcopy(plain_state))
@@ -256,7 +249,7 @@ def test_schedulefree_base_train_eval_reach_the_base():
     opt = SynthesizingOptimizer(schedulefree.AdamWScheduleFree(model.parameters(), lr=1e-2), "sago")
     opt.train()
     assert opt.optimizer.param_groups[0]["train_mode"]
-    _train(opt, model, 2)
+    train_steps(opt, model, 2)
     opt.eval()
     assert not opt.optimizer.param_groups[0]["train_mode"]
 
@@ -267,7 +260,7 @@ def test_pytorch_optimizer_base():
     base = pytorch_optimizer.Lion(model.parameters(), lr=1e-3)
     opt = SynthesizingOptimizer(base, "pcgrad")
     before = _params(model)
-    _train(opt, model, 2)
+    train_steps(opt, model, 2)
     assert any(not torch.equal(a, b) for a, b in zip(before, _params(model), strict=True))
     state = opt.state_dict()
     assert state["gradsynth"]["rule"] == "pcgrad"

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradsynth.optim.combine import combine_one
 from gradsynth.optim.geometry import GeometryAccumulator, GradientGeometry
+from gradsynth.optim.streaming import StreamingBackward, check_streamable
 from gradsynth.optim.task_gradients import FORGET, RETAIN, TaskGradients
 from gradsynth.rules.base import Rule
 from gradsynth.rules.registry import RuleLike, get_rule
@@ -56,6 +58,12 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         track_geometry: after each synthesis, compute the gradient geometry
             (`geometry`); costs extra passes over the gradients and one temporary the
             size of the largest parameter.
+        streaming: combine each parameter during the second task's backward, as soon as its
+            gradient is complete, instead of holding both task gradients until `step`: peak
+            memory falls from one extra gradient set to a fraction of one. Each step then takes
+            any number of ``backward_*`` calls for one task followed by exactly one, with its
+            loss, for the other. Refused under distributed training and for ``pcgrad_global``
+            (see `gradsynth.optim.streaming`).
 
     A param group may carry its own ``"rule"``, ``"alpha"`` and ``"gamma"``. A key that the
     wrapped optimizer itself uses as a hyper-parameter (RMSprop's ``alpha``) belongs to it, and
@@ -81,6 +89,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         alpha: float = 1.0,
         gamma: float = 1.0,
         track_geometry: bool = False,
+        streaming: bool = False,
     ) -> None:
         if isinstance(optimizer, SynthesizingOptimizer):
             raise ValueError(
@@ -98,6 +107,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         self._alpha = _check_weight("alpha", alpha)
         self._gamma = _check_weight("gamma", gamma)
         self.track_geometry = bool(track_geometry)
+        self.streaming = bool(streaming)
         self._tasks = TaskGradients()
         self._synthesized = False
         self._geometry: GeometryAccumulator | None = None
@@ -112,6 +122,8 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         self._patch_step_function()
         for group in self._base.param_groups:
             self._check_group(group)
+        if self.streaming:
+            self._check_streamable()
 
     # ----- delegation to the wrapped optimizer ---------------------------------------------
 
@@ -240,14 +252,24 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
 
     def _backward(self, task: str, loss: Tensor | None, backward_kwargs: dict[str, Any]) -> None:
         if self._synthesized:
+            streaming = (
+                " With streaming=True the second task's backward synthesizes: a step takes any number of "
+                "backward_* calls for one task, then exactly one for the other."
+                if self.streaming
+                else ""
+            )
             raise RuntimeError(
                 f"backward_{task}() after synthesize() and before step()/zero_grad(): p.grad holds the "
                 "synthesized update, which would be mixed into the task gradient. Call all "
-                "backward_* of a step first, then synthesize()/step(); call zero_grad() before the next step."
+                "backward_* of a step first, then synthesize()/step(); call zero_grad() before the next "
+                f"step.{streaming}"
             )
         if loss is not None:
             if not isinstance(loss, Tensor):
                 raise TypeError(f"backward_{task} expects a loss tensor or None, got {type(loss).__name__}")
+            if self.streaming and self._tasks.holds(FORGET if task == RETAIN else RETAIN):
+                self._stream_backward(task, loss, backward_kwargs)
+                return
             with torch.no_grad():
                 self._tasks.before_backward(task, self._params())
             try:
@@ -259,8 +281,39 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
             return
         if backward_kwargs:
             raise TypeError(f"backward_{task}(None) runs no backward, so it takes no backward arguments")
+        if self.streaming and self._tasks.holds(FORGET if task == RETAIN else RETAIN):
+            raise ValueError(
+                f"streaming=True needs the loss of the second task of a step: call backward_{task}(loss) "
+                "so the wrapper runs that backward with its hooks in place (with None the backward has "
+                "already run). For an external backward (accelerator.backward), use streaming=False."
+            )
         with torch.no_grad():
             self._tasks.absorb(task, self._params())
+
+    def _check_streamable(self) -> None:
+        rules = {id(rule): rule for rule, _, _ in map(self.group_settings, self._base.param_groups)}
+        check_streamable(rules.values(), self._params())
+
+    def _stream_backward(self, task: str, loss: Tensor, backward_kwargs: dict[str, Any]) -> None:
+        self._check_streamable()
+        settings = {
+            p: self.group_settings(group) for group in self._base.param_groups for p in group["params"]
+        }
+        geometry = GeometryAccumulator() if self.track_geometry else None
+        stream = StreamingBackward(self._tasks, task, settings, geometry)
+        try:
+            with stream:
+                loss.backward(**backward_kwargs)
+        except BaseException:
+            # Some parameters were combined, others not: no step can be taken from this state.
+            self._tasks.clear()
+            for p in self._params():
+                p.grad = None
+            raise
+        with torch.no_grad():
+            self._tasks.settle(stream.done)
+            self._tasks.absorb(task, self._params())
+        self._synthesize(geometry)
 
     # ----- synthesis --------------------------------------------------------------------------
 
@@ -280,8 +333,11 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         """
         if not self._tasks.pending:
             return
+        self._synthesize(GeometryAccumulator() if self.track_geometry else None)
+
+    @torch.no_grad()
+    def _synthesize(self, geometry: GeometryAccumulator | None) -> None:
         self._refuse_unattributed()
-        geometry = GeometryAccumulator() if self.track_geometry else None
         # Group the work by rule, so that a rule's scope (pcgrad_global) spans param groups.
         by_rule: dict[int, tuple[Rule, list[tuple[Tensor, float, float]]]] = {}
         for group in self._base.param_groups:
@@ -305,13 +361,9 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
                 gamma=[gamma for _, _, gamma in entries],
             )
             for (p, alpha, gamma), (forget, retain) in zip(entries, pairs, strict=True):
-                if geometry is None:
-                    rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=retain, context=context)
-                    update = retain
-                else:
-                    update = torch.empty_like(retain)
-                    rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=update, context=context)
-                    geometry.add(forget, retain, update)
+                update = combine_one(
+                    rule, forget, retain, alpha=alpha, gamma=gamma, context=context, geometry=geometry
+                )
                 self._tasks.place(p, update)
         self._geometry = geometry
         self._geometry_result = None

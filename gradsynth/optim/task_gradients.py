@@ -55,8 +55,9 @@ class TaskGradients:
 
     def __init__(self) -> None:
         self._stash: dict[str, dict[Tensor, Tensor]] = {task: {} for task in TASKS}
-        # Known-empty p.grad buffers, with their version counter when they were last known empty.
-        self._empty: dict[Tensor, int] = {}
+        # p.grad buffers whose content is accounted for (known empty, or holding this step's
+        # synthesized update), with their version counter when last seen so.
+        self._known: dict[Tensor, int] = {}
 
     @property
     def pending(self) -> bool:
@@ -65,22 +66,22 @@ class TaskGradients:
 
     def _holds_new_values(self, param: Tensor) -> bool:
         grad = param.grad
-        return grad is not None and self._empty.get(param) != grad._version
+        return grad is not None and self._known.get(param) != grad._version
 
-    def _remember_empty(self) -> None:
+    def _remember_known(self) -> None:
         # Views of one storage share one version counter: read them after all the writing.
-        for p in list(self._empty):
+        for p in list(self._known):
             if p.grad is None:
-                del self._empty[p]
+                del self._known[p]
             else:
-                self._empty[p] = p.grad._version
+                self._known[p] = p.grad._version
 
     def mark_empty(self, params: Iterable[Tensor]) -> None:
         """Record that every non-None ``p.grad`` holds nothing (after ``zero_grad(set_to_none=False)``)."""
         for p in params:
             if p.grad is not None:
-                self._empty[p] = -1
-        self._remember_empty()
+                self._known[p] = -1
+        self._remember_known()
 
     def before_backward(self, task: str, params: Iterable[Tensor]) -> None:
         """Put ``task``'s stash back into empty ``p.grad`` so the next backward adds into it."""
@@ -113,8 +114,8 @@ class TaskGradients:
                 else:
                     held.add_(grad)
                 grad.zero_()
-                self._empty[p] = -1
-        self._remember_empty()
+                self._known[p] = -1
+        self._remember_known()
 
     def unattributed(self, params: Iterable[Tensor]) -> Tensor | None:
         """A parameter whose ``p.grad`` gained values after the last ``backward_*`` call, if any."""
@@ -123,6 +124,19 @@ class TaskGradients:
     def take(self, param: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Remove and return ``(forget, retain)`` of one parameter; ``None`` for a task that missed it."""
         return self._stash[FORGET].pop(param, None), self._stash[RETAIN].pop(param, None)
+
+    def take_task(self, task: str, param: Tensor) -> Tensor | None:
+        """Remove and return one task's gradient of one parameter (``None`` if it missed it)."""
+        return self._stash[task].pop(param, None)
+
+    def holds(self, task: str) -> bool:
+        """True when ``task`` has a pending gradient for any parameter."""
+        return bool(self._stash[task])
+
+    def settle(self, params: Iterable[Tensor]) -> None:
+        """Record that these ``p.grad`` hold this step's synthesized update, not a new gradient."""
+        for p in params:
+            self._known[p] = p.grad._version
 
     def peek(self, param: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """``(forget, retain)`` of one parameter, left in place."""
@@ -138,10 +152,10 @@ class TaskGradients:
             param.grad = update
         else:
             param.grad.copy_(update)
-            self._empty.pop(param, None)
+            self._known.pop(param, None)
 
     def clear(self) -> None:
         """Drop every pending task gradient and every record of empty buffers."""
         for task in TASKS:
             self._stash[task].clear()
-        self._empty.clear()
+        self._known.clear()

@@ -5,6 +5,7 @@ for the protocol a rule follows.
 """
 
 from gradsynth.rules.base import FunctionRule, Rule, RuleFunction
+from gradsynth.rules.fused import get_backend, set_backend, use_backend
 from gradsynth.rules.pcgrad import PCGrad, PCGradGlobal, pcgrad, projection_coefficient
 from gradsynth.rules.reductions import dot64, sign_conflict
 from gradsynth.rules.registry import RuleLike, available_rules, get_rule, register_rule, unregister_rule
@@ -23,13 +24,16 @@ __all__ = [
     "WeightedSum",
     "available_rules",
     "dot64",
+    "get_backend",
     "get_rule",
     "pcgrad",
     "projection_coefficient",
     "register_rule",
     "sago",
     "sago_prefer_retain",
+    "set_backend",
     "sign_conflict",
     "unregister_rule",
+    "use_backend",
     "weighted_sum",
 ]

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradsynth.rules import fused
 from gradsynth.rules.base import Rule
 from gradsynth.rules.reductions import dot64
 from gradsynth.rules.weighted_sum import weighted_sum
@@ -43,11 +44,17 @@ def projection_coefficient(forget_dot_retain: Tensor, retain_sq_norm: Tensor) ->
     return torch.where(forget_dot_retain < 0, forget_dot_retain / safe_norm, 0.0)
 
 
+def inner_products(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor]:
+    """``(<f, r>, ||r||^2)`` as 0-dim float64 tensors: one fused read where possible."""
+    pair = fused.dots(forget, retain)
+    return pair if pair is not None else (dot64(forget, retain), dot64(retain, retain))
+
+
 def pcgrad(
     forget: Tensor, retain: Tensor, *, alpha: float = 1.0, gamma: float = 1.0, out: Tensor | None = None
 ) -> Tensor:
     """One-sided PCGrad on one tensor (see the module docstring)."""
-    k = projection_coefficient(dot64(forget, retain), dot64(retain, retain))
+    k = projection_coefficient(*inner_products(forget, retain))
     return weighted_sum(forget, retain, alpha=alpha - gamma * k, gamma=gamma, out=out)
 
 
@@ -83,7 +90,8 @@ class PCGradGlobal(Rule):
         device = retain[0].device
         fr = rr = None
         for f, r, weight in zip(forget, retain, gamma, strict=True):
-            fr_term, rr_term = weight * dot64(f, r).to(device), dot64(r, r).to(device)
+            fr_pair, rr_term = inner_products(f, r)
+            fr_term, rr_term = weight * fr_pair.to(device), rr_term.to(device)
             fr = fr_term if fr is None else fr + fr_term
             rr = rr_term if rr is None else rr + rr_term
         return projection_coefficient(fr, rr)

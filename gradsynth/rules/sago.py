@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradsynth.rules import fused
 from gradsynth.rules.base import Rule
 from gradsynth.rules.reductions import fit, flat_chunks, scratch, sign_conflict
 
@@ -30,6 +31,9 @@ def _blend(
 ) -> Tensor:
     if out is None:
         out = torch.empty_like(retain)
+    run_fused = fused.prefer_retain_into if keep_retain else fused.sago_into
+    if run_fused(forget, retain, out, alpha=alpha, gamma=gamma):
+        return out
     chunks = flat_chunks(forget, retain, out, elementwise=True)
     buf_c, buf_k = scratch(chunks, forget.dtype, 2)
     for f, r, o in chunks:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradsynth.rules import fused
 from gradsynth.rules.base import Rule
 from gradsynth.rules.reductions import fit, flat_chunks, scratch
 
@@ -29,9 +30,11 @@ def weighted_sum(
     formed in float64, because such a weight (PCGrad's ``alpha - gamma * k``) may lie beyond the
     range of the gradients' dtype even where its product with ``r`` does not.
     """
+    if out is None:
+        out = torch.empty_like(retain)
+    if fused.linear_into(forget, retain, out, alpha=alpha, gamma=gamma):
+        return out
     if isinstance(alpha, Tensor):
-        if out is None:
-            out = torch.empty_like(retain)
         weight = alpha.to(torch.float64)
         chunks = flat_chunks(forget, retain, out)
         buf_f, buf_r = scratch(chunks, torch.float64, 2)
@@ -43,8 +46,6 @@ def weighted_sum(
         return (out if alpha == 1.0 else out.mul_(alpha)).add_(forget, alpha=gamma)
     if out is forget:
         return (out if gamma == 1.0 else out.mul_(gamma)).add_(retain, alpha=alpha)
-    if out is None:
-        out = torch.empty_like(retain)
     return torch.mul(retain, alpha, out=out).add_(forget, alpha=gamma)
 
 
