@@ -166,6 +166,14 @@ BAD_INPUTS = {
     "data without model": (["--forget", "{good}", "--retain", "{good}"], "go with --model"),
     "negative steps": (["--steps", "0"], "must be at least 1"),
     "non-empty out": (["--out", "{nonempty}"], "not empty; pass --overwrite"),
+    "out is a file": (["--out", "{good}"], "is a file"),
+    "unknown device": (["--device", "warp-drive"], "--device warp-drive: not available here"),
+    "compare: bad learning rates": (
+        ["compare", "--lrs", "1e-3,fast"],
+        "--lrs '1e-3,fast': not a comma-separated",
+    ),
+    "compare: negative learning rate": (["compare", "--lrs=1e-3,-1e-3"], "learning rates must be > 0"),
+    "compare: bad seeds": (["compare", "--seeds", "one"], "--seeds 'one'"),
 }
 
 
@@ -187,7 +195,8 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, data, tmp_path, capsys)
     nonempty.mkdir()
     (nonempty / "keep.txt").write_text("mine")
     fields = {**{k: str(v) for k, v in data.items()}, "tmp": str(tmp_path), "nonempty": str(nonempty)}
-    argv = ["unlearn", *[a.format(**fields) for a in args]]
+    argv = [a.format(**fields) for a in args]
+    argv = argv if argv[0] == "compare" else ["unlearn", *argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
     assert main(argv) == 2
