@@ -59,7 +59,9 @@ class _Cycle:
     """Endless batches from a seeded shuffle of a fixed list, reshuffled at each pass."""
 
     def __init__(self, items: list[Encoded], seed: str) -> None:
-        self._items, self._rng, self._order = items, random.Random(seed), []  # type: list[int]
+        self._items = items
+        self._rng = random.Random(seed)
+        self._order: list[int] = []
 
     def take(self, n: int) -> list[Encoded]:
         while len(self._order) < n:
