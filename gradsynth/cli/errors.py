@@ -1,0 +1,5 @@
+"""The one exception the command line turns into a one-line message and a non-zero exit."""
+
+
+class CliError(Exception):
+    """A problem with the user's input: the message names it and says how to fix it."""

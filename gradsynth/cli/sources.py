@@ -1,0 +1,128 @@
+"""Where the model and the data come from: the embedded world, or ``--model`` with ``--forget``/``--retain``.
+
+Both give a `Task`: the model and tokenizer, the forget and retain examples the run trains on,
+and the evaluation splits (the world's four; for a user's model, its forget and retain sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gradsynth.cli.errors import CliError
+from gradsynth.unlearning.data import DataError, load_examples
+from gradsynth.unlearning.encoding import Example, prompt_of
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WORLD_MAX_LENGTH = 48
+
+
+@dataclass
+class Task:
+    """A model to unlearn from, its data and its evaluation splits."""
+
+    model: Any
+    tokenizer: Any
+    forget: list[Example]
+    retain: list[Example]
+    splits: dict[str, list[Example]]
+    max_length: int
+    description: dict[str, Any] = field(default_factory=dict)
+    generate_eval: bool = False  # also score greedy generations (ROUGE-L); the world's recall is exact
+
+
+def world_task(size: str, seed: int, log: Any = print) -> Task:
+    """The embedded world of ``size`` with the forget targets chosen by ``seed``."""
+    from gradsynth.world import SIZES, load_world_model, split_world
+
+    model, tokenizer, world, info = load_world_model(size, log=log)
+    splits = split_world(world, SIZES[size], seed)
+    examples = {
+        name: [Example(prompt_of(f.question), f.answer) for f in facts]
+        for name, facts in splits.by_name().items()
+    }
+    return Task(
+        model=model,
+        tokenizer=tokenizer,
+        forget=examples["forget"],
+        retain=examples["retain"],
+        splits=examples,
+        max_length=WORLD_MAX_LENGTH,
+        description={
+            "source": f"embedded world ({size})",
+            "model_parameters": info["parameters"],
+            "model_path": info["path"],
+            "targets": splits.targets,
+            "neighbours": splits.neighbours,
+            "sizes": {name: len(facts) for name, facts in examples.items()},
+        },
+    )
+
+
+def _load_model(path: str, dtype: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError... for a bad model
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CliError(
+            f"--model {path}: not a causal language model transformers can load ({reason[:200]}); "
+            "give a local folder or Hub id of a causal LM"
+        ) from err
+    return model, tokenizer
+
+
+def model_task(args: argparse.Namespace) -> Task:
+    """A user's model with the forget and retain files given on the command line."""
+    if not args.forget or not args.retain:
+        raise CliError("--model needs --forget FILE and --retain FILE (JSONL/CSV/Parquet/text)")
+    try:
+        forget = load_examples(args.forget, "--forget")
+        retain = load_examples(args.retain, "--retain")
+    except DataError as err:
+        raise CliError(str(err)) from err
+    model, tokenizer = _load_model(args.model, args.dtype)
+    return Task(
+        model=model,
+        tokenizer=tokenizer,
+        forget=forget,
+        retain=retain,
+        splits={"forget": forget, "retain": retain},
+        max_length=args.max_length or 256,
+        generate_eval=True,
+        description={
+            "source": args.model,
+            "forget_file": str(args.forget),
+            "retain_file": str(args.retain),
+            "sizes": {"forget": len(forget), "retain": len(retain)},
+        },
+    )
+
+
+def require_lm_extra() -> None:
+    """Fail clearly, not with a traceback, when the ``lm`` extra is not installed."""
+    try:
+        import datasets  # noqa: F401
+        import matplotlib  # noqa: F401
+        import transformers
+    except ImportError as err:
+        raise CliError(
+            f"this needs the 'lm' extra ({err.name} is missing): pip install 'gradsynth[lm]'"
+        ) from err
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_task(args: argparse.Namespace, seed: int, log: Any = print) -> Task:
+    """The task the arguments describe; one-line `CliError` for anything unusable."""
+    require_lm_extra()
+    if args.model is None:
+        if args.forget or args.retain:
+            raise CliError("--forget/--retain go with --model; without --model the embedded world is used")
+        return world_task(args.world, seed, log)
+    return model_task(args)

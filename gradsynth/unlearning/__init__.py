@@ -1,0 +1,45 @@
+"""The unlearning toolkit: objectives (GA, NPO, SimNPO; NLL and KL retain), data, evaluation, the loop.
+
+Built on `gradsynth.optim.SynthesizingOptimizer`; needs the ``lm`` extra (transformers,
+datasets). See `gradsynth.unlearning.objectives` for the formulas.
+"""
+
+from gradsynth.unlearning.encoding import Example, collate, encode, make_batches
+from gradsynth.unlearning.evaluate import evaluate_splits, exact_match, split_metrics
+from gradsynth.unlearning.loop import StepRecord, UnlearnSettings, steps_for_epochs, unlearn
+from gradsynth.unlearning.objectives import (
+    FORGET_LOSSES,
+    RETAIN_LOSSES,
+    ga_loss,
+    kl_loss,
+    nll_loss,
+    npo_loss,
+    sequence_logprob,
+    simnpo_loss,
+)
+from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss
+
+__all__ = [
+    "FORGET_LOSSES",
+    "RETAIN_LOSSES",
+    "Example",
+    "LossSettings",
+    "StepRecord",
+    "UnlearnSettings",
+    "collate",
+    "encode",
+    "evaluate_splits",
+    "exact_match",
+    "forget_loss",
+    "ga_loss",
+    "kl_loss",
+    "make_batches",
+    "nll_loss",
+    "npo_loss",
+    "retain_loss",
+    "sequence_logprob",
+    "simnpo_loss",
+    "split_metrics",
+    "steps_for_epochs",
+    "unlearn",
+]

@@ -1,0 +1,73 @@
+"""Turning examples into Hugging Face causal-LM batches with label masks.
+
+A question/answer example becomes ``prompt = question + " Answer:"`` followed by
+``" " + answer + eos``; only the answer tokens and the end-of-sentence token carry labels
+(the rest is ``-100``), so a model trained on it learns to stop after the answer. A plain
+``text`` example is labelled on every token. Batches are right-padded; padding is ``-100``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example: a question with its answer, or a plain text (``answer`` is ``None``)."""
+
+    prompt: str
+    answer: str | None = None
+
+
+def prompt_of(question: str) -> str:
+    return f"{question} Answer:"
+
+
+def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example, cut to ``max_length`` tokens (the answer kept if it fits)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if example.answer is None:
+        ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"] + eos
+        ids = ids[:max_length]
+        return ids, list(ids)
+    prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+    answer = tokenizer(" " + example.answer, add_special_tokens=False)["input_ids"] + eos
+    answer = answer[:max_length]
+    prompt = prompt[-(max_length - len(answer)) :] if max_length > len(answer) else []
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad encoded examples into ``input_ids``, ``attention_mask`` and ``labels``."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The padding id: the tokenizer's own, else its end-of-sentence id, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def make_batches(
+    tokenizer: Any, examples: list[Example], batch_size: int, max_length: int
+) -> list[dict[str, Tensor]]:
+    """Encode and collate examples in order, ``batch_size`` at a time."""
+    encoded = [encode(tokenizer, example, max_length) for example in examples]
+    pad = pad_id_of(tokenizer)
+    return [collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size)]

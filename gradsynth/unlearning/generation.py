@@ -1,0 +1,71 @@
+"""Greedy answers and their ROUGE-L recall, for question/answer data on a user's model.
+
+``ROUGE-L recall = LCS(answer words, generated words) / len(answer words)``, over lower-cased
+whitespace-separated words, as RWKU reports it (greedy decoding, 32 new tokens). Generation
+stops at the end-of-sentence token; the prompt is left-padded so all rows end at the same place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gradsynth.unlearning.encoding import Example, pad_id_of
+
+MAX_NEW_TOKENS = 32
+
+
+def rouge_l_recall(reference: str, generated: str) -> float:
+    """Longest common word subsequence divided by the reference's length (0 for an empty reference)."""
+    ref, gen = reference.lower().split(), generated.lower().split()
+    if not ref:
+        return 0.0
+    previous = [0] * (len(gen) + 1)
+    for word in ref:
+        current = [0]
+        for j, other in enumerate(gen):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1] / len(ref)
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], batch_size: int = 16) -> list[str]:
+    """The model's greedy continuation of each prompt, decoded without special tokens."""
+    device = next(model.parameters()).device
+    pad = pad_id_of(tokenizer)
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [
+            tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start : start + batch_size]
+        ]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+        attention = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
+        )
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        answers += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+    return answers
+
+
+def rouge_l_of(model: Any, tokenizer: Any, examples: list[Example], limit: int = 100) -> float | None:
+    """Mean ROUGE-L recall of greedy answers over the first ``limit`` examples (None without answers)."""
+    chosen = [e for e in examples if e.answer is not None][:limit]
+    if not chosen:
+        return None
+    was_training = model.training
+    model.eval()
+    generated = greedy_answers(model, tokenizer, [e.prompt for e in chosen])
+    model.train(was_training)
+    return sum(rouge_l_recall(e.answer or "", g) for e, g in zip(chosen, generated, strict=True)) / len(
+        chosen
+    )

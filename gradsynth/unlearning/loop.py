@@ -1,0 +1,130 @@
+"""The unlearning loop: one forget and one retain backward per micro-batch, one synthesized step.
+
+Each optimizer step draws ``grad_accum`` forget batches and as many retain batches (each of
+``batch_size`` examples, cycling through a seeded shuffle of each set), sends each loss to its
+task (scaled by ``1/grad_accum`` so accumulated gradients are means) and lets
+`gradsynth.optim.SynthesizingOptimizer` synthesize the update with the chosen rule. The base
+optimizer is AdamW without weight decay, as in the paper's runs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from gradsynth.optim import SynthesizingOptimizer
+from gradsynth.unlearning.encoding import collate
+from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss
+
+Encoded = tuple[list[int], list[int]]
+
+
+@dataclass(frozen=True)
+class UnlearnSettings:
+    """Everything that defines an unlearning run besides the model and the data."""
+
+    rule: str = "sago"
+    alpha: float = 1.0
+    gamma: float = 1.0
+    lr: float = 1e-3
+    steps: int = 60
+    batch_size: int = 16
+    grad_accum: int = 1
+    seed: int = 0
+    losses: LossSettings = field(default_factory=LossSettings)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StepRecord:
+    """Losses and gradient geometry of one optimizer step."""
+
+    step: int
+    forget_loss: float
+    retain_loss: float
+    cos_fr: float | None
+    cos_gr: float | None
+    cos_gf: float | None
+    conflict_fraction: float | None
+
+
+class _Cycle:
+    """Endless batches from a seeded shuffle of a fixed list, reshuffled at each pass."""
+
+    def __init__(self, items: list[Encoded], seed: str) -> None:
+        self._items = items
+        self._rng = random.Random(seed)
+        self._order: list[int] = []
+
+    def take(self, n: int) -> list[Encoded]:
+        while len(self._order) < n:
+            self._order += self._rng.sample(range(len(self._items)), len(self._items))
+        chosen, self._order = self._order[:n], self._order[n:]
+        return [self._items[i] for i in chosen]
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def steps_for_epochs(epochs: float, n_forget: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps that pass over the forget set ``epochs`` times."""
+    return max(1, math.ceil(epochs * n_forget / (batch_size * grad_accum)))
+
+
+def unlearn(
+    model: Any,
+    forget: list[Encoded],
+    retain: list[Encoded],
+    pad_id: int,
+    settings: UnlearnSettings,
+    reference: Any = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> list[StepRecord]:
+    """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step."""
+    if settings.losses.needs_reference and reference is None:
+        raise ValueError("NPO and the KL retain loss need the frozen reference model; pass reference=")
+    device = next(model.parameters()).device
+    base = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    optimizer = SynthesizingOptimizer(
+        base, settings.rule, alpha=settings.alpha, gamma=settings.gamma, track_geometry=True
+    )
+    forget_cycle = _Cycle(forget, f"forget-{settings.seed}")
+    retain_cycle = _Cycle(retain, f"retain-{settings.seed}")
+    records: list[StepRecord] = []
+    model.train()
+    for step in range(1, settings.steps + 1):
+        optimizer.zero_grad()
+        forget_total = retain_total = 0.0
+        for _ in range(settings.grad_accum):
+            fb = {k: v.to(device) for k, v in collate(forget_cycle.take(settings.batch_size), pad_id).items()}
+            rb = {k: v.to(device) for k, v in collate(retain_cycle.take(settings.batch_size), pad_id).items()}
+            lf = forget_loss(model, fb, settings.losses, reference)
+            optimizer.backward_forget(lf / settings.grad_accum)
+            lr_ = retain_loss(model, rb, settings.losses, reference)
+            optimizer.backward_retain(lr_ / settings.grad_accum)
+            forget_total += float(lf.detach()) / settings.grad_accum
+            retain_total += float(lr_.detach()) / settings.grad_accum
+        optimizer.step()
+        geometry = optimizer.geometry
+        record = StepRecord(
+            step=step,
+            forget_loss=forget_total,
+            retain_loss=retain_total,
+            cos_fr=_finite(geometry.cos_fr) if geometry else None,
+            cos_gr=_finite(geometry.cos_gr) if geometry else None,
+            cos_gf=_finite(geometry.cos_gf) if geometry else None,
+            conflict_fraction=_finite(geometry.conflict_fraction) if geometry else None,
+        )
+        records.append(record)
+        if on_step is not None:
+            on_step(record)
+    model.eval()
+    return records
