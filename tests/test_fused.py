@@ -123,7 +123,7 @@ def test_device_weighted_apply_matches_oracle(compiled, dtype):
     weight = torch.tensor(0.3, dtype=torch.float64)
     expected = oracle.weighted_sum(f, r, 0.3, 1.5)
     f_in, r_in = f.clone(), r.clone()
-    assert fused._into("linear", f, r, r, weight, 1.5)
+    assert fused._into("weighted", f, r, r, weight, 1.5)
     _assert_near(r, expected, f_in, r_in, 0.3, 1.5)
 
 

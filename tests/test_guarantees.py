@@ -6,7 +6,8 @@
 - Every built-in rule is positively homogeneous: ``rule(s*f, s*r) = s * rule(f, r)`` for s > 0,
   which is what makes synthesizing before ``GradScaler.unscale_`` exact.
 
-Inputs span zeros, tiny (1e-30) and huge magnitudes, and float32/bfloat16/float16.
+Inputs span zeros, tiny (1e-30) and huge magnitudes, and float32/bfloat16/float16. The whole
+module runs twice: on the eager rules and on the fused (compiled) kernels, forced on every size.
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from helpers import linear_loss, update_of, zero_params
 from hypothesis import given
 
 from gradsynth import SynthesizingOptimizer, pcgrad, sago, sago_prefer_retain, weighted_sum
-from gradsynth.rules import PCGradGlobal
+from gradsynth.rules import PCGradGlobal, fused
+
+
+@pytest.fixture(autouse=True, scope="module", params=["eager", "fused"])
+def backend(request):
+    """Every property holds on both paths (module-scoped: hypothesis re-runs the test body)."""
+    # From 2 elements: a 1-element tensor is a separate compilation per dtype, and the compiler
+    # keeps only 8 per kernel (real gradients never go below fused.MIN_NUMEL).
+    name, min_numel = ("eager", None) if request.param == "eager" else ("compiled", 2)
+    with fused.use_backend(name, min_numel=min_numel):
+        yield request.param
+
 
 DTYPES = {
     torch.float32: (1e-30, 1e30),

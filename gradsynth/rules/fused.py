@@ -13,15 +13,19 @@ pass; a fused kernel reads ``f`` and ``r`` once and writes ``g`` once, the traff
 with ``a = alpha`` and ``b = gamma``. The ``0*x`` terms give exactly the non-finite behaviour of
 the eager product forms (``0 * inf`` is NaN), so a ``GradScaler`` still sees a forget overflow.
 
-Precision. Half-precision inputs (bfloat16, float16) are computed in float32 and rounded once at
-the end, float32 in float32 and float64 in float64; results agree with the eager path to a few
-units in the last place of the gradient's dtype, and exactly for SAGO when ``alpha = gamma = 1``.
-PCGrad's weight ``w = alpha - gamma*k`` is read on the CPU (no device to wait for) and applied in
-the gradients' precision when ``|w| < 2**64``, else by the eager float64 path; on a GPU it stays a
-float64 tensor and the apply computes in float64. The dots accumulate in float64; for
-half-precision gradients on the CPU, the products are formed in float32 (exact for float16;
-exact for bfloat16 unless a product is below ``2**-126``) and summed in float32 over blocks of
-4096, then in float64 (relative error ~1e-7).
+Precision. SAGO's kernels compute half-precision inputs (bfloat16, float16) in float32 and
+round once at the end, float32 in float32 and float64 in float64: they agree with the eager path
+to a few units in the last place of the gradient's dtype, and exactly when
+``alpha = gamma = 1``. The linear kernel (``sum``, PCGrad's apply) computes float32 gradients in
+float64 and half-precision ones in float32; it takes a float weight ``w >= 0`` as its square
+root and forms ``(r * sqrt(w)) * sqrt(w)``, so that a weight far outside the gradients' range
+(PCGrad's ``w`` can be 1e-67 against a retain coordinate of 1e30) neither underflows nor
+overflows where ``w * r`` is representable. PCGrad's weight is read on the CPU (no device to
+wait for), and beyond ``2**64`` the eager float64 path applies it; on a GPU it stays a float64
+tensor and the apply computes in float64. The dots accumulate in float64; for half-precision
+gradients on the CPU, the products are formed in float32 (exact for float16; exact for bfloat16
+unless a product is below ``2**-126``) and summed in float32 over blocks of 4096, then in
+float64 (relative error ~1e-7).
 
 When the kernels run (see `set_backend`): ``"auto"`` (the default, or environment variable
 ``GRADSYNTH_BACKEND``) uses them for plain dense contiguous tensors of at least `min_numel`
@@ -36,6 +40,7 @@ so neither new parameter shapes nor new ``alpha``/``gamma`` values recompile.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -44,6 +49,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from gradsynth.rules.reductions import dot64
 
 BACKENDS = ("auto", "compiled", "eager")
 #: Below this many elements the eager rules are as fast as a compiled call (~25 us overhead).
@@ -151,10 +158,8 @@ def _prefer_retain(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
     return a + torch.where(_conflict(f, r), b - b, b)
 
 
-def _upcast(dst: Tensor, src: Tensor, weight: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
-    # A tensor weight (PCGrad on a device) is float64 and so is the apply; otherwise see
-    # `_compute_dtype`.
-    compute = weight.dtype if isinstance(weight, Tensor) else _compute_dtype(dst.dtype)
+def _upcast(dst: Tensor, src: Tensor) -> tuple[Tensor, Tensor]:
+    compute = _compute_dtype(dst.dtype)
     return dst.to(compute), src.to(compute)
 
 
@@ -183,14 +188,34 @@ def _prefer_into_forget(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Non
     f.copy_(_prefer_retain(fc, rc, alpha, gamma))
 
 
-def _linear_into_retain(r: Tensor, f: Tensor, weight: float | Tensor, gamma: float) -> None:
-    rc, fc = _upcast(r, f, weight)
-    r.copy_(weight * rc + gamma * fc)
+def _linear(f: Tensor, r: Tensor, root: float, gamma: float) -> Tensor:
+    # The weight arrives as its square root (see `linear_into`): ``(r * root) * root`` never
+    # underflows or overflows where ``w * r`` itself is representable, whatever ``w`` (PCGrad's
+    # weight can be 1e-67 against a retain coordinate of 1e30). float32 gradients are combined
+    # in float64, half-precision ones in float32.
+    compute = torch.float64 if r.dtype == torch.float32 else _compute_dtype(r.dtype)
+    return (r.to(compute) * root) * root + gamma * f.to(compute)
 
 
-def _linear_into_forget(f: Tensor, r: Tensor, weight: float | Tensor, gamma: float) -> None:
-    fc, rc = _upcast(f, r, weight)
-    f.copy_(weight * rc + gamma * fc)
+def _linear_into_retain(r: Tensor, f: Tensor, root: float, gamma: float) -> None:
+    r.copy_(_linear(f, r, root, gamma))
+
+
+def _linear_into_forget(f: Tensor, r: Tensor, root: float, gamma: float) -> None:
+    f.copy_(_linear(f, r, root, gamma))
+
+
+def _weighted(f: Tensor, r: Tensor, weight: Tensor, gamma: float) -> Tensor:
+    # A float64 tensor weight (PCGrad on a device, never read on the host): float64 throughout.
+    return weight * r.to(weight.dtype) + gamma * f.to(weight.dtype)
+
+
+def _weighted_into_retain(r: Tensor, f: Tensor, weight: Tensor, gamma: float) -> None:
+    r.copy_(_weighted(f, r, weight, gamma))
+
+
+def _weighted_into_forget(f: Tensor, r: Tensor, weight: Tensor, gamma: float) -> None:
+    f.copy_(_weighted(f, r, weight, gamma))
 
 
 def _dots_wide(f: Tensor, r: Tensor) -> Tensor:
@@ -199,14 +224,12 @@ def _dots_wide(f: Tensor, r: Tensor) -> Tensor:
 
 
 def _dots_blocked(f: Tensor, r: Tensor) -> Tensor:
-    # float32 products of half-precision values are exact; float32 partial sums over short blocks
-    # stay accurate and vectorise, where a float64 conversion of each element does not on the CPU.
+    # ``f`` and ``r`` come as (blocks, _BLOCK). float32 products of half-precision values are
+    # exact; float32 sums over short blocks stay accurate and vectorise, where a float64
+    # conversion of each element does not on the CPU.
     f32, r32 = f.to(torch.float32), r.to(torch.float32)
-    body = f32.numel() // _BLOCK * _BLOCK
-    fb, rb = f32[:body].view(-1, _BLOCK), r32[:body].view(-1, _BLOCK)
-    ft, rt = f32[body:], r32[body:]
-    fr = (fb * rb).sum(1).to(torch.float64).sum() + (ft * rt).to(torch.float64).sum()
-    rr = (rb * rb).sum(1).to(torch.float64).sum() + (rt * rt).to(torch.float64).sum()
+    fr = (f32 * r32).sum(1).to(torch.float64).sum()
+    rr = (r32 * r32).sum(1).to(torch.float64).sum()
     return torch.stack([fr, rr])
 
 
@@ -219,6 +242,8 @@ _KERNELS: dict[str, Callable[..., Any]] = {
         _prefer_into_forget,
         _linear_into_retain,
         _linear_into_forget,
+        _weighted_into_retain,
+        _weighted_into_forget,
         _dots_wide,
         _dots_blocked,
     )
@@ -237,11 +262,8 @@ def _run(name: str, *args: Any) -> Any:
     kernel = _compiled.get(name)
     if kernel is None:
         kernel = _compiled[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
-    if _status.get(key):
-        with torch.no_grad():
-            return kernel(*args)
-    # First call for this dtype and device: compilation happens before anything is written, so a
-    # failure leaves the inputs intact for the eager path.
+    # Compilation (the first call, or a recompilation for a new case) happens before anything is
+    # written, so a failure leaves the inputs intact for the eager path.
     try:
         # The compiler's own deprecation notices are not the user's business, and under
         # ``-W error`` they would abort the compilation.
@@ -269,14 +291,15 @@ class _CompileFailed(Exception):
     """A kernel could not be compiled; the caller takes the eager path."""
 
 
-def _flat(t: Tensor) -> Tensor:
-    """A 1-D tensor over ``t``'s memory that is not a view: one compilation for every shape.
+def _flat(t: Tensor, rows: int | None = None) -> Tensor:
+    """``t``'s memory as a 1-D tensor, or its first ``rows * _BLOCK`` elements as (rows, _BLOCK).
 
-    A ``view`` would do, but the compiler guards on the shape of a view's base tensor and so
-    would compile again for each number of dimensions.
+    Not a view: the compiler guards on the shape of a view's base tensor, and would compile
+    again for each number of dimensions; an alias made with ``set_`` has no base.
     """
-    flat = torch.empty(0, dtype=t.dtype, device=t.device)
-    return flat.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+    shape, strides = ((t.numel(),), (1,)) if rows is None else ((rows, _BLOCK), (_BLOCK, 1))
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), shape, strides)
 
 
 def _into(kernel: str, forget: Tensor, retain: Tensor, out: Tensor, *args: Any) -> bool:
@@ -320,22 +343,27 @@ def linear_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float | T
     if isinstance(alpha, Tensor):
         if retain.device.type != "cpu":
             # On a device, reading the weight would wait for it: apply it as a tensor, in float64.
-            return _into(
-                "weighted", forget, retain, out, alpha.detach().to(retain.device, torch.float64), gamma
-            )
+            weight = alpha.detach().to(retain.device, torch.float64)
+            return _into("weighted", forget, retain, out, weight, gamma)
         alpha = float(alpha)  # a CPU tensor: reading it waits for nothing
-    if not abs(alpha) < MAX_HOST_WEIGHT:
-        return False
-    return _into("linear", forget, retain, out, alpha, gamma)
+    if not 0 <= alpha < MAX_HOST_WEIGHT:
+        return False  # NaN, negative or beyond the range the square-root split is exact for
+    return _into("linear", forget, retain, out, math.sqrt(alpha), gamma)
 
 
 def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(<f, r>, ||r||^2)`` as 0-dim float64 tensors in one read, or None where eager must run."""
     if not eligible(forget, retain):
         return None
-    blocked = forget.dtype in _HALF and forget.device.type == "cpu"
+    rows = forget.numel() // _BLOCK
     try:
-        pair = _run("dots_blocked" if blocked else "dots_wide", _flat(forget), _flat(retain))
+        if forget.dtype in _HALF and forget.device.type == "cpu" and rows > 0:
+            pair = _run("dots_blocked", _flat(forget, rows), _flat(retain, rows))
+            if rows * _BLOCK < forget.numel():  # the last partial block, short: summed eagerly
+                f, r = forget.reshape(-1)[rows * _BLOCK :], retain.reshape(-1)[rows * _BLOCK :]
+                pair = pair + torch.stack([dot64(f, r), dot64(r, r)])
+        else:
+            pair = _run("dots_wide", _flat(forget), _flat(retain))
     except _CompileFailed:
         return None
     return pair[0], pair[1]
