@@ -172,3 +172,17 @@ def test_streaming_refuses_distributed_training(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     with pytest.raises(ValueError, match=r"2 ranks.*before it is all-reduced.*streaming=False"):
         SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), streaming=True)
+
+
+@pytest.mark.parametrize("rule", ["sago", "pcgrad"])
+def test_streaming_with_the_fused_kernels(rule):
+    # The hooks run the compiled kernels inside autograd's backward.
+    from gradsynth.rules import fused
+
+    with fused.use_backend("compiled", min_numel=0):
+        model_a, grads_a, _ = _run(rule, False, ("forget", "retain"))
+        model_b, grads_b, _ = _run(rule, True, ("forget", "retain"))
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(a, b)

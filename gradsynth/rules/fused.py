@@ -4,7 +4,7 @@ Synthesis is memory-bound. The eager rules chain several elementwise operations,
 pass; a fused kernel reads ``f`` and ``r`` once and writes ``g`` once, the traffic of
 ``torch.add(f, r, out=g)``. The kernels, written into ``dst``, which is ``r`` or ``f`` itself::
 
-    c = [f > 0 xor r > 0] and f != 0 and r != 0          (the signs conflict)
+    c = (f * S) * (r * S) < 0, S = 2**117 (2**600 for float64)   (the signs conflict)
     sago:               g = where(c, a*r + 0*(b*f), b*f + 0*(a*r))
     sago_prefer_retain: g = where(c, a*r + 0*(b*f), a*r + b*f)
     linear:             g = w*r + b*f                    (``sum``; PCGrad's apply, w = a - K)
@@ -139,9 +139,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _conflict(f: Tensor, r: Tensor) -> Tensor:
-    # On the signs, never on f*r: a product that underflows to -0 would hide the conflict. A NaN
-    # may count either way: both branches below turn it into NaN.
-    return ((f > 0) ^ (r > 0)) & (f != 0) & (r != 0)
+    # The sign of a product decides, but never of ``f * r`` itself: 1e-30 * -1e-30 underflows to
+    # -0 in float32 and would hide the conflict. Scaled up first, the smallest values multiply
+    # to a normal number, and the largest overflow to an infinity that keeps its sign. Zeros stay
+    # zero (no conflict); a NaN compares false, and both branches below turn it into NaN anyway.
+    scale = 2.0**600 if f.dtype == torch.float64 else 2.0**117
+    return (f * scale) * (r * scale) < 0
 
 
 def _sago(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -265,6 +268,8 @@ def _run(name: str, *args: Any) -> Any:
     # Compilation (the first call, or a recompilation for a new case) happens before anything is
     # written, so a failure leaves the inputs intact for the eager path.
     try:
+        if _status.get(key) and not torch.is_grad_enabled():
+            return kernel(*args)
         # The compiler's own deprecation notices are not the user's business, and under
         # ``-W error`` they would abort the compilation.
         with torch.no_grad(), warnings.catch_warnings():
@@ -305,7 +310,7 @@ def _flat(t: Tensor, rows: int | None = None) -> Tensor:
 def _into(kernel: str, forget: Tensor, retain: Tensor, out: Tensor, *args: Any) -> bool:
     """Write ``kernel(f, r)`` into ``out``; False (nothing written) if the eager path must run."""
     aliased = "forget" if out is forget else "retain" if out is retain else None
-    forget, retain, out = _flat(forget), _flat(retain), _flat(out)
+    forget, retain = _flat(forget), _flat(retain)
     try:
         if aliased == "forget":
             _run(f"{kernel}_into_forget", forget, retain, *args)
@@ -317,10 +322,11 @@ def _into(kernel: str, forget: Tensor, retain: Tensor, out: Tensor, *args: Any) 
             if _status.get((f"{kernel}_into_retain", retain.dtype, retain.device.type)) is None:
                 scratch = retain.clone()
                 _run(f"{kernel}_into_retain", scratch, forget, *args)
-                out.copy_(scratch)
+                out.copy_(scratch.view(out.shape))
                 return True
-            out.copy_(retain)
-            _run(f"{kernel}_into_retain", out, forget, *args)
+            flat_out = _flat(out)
+            flat_out.copy_(retain)
+            _run(f"{kernel}_into_retain", flat_out, forget, *args)
     except _CompileFailed:
         return False
     return True
