@@ -30,7 +30,7 @@ from torch import Tensor
 
 from gradsynth.optim.combine import combine_one
 from gradsynth.optim.geometry import GeometryAccumulator
-from gradsynth.optim.task_gradients import FORGET, RETAIN, TaskGradients
+from gradsynth.optim.task_gradients import RETAIN, TaskGradients, other_task
 from gradsynth.rules.base import Rule
 
 
@@ -80,7 +80,7 @@ class StreamingBackward:
     ) -> None:
         self._tasks = tasks
         self._task = task
-        self._first = RETAIN if task == FORGET else FORGET
+        self._first = other_task(task)
         self._settings = settings
         self._geometry = geometry
         self._handles: list[Any] = []

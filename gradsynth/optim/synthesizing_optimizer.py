@@ -18,7 +18,7 @@ from torch import Tensor
 from gradsynth.optim.combine import combine_one
 from gradsynth.optim.geometry import GeometryAccumulator, GradientGeometry
 from gradsynth.optim.streaming import StreamingBackward, check_streamable
-from gradsynth.optim.task_gradients import FORGET, RETAIN, TaskGradients
+from gradsynth.optim.task_gradients import FORGET, RETAIN, TaskGradients, other_task
 from gradsynth.rules.base import Rule
 from gradsynth.rules.registry import RuleLike, get_rule
 
@@ -267,7 +267,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         if loss is not None:
             if not isinstance(loss, Tensor):
                 raise TypeError(f"backward_{task} expects a loss tensor or None, got {type(loss).__name__}")
-            if self.streaming and self._tasks.holds(FORGET if task == RETAIN else RETAIN):
+            if self.streaming and self._tasks.holds(other_task(task)):
                 self._stream_backward(task, loss, backward_kwargs)
                 return
             with torch.no_grad():
@@ -281,7 +281,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
             return
         if backward_kwargs:
             raise TypeError(f"backward_{task}(None) runs no backward, so it takes no backward arguments")
-        if self.streaming and self._tasks.holds(FORGET if task == RETAIN else RETAIN):
+        if self.streaming and self._tasks.holds(other_task(task)):
             raise ValueError(
                 f"streaming=True needs the loss of the second task of a step: call backward_{task}(loss) "
                 "so the wrapper runs that backward with its hooks in place (with None the backward has "

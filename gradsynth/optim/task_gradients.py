@@ -35,6 +35,11 @@ RETAIN = "retain"
 TASKS = (FORGET, RETAIN)
 
 
+def other_task(task: str) -> str:
+    """The task that is not ``task``."""
+    return RETAIN if task == FORGET else FORGET
+
+
 def _check_dense(param: Tensor, grad: Tensor) -> None:
     if grad.layout != torch.strided:
         kind = "sparse" if grad.is_sparse or "sparse" in str(grad.layout) else str(grad.layout)
