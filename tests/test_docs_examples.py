@@ -25,7 +25,8 @@ def _blocks(text: str, fence: str) -> list[str]:
 
 
 def run_page(text: str, name: str) -> int:
-    """Run a page's ``python`` blocks in one fresh namespace, compile its ``py`` blocks; returns the count run."""
+    """Run a page's ``python`` blocks in one fresh namespace and compile its ``py`` blocks; returns
+    how many blocks ran."""
     for i, code in enumerate(_blocks(text, "py")):
         compile(code, f"{name}[py block {i}]", "exec")
     blocks = _blocks(text, "python")
@@ -43,7 +44,9 @@ def test_docs_python_examples_run(page):
 
 
 def test_a_snippet_with_an_undefined_name_fails():
-    page = "```python\nimport torch\n```\n\ntext\n\n```python\nopt = torch.optim.SGD(model.parameters())\n```\n"
+    page = (
+        "```python\nimport torch\n```\n\ntext\n\n```python\nopt = torch.optim.SGD(model.parameters())\n```\n"
+    )
     with pytest.raises(NameError, match="model"):
         run_page(page, "page.md")
     assert run_page("```python\nx = 1\n```\n\n```python\nassert x == 1\n```\n", "page.md") == 2
