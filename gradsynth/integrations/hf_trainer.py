@@ -151,6 +151,7 @@ class SynthesizingTrainer(Trainer):
         self._step_stats = StepStats()
         self._step_open = False
         self._eval_task_losses: list[Tensor] | None = None
+        self._resume_hooked: SynthesizingOptimizer | None = None
 
     def _refuse_streaming_with_accumulation(self) -> None:
         if self.args.gradient_accumulation_steps != 1:
@@ -171,7 +172,9 @@ class SynthesizingTrainer(Trainer):
         synthesizing = self.synthesizing_optimizer
         if synthesizing.streaming:
             self._refuse_streaming_with_accumulation()
-        synthesizing.register_load_state_dict_pre_hook(self._explicit_settings_win)
+        if self._resume_hooked is not synthesizing:  # create_optimizer may run again on the same one
+            synthesizing.register_load_state_dict_pre_hook(self._explicit_settings_win)
+            self._resume_hooked = synthesizing
         check_optimizer_covers_model(self.optimizer, self.model if model is None else model)
         return optimizer
 
@@ -185,8 +188,8 @@ class SynthesizingTrainer(Trainer):
         given = {name for name in self._synthesis_settings if name in current}
         overridden = [
             f"{name}={saved[name]!r} -> {current[name]!r}"
-            for name in sorted(given)
-            if name in saved and saved[name] != current[name]
+            for name in current
+            if name in given and name in saved and saved[name] != current[name]
         ]
         if overridden:
             warnings.warn(
