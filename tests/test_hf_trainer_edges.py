@@ -199,6 +199,26 @@ def test_the_default_collator_pads_ragged_pairs_with_ignored_labels(tmp_path):
     SynthesizingTrainer(tiny_llama(), _args(tmp_path), train_dataset=data).train()
 
 
+def test_the_documented_tokenizer_collators(tmp_path):
+    """What docs/huggingface.md says of the tokenizer collators: Seq2Seq pads labels, the others fail."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"t{i}": i for i in range(1, VOCAB)} | {"[PAD]": 0}
+    model = tokenizers.models.WordLevel(vocab, unk_token="t1")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(model), pad_token="[PAD]"
+    )
+    ragged = [_ragged_pair(3, 2), _ragged_pair(1, 3, offset=5, hide=1)]
+    forget, retain = split_task_pair(TaskPairCollator(transformers.DataCollatorForSeq2Seq(tok))(ragged))
+    assert forget["labels"].tolist() == [[0, 1, 2], [5, -100, -100]]
+    assert retain["labels"].tolist() == [[7, 8, -100], [-100, 13, 14]]
+    for collator in (
+        transformers.DataCollatorWithPadding(tok),
+        transformers.DataCollatorForLanguageModeling(tok, mlm=False),
+    ):
+        with pytest.raises(ValueError, match="Unable to create tensor"):
+            TaskPairCollator(collator)(ragged)
+
+
 def test_the_unpaired_batch_error_names_an_importable_collator():
     with pytest.raises(ValueError, match="'forget' and 'retain'") as error:
         split_task_pair({"input_ids": torch.arange(3)})
