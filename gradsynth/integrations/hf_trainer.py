@@ -93,7 +93,8 @@ class SynthesizingTrainer(Trainer):
             `SynthesizingOptimizer` already keeps its own settings, and setting them here too
             is an error.
             Resuming from a checkpoint restores the settings that were not given here; the ones
-            given here win over the checkpoint's, with a warning naming both when they differ.
+            given here win over the checkpoint's, with a warning naming both when they differ (a
+            `SynthesizingOptimizer` passed in follows its own ``load_state_dict`` instead).
         streaming: build the `SynthesizingOptimizer` with ``streaming=True`` (the retain
             backward combines each parameter as soon as its gradient is complete: less peak
             memory). Needs ``gradient_accumulation_steps=1`` and one process.
@@ -151,7 +152,6 @@ class SynthesizingTrainer(Trainer):
         self._step_stats = StepStats()
         self._step_open = False
         self._eval_task_losses: list[Tensor] | None = None
-        self._resume_hooked: SynthesizingOptimizer | None = None
 
     def _refuse_streaming_with_accumulation(self) -> None:
         if self.args.gradient_accumulation_steps != 1:
@@ -169,12 +169,11 @@ class SynthesizingTrainer(Trainer):
         if find_synthesizing_optimizer(optimizer) is None:
             settings = {"track_geometry": True, **self._synthesis_settings}
             self.optimizer = optimizer = SynthesizingOptimizer(optimizer, **settings)
-        synthesizing = self.synthesizing_optimizer
-        if synthesizing.streaming:
+            # Settings given to the trainer win on resume. A SynthesizingOptimizer passed in keeps
+            # its own load_state_dict policy (the checkpoint's settings, with a warning).
+            optimizer.register_load_state_dict_pre_hook(self._explicit_settings_win)
+        if self.synthesizing_optimizer.streaming:
             self._refuse_streaming_with_accumulation()
-        if self._resume_hooked is not synthesizing:  # create_optimizer may run again on the same one
-            synthesizing.register_load_state_dict_pre_hook(self._explicit_settings_win)
-            self._resume_hooked = synthesizing
         check_optimizer_covers_model(self.optimizer, self.model if model is None else model)
         return optimizer
 
