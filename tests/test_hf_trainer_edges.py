@@ -154,6 +154,19 @@ def test_resume_explicit_trainer_settings_win_loudly_and_unset_ones_are_restored
     opt = unset.synthesizing_optimizer
     assert (opt.rule.name, opt.alpha, opt.gamma) == ("sago", 1.0, 0.5)
 
+    # A SynthesizingOptimizer passed in follows its own load_state_dict: the checkpoint's, loudly.
+    model = tiny_llama()
+    own = SynthesizingTrainer(model, _args(tmp_path / "d", max_steps=2), train_dataset=examples)
+    decay = set(own.get_decay_parameter_names(model))  # the checkpoint's two groups
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in decay]},
+        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
+    ]
+    own.optimizer = passed = SynthesizingOptimizer(torch.optim.AdamW(groups, lr=1e-2), "pcgrad")
+    with pytest.warns(UserWarning, match=r"load_state_dict: .*rule='pcgrad' -> 'sago'"):
+        own.train(resume_from_checkpoint=str(checkpoint))
+    assert (passed.rule.name, passed.gamma) == ("sago", 0.5)
+
 
 def test_load_state_dict_replaces_the_optimizers_settings_with_a_warning_naming_both():
     model = torch.nn.Linear(3, 2)
@@ -165,6 +178,9 @@ def test_load_state_dict_replaces_the_optimizers_settings_with_a_warning_naming_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.load_state_dict(saved)  # nothing changes: silent
+        restored = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        restored.load_state_dict(saved)  # built with the defaults to restore: silent
+    assert (restored.rule.name, restored.alpha) == ("sago", 2.0)
 
 
 # ----- 4. the collator ---------------------------------------------------------------------------

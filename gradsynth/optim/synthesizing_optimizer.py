@@ -7,6 +7,7 @@ hands over to the wrapped optimizer, which never knows the difference.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections import OrderedDict
@@ -66,13 +67,15 @@ def adopt_settings(optimizer: SynthesizingOptimizer, settings: dict[str, Any]) -
 
 
 def _warn_on_changed_settings(optimizer: SynthesizingOptimizer, saved: dict[str, Any]) -> None:
-    """Loading a checkpoint replaces the wrapper's settings (as it replaces ``lr``): say so when it
-    changes any of them, naming both values."""
+    """Loading a checkpoint replaces the wrapper's settings (as it replaces ``lr``): say so, naming
+    both values, when it replaces one that was set away from its default. A default-built wrapper
+    (the usual way to restore) takes the checkpoint's settings silently."""
     current = optimizer_settings(optimizer)
+    signature = inspect.signature(SynthesizingOptimizer.__init__).parameters
     changed = [
         f"{name}={current[name]!r} -> {saved[name]!r}"
         for name in SAVED_SETTINGS
-        if name in saved and saved[name] != current[name]
+        if name in saved and saved[name] != current[name] != signature[name].default
     ]
     if changed:
         warnings.warn(
@@ -493,8 +496,8 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
 
         The wrapper's settings are restored by rule name: a custom rule must be registered
         (``gradsynth.register_rule``) under the saved name before loading. Like ``lr`` in a
-        plain optimizer's state dict, the checkpoint's settings replace the optimizer's, with a
-        ``UserWarning`` naming both when they differ.
+        plain optimizer's state dict, the checkpoint's settings replace the optimizer's; one that
+        was set away from its default and differs is replaced with a ``UserWarning`` naming both.
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
