@@ -9,8 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
+
 FORGET_KEY = "forget"
 RETAIN_KEY = "retain"
+
+#: Label value the causal-LM losses ignore; padded label positions get it.
+IGNORE_INDEX = -100
 
 
 def is_task_pair(batch: Any) -> bool:
@@ -25,28 +30,81 @@ def split_task_pair(batch: Any) -> tuple[Any, Any]:
         raise ValueError(
             f"an unlearning batch must be a mapping with 'forget' and 'retain' entries, got {keys}; "
             "build examples as {'forget': ..., 'retain': ...} and batch them with "
-            "gradsynth.integrations.TaskPairCollator"
+            "gradsynth.integrations.task_batches.TaskPairCollator"
         )
     return batch[FORGET_KEY], batch[RETAIN_KEY]
+
+
+def pad_and_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
+    """Batch one side's examples, right-padding ragged token lists.
+
+    Examples of equal lengths go to ``transformers.default_data_collator`` as they are. Ragged
+    ones are right-padded to the longest: ``input_ids`` with ``pad_token_id``, ``labels`` with
+    -100 (ignored by the loss), ``attention_mask`` with 0 (and one is added, 1 on the real
+    tokens, when the examples carry none). Keys of other lengths are refused, since there is no
+    padding value to guess for them.
+    """
+    from transformers import default_data_collator
+
+    lengths = {len(example["input_ids"]) for example in examples if "input_ids" in example}
+    if len(lengths) <= 1:
+        return default_data_collator(list(examples))
+    longest = max(lengths)
+    pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+    padded = []
+    for example in examples:
+        n = len(example["input_ids"])
+        row = dict(example)
+        row.setdefault("attention_mask", [1] * n)
+        for key, value in row.items():
+            if key in pad_values:
+                tokens = torch.as_tensor(value)
+                row[key] = torch.cat([tokens, tokens.new_full((longest - n,), pad_values[key])])
+            elif (
+                isinstance(value, (torch.Tensor, Sequence)) and not isinstance(value, str) and len(value) == n
+            ):
+                raise ValueError(
+                    f"cannot pad the per-token entry {key!r} of ragged examples (no padding value is known "
+                    "for it); "
+                    "drop it, or pass TaskPairCollator(collate=...) with a collator that pads it"
+                )
+        padded.append(row)
+    return default_data_collator(padded)
 
 
 class TaskPairCollator:
     """Collates a list of ``{"forget": ex, "retain": ex}`` examples side by side.
 
+    A list of examples that are not paired (an ordinary evaluation set) is collated as one
+    batch with the same side collator, so that ``Trainer.evaluate`` can run on it; a list that
+    mixes paired and unpaired examples is refused.
+
     Args:
         collate: the collator for one side (a list of examples -> a batch). Default:
-            ``transformers.default_data_collator``; pass e.g. ``DataCollatorWithPadding(tokenizer)``
-            for ragged token lists.
+            `pad_and_collate`, which right-pads ragged causal-LM examples (``labels`` with
+            -100). A tokenizer's collator that pads ``labels`` works too, e.g.
+            ``DataCollatorForSeq2Seq(tokenizer)``; ``DataCollatorWithPadding`` does not pad
+            ``labels`` and fails on ragged ones.
+        pad_token_id: the padding id of ``input_ids`` for the default collator (the model's
+            ``pad_token_id``; with right padding and ``attention_mask`` its value does not
+            change the loss).
     """
 
-    def __init__(self, collate: Callable[[Sequence[Any]], Any] | None = None) -> None:
+    def __init__(
+        self, collate: Callable[[Sequence[Any]], Any] | None = None, *, pad_token_id: int = 0
+    ) -> None:
         if collate is None:
-            from transformers import default_data_collator
 
-            collate = default_data_collator
+            def collate(examples: Sequence[Any]) -> Any:
+                return pad_and_collate(examples, pad_token_id)
+
+            collate.__name__ = "pad_and_collate"
         self.collate = collate
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        paired = [is_task_pair(example) for example in examples]
+        if not any(paired):
+            return self.collate(list(examples))
         pairs = [split_task_pair(example) for example in examples]
         return {
             FORGET_KEY: self.collate([forget for forget, _ in pairs]),

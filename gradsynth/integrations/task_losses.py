@@ -8,6 +8,12 @@ batch's ``labels`` that are not -100):
 
 Any callable ``loss(model, batch) -> Tensor`` can replace them (NPO, SimNPO, KL to a
 reference model, ...).
+
+Under gradient accumulation `SynthesizingTrainer` passes ``num_items_in_batch``, the number of
+label tokens of this task over the whole optimizer step, to a loss that takes it. These two
+hand it to the model (``model(**batch, num_items_in_batch=n)``), whose loss is then the summed
+token loss of the batch divided by ``n``, as in the ``Trainer``'s own accumulation. Called
+without it, they are the plain means above.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from typing import Any
 from torch import Tensor, nn
 
 
-def nll_loss(model: nn.Module, batch: Any) -> Tensor:
-    """The model's own loss on ``batch`` (needs ``labels`` in it)."""
-    loss = getattr(model(**batch), "loss", None)
+def nll_loss(model: nn.Module, batch: Any, num_items_in_batch: Tensor | int | None = None) -> Tensor:
+    """The model's own loss on ``batch`` (needs ``labels`` in it); with ``num_items_in_batch``,
+    its summed token loss divided by that count."""
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+    loss = getattr(model(**batch, **extra), "loss", None)
     if loss is None:
         raise ValueError(
             "the model returned no loss for this batch; give the batch 'labels' (e.g. labels = input_ids "
@@ -28,6 +36,8 @@ def nll_loss(model: nn.Module, batch: Any) -> Tensor:
     return loss
 
 
-def gradient_ascent_loss(model: nn.Module, batch: Any) -> Tensor:
+def gradient_ascent_loss(
+    model: nn.Module, batch: Any, num_items_in_batch: Tensor | int | None = None
+) -> Tensor:
     """``-NLL``: minimising it pushes the likelihood of the batch down."""
-    return -nll_loss(model, batch)
+    return -nll_loss(model, batch, num_items_in_batch)

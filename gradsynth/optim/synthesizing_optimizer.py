@@ -7,7 +7,9 @@ hands over to the wrapped optimizer, which never knows the difference.
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -40,6 +42,48 @@ def _check_weight(name: str, value: Any) -> float:
 
 def _rule_name(rule: Rule) -> str:
     return rule.name or type(rule).__name__
+
+
+#: The wrapper's own settings that a checkpoint carries (rule by name).
+SAVED_SETTINGS = ("rule", "alpha", "gamma", "track_geometry")
+
+
+def optimizer_settings(optimizer: SynthesizingOptimizer) -> dict[str, Any]:
+    """The settings a checkpoint of ``optimizer`` records, as its ``"gradsynth"`` entry holds them."""
+    return {
+        "rule": _rule_name(optimizer.rule),
+        "alpha": optimizer.alpha,
+        "gamma": optimizer.gamma,
+        "track_geometry": optimizer.track_geometry,
+    }
+
+
+def adopt_settings(optimizer: SynthesizingOptimizer, settings: dict[str, Any]) -> None:
+    """Set some of `SAVED_SETTINGS` on ``optimizer`` (a rule by name), without a warning."""
+    for name, value in settings.items():
+        if name == "rule" and value == _rule_name(optimizer.rule):
+            continue  # keep the object: an unregistered rule of the same name cannot be looked up
+        setattr(optimizer, name, bool(value) if name == "track_geometry" else value)
+
+
+def _warn_on_changed_settings(optimizer: SynthesizingOptimizer, saved: dict[str, Any]) -> None:
+    """Loading a checkpoint replaces the wrapper's settings (as it replaces ``lr``): say so, naming
+    both values, when it replaces one that was set away from its default. A default-built wrapper
+    (the usual way to restore) takes the checkpoint's settings silently."""
+    current = optimizer_settings(optimizer)
+    signature = inspect.signature(SynthesizingOptimizer.__init__).parameters
+    changed = [
+        f"{name}={current[name]!r} -> {saved[name]!r}"
+        for name in SAVED_SETTINGS
+        if name in saved and saved[name] != current[name] != signature[name].default
+    ]
+    if changed:
+        warnings.warn(
+            f"load_state_dict: the checkpoint's settings replace this optimizer's ({', '.join(changed)}); "
+            "to keep your own, set them after loading (opt.rule = ..., opt.alpha = ...)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class SynthesizingOptimizer(torch.optim.Optimizer):
@@ -451,7 +495,9 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         """Load a state dict from `state_dict` (or a plain one of the wrapped optimizer).
 
         The wrapper's settings are restored by rule name: a custom rule must be registered
-        (``gradsynth.register_rule``) under the saved name before loading.
+        (``gradsynth.register_rule``) under the saved name before loading. Like ``lr`` in a
+        plain optimizer's state dict, the checkpoint's settings replace the optimizer's; one that
+        was set away from its default and differs is replaced with a ``UserWarning`` naming both.
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
@@ -469,6 +515,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
             gamma = _check_weight("gamma", settings["gamma"])
         self._base.load_state_dict(state_dict)
         if settings is not None:
+            _warn_on_changed_settings(self, settings)
             self._rule, self._alpha, self._gamma = rule, alpha, gamma
             self.track_geometry = bool(settings.get("track_geometry", False))
         self._tasks.clear()
