@@ -22,24 +22,10 @@ from gradsynth.world.cache_files import MANIFEST
 FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "pretrain.json"]
 
 
-@pytest.fixture(scope="module")
-def master(tmp_path_factory):
-    """One trained CI world cache for the module (copied per test, never modified)."""
-    import torch
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("master-cache")
-    old = os.environ.get("GRADSYNTH_CACHE")
-    os.environ["GRADSYNTH_CACHE"] = str(root)
-    try:
-        *_, info = load_world_model("ci", log=lambda _: None)
-    finally:
-        if old is None:
-            del os.environ["GRADSYNTH_CACHE"]
-        else:
-            os.environ["GRADSYNTH_CACHE"] = old
-    assert not info["cached"]
-    return Path(info["path"])
+@pytest.fixture
+def master(ci_world_master):
+    """The session's trained CI world cache entry (copied per test, never modified)."""
+    return Path(ci_world_master)
 
 
 @pytest.fixture
