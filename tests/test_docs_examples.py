@@ -31,7 +31,8 @@ def _python_blocks(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_docs_python_examples_run(page):
+def test_docs_python_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an example that writes a relative path writes here
     blocks = _python_blocks(page.read_text())
     namespace: dict = {}
     exec(PRELUDE, namespace)
@@ -39,3 +40,12 @@ def test_docs_python_examples_run(page):
         warnings.simplefilter("error")
         for i, code in enumerate(blocks):
             exec(compile(code, f"{page.name}[block {i}]", "exec"), namespace)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_docs_examples_write_only_into_temporary_folders(page):
+    """A saved file named by a bare relative path lands in the reader's working folder."""
+    saves = re.findall(
+        r"""torch\.save\([^,]+,\s*["']([^"']+)["']""", "\n".join(_python_blocks(page.read_text()))
+    )
+    assert saves == [], f"{page.name} saves to {saves}; save into tempfile.mkdtemp() instead"
