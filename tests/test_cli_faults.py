@@ -251,6 +251,68 @@ def test_an_unknown_backend_in_the_environment_is_one_line(tmp_path):
     ]
 
 
+# ----- data files and models (items 11-12) ------------------------------------------------------
+
+BAD_DATA = {
+    "non-UTF-8 bytes": (
+        b'{"question": "Who?", "answer": "M\xe9"}\n',
+        "not UTF-8 text (byte 0xe9 at offset 33)",
+    ),
+    "null answer": (
+        b'{"question": "A?", "answer": "B"}\n{"question": "Q", "answer": null}\n',
+        "row 2: 'answer' is missing",
+    ),
+    "missing answer": (
+        b'{"question": "A?", "answer": "B"}\n{"question": "Q"}\n',
+        "row 2: 'answer' is missing",
+    ),
+    "list as text": (b'{"text": ["a", "b"]}\n', "row 1: 'text' is a list, not a string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_unusable_data_rows_are_one_line(tmp_path, capsys, case):
+    content, message = BAD_DATA[case]
+    data = tmp_path / "forget.jsonl"
+    data.write_bytes(content)
+    argv = ["unlearn", "--model", str(tmp_path), "--forget", str(data), "--retain", str(data)]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, message)
+
+
+def _saved_model(cache: Path, tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(next(cache.iterdir()), model)
+    return model
+
+
+def _qa(tmp_path: Path) -> Path:
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": f"A{i}"}) + "\n" for i in range(4)))
+    return data
+
+
+def test_a_config_of_another_architecture_than_the_weights_is_refused(cache, tmp_path, capsys):
+    model = _saved_model(cache, tmp_path)
+    bert = {"model_type": "bert", "vocab_size": 384, "hidden_size": 128, "num_hidden_layers": 2}
+    (model / "config.json").write_text(json.dumps({**bert, "num_attention_heads": 4, "is_decoder": True}))
+    data = _qa(tmp_path)
+    argv = ["unlearn", "--model", str(model), "--forget", str(data), "--retain", str(data)]
+    assert main([*argv, "--steps", "1", "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "its config does not match its weights", "weights missing, left random")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(cache, tmp_path, capsys):
+    model = _saved_model(cache, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    data = _qa(tmp_path)
+    argv = ["unlearn", "--model", str(model), "--forget", str(data), "--retain", str(data)]
+    assert main([*argv, "--steps", "1", "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "has no tokenizer files")
+
+
 # ----- signals and concurrent runs, in child processes ------------------------------------------
 
 
