@@ -80,6 +80,40 @@ def _model_files(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
+# ----- the world cache through the command line (items 1-4) ------------------------------------
+
+
+@pytest.fixture
+def quick_pretrain(monkeypatch):
+    """The world model is not trained (these tests check files and exit codes, not recall)."""
+    import gradsynth.world.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "pretrain", lambda *a, **k: {"recall": 1.0, "steps": 0})
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "pretrain.json"])
+def test_a_damaged_cache_is_rebuilt_and_the_run_succeeds(cache, tmp_path, capsys, quick_pretrain, name):
+    damaged = next(cache.iterdir()) / name
+    damaged.write_bytes(damaged.read_bytes()[:10])
+    assert main(["unlearn", *FAST, "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.err
+    lines = [line for line in printed.out.splitlines() if line.startswith("The cached world model")]
+    assert len(lines) == 1 and f"is damaged ({name} has 10 bytes" in lines[0] and "rebuilding it" in lines[0]
+    assert (damaged.parent / "manifest.json").is_file() and damaged.stat().st_size > 10  # repaired
+    _no_strays(tmp_path)
+
+
+def test_a_read_only_cache_warns_and_the_run_succeeds(tmpfs, tmp_path, monkeypatch, capsys, quick_pretrain):
+    mount = tmpfs("size=4m,ro")
+    monkeypatch.setenv("GRADSYNTH_CACHE", str(mount / "cache"))
+    assert main(["unlearn", *FAST, "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "Warning: could not write the world model cache" in printed and "Read-only file system" in printed
+    assert "report.json" in _model_files(tmp_path / "run")
+    assert list(mount.iterdir()) == []
+
+
 # ----- output folders (items 5-8) ------------------------------------------------------------
 
 
