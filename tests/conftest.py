@@ -22,3 +22,23 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def ci_world_master(tmp_path_factory):
+    """The trained CI world cache entry, trained once per session; copy it, never modify it."""
+    pytest.importorskip("transformers")
+    from gradsynth.world.cache import load_world_model
+
+    root = tmp_path_factory.mktemp("ci-world-master")
+    old = os.environ.get("GRADSYNTH_CACHE")
+    os.environ["GRADSYNTH_CACHE"] = str(root)
+    torch.set_num_threads(1)  # session fixtures run before the per-test setting
+    try:
+        *_, info = load_world_model("ci", log=lambda _: None)
+    finally:
+        if old is None:
+            del os.environ["GRADSYNTH_CACHE"]
+        else:
+            os.environ["GRADSYNTH_CACHE"] = old
+    return info["path"]

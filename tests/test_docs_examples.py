@@ -41,7 +41,8 @@ def run_page(text: str, name: str) -> int:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_docs_python_examples_run(page):
+def test_docs_python_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an example that writes a relative path writes here
     run_page(page.read_text(), page.name)
 
 
@@ -54,3 +55,12 @@ def test_a_snippet_with_an_undefined_name_fails():
     assert run_page("```python\nx = 1\n```\n\n```python\nassert x == 1\n```\n", "page.md") == 2
     with pytest.raises(SyntaxError):
         run_page("```py title='an illustration'\ndef broken(:\n```\n", "page.md")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_docs_examples_write_only_into_temporary_folders(page):
+    """A saved file named by a bare relative path lands in the reader's working folder."""
+    saves = re.findall(
+        r"""torch\.save\([^,]+,\s*["']([^"']+)["']""", "\n".join(_blocks(page.read_text(), "python"))
+    )
+    assert saves == [], f"{page.name} saves to {saves}; save into tempfile.mkdtemp() instead"

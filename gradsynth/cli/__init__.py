@@ -1,11 +1,14 @@
 """The ``gradsynth`` command line: ``gradsynth unlearn`` and ``gradsynth compare``.
 
 `main` returns the exit status. A problem with the input is printed as one line,
-``gradsynth: error: ...``, with exit status 2, and no output folder is left behind.
+``gradsynth: error: ...``, with exit status 2, and no output folder is left behind. SIGINT,
+SIGTERM and SIGHUP stop a command the same way, with one line and exit status 128 + the
+signal number (130, 143, 129).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -15,19 +18,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from gradsynth.cli import compare_command, unlearn_command
     from gradsynth.cli.errors import CliError
-    from gradsynth.cli.parser import build_parser
+    from gradsynth.cli.parser import build_parser, check_environment
+    from gradsynth.cli.signals import Interrupted, interrupts_raise
 
     try:
-        args = build_parser().parse_args(argv)
-        torch.set_num_threads(args.threads)
-        command = {"unlearn": unlearn_command.run, "compare": compare_command.run}[args.command]
-        return command(args)
+        with interrupts_raise():
+            args = build_parser().parse_args(argv)
+            check_environment()
+            torch.set_num_threads(args.threads)
+            command = {"unlearn": unlearn_command.run, "compare": compare_command.run}[args.command]
+            return command(args)
     except CliError as err:
         print(f"gradsynth: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gradsynth: interrupted; no output folder was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        written = err.written if isinstance(err, Interrupted) else None
+        outcome = f"the output folder {written} is complete" if written else "no output folder was written"
+        print(f"gradsynth: interrupted ({signal.Signals(signum).name}); {outcome}", file=sys.stderr)
+        return 128 + signum
 
 
 __all__ = ["main"]

@@ -9,17 +9,15 @@ and ``pareto.png`` (forget recall against each kept split). ``--quick`` uses the
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from gradsynth.cli.compare_results import aggregate, markdown_report, pareto_plot
-from gradsynth.cli.errors import CliError
 from gradsynth.cli.output_folder import check_output_folder, staged_output
-from gradsynth.cli.parser import COMPARE_LRS, check_rules, parse_list
+from gradsynth.cli.parser import COMPARE_LRS, check_positive_finite, check_rules, parse_list
 from gradsynth.cli.run_one import evaluate, evaluation_batches, run_unlearning
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.unlearn_command import default_out, resolve_device, settings_for
-from gradsynth.unlearning.report import mean_geometry
+from gradsynth.unlearning.report import dump_json, mean_geometry
 
 QUICK_LRS = "3e-4,1e-3"
 QUICK_STEPS = 30
@@ -33,8 +31,7 @@ def run(args: argparse.Namespace) -> int:
         args.lrs = QUICK_LRS if args.lrs == COMPARE_LRS else args.lrs
         args.steps = args.steps or (None if args.epochs else QUICK_STEPS)
     lrs = parse_list(args.lrs, float, "--lrs")
-    if any(lr <= 0 for lr in lrs):
-        raise CliError(f"--lrs {args.lrs!r}: learning rates must be > 0")
+    check_positive_finite(lrs, "--lrs", args.lrs)
     seeds = parse_list(args.seeds, int, "--seeds")
     out = args.out or default_out("compare")
     check_output_folder(out, args.overwrite)
@@ -91,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     with staged_output(out, args.overwrite) as staging:
         (staging / "results.md").write_text(report)
         payload = {"settings": settings, "before": before, "aggregate": table, "runs": runs}
-        (staging / "results.json").write_text(json.dumps(payload, indent=2))
+        dump_json(staging / "results.json", payload)
         pareto_plot(staging / "pareto.png", table, splits, as_pct)
     print(report)
     print(

@@ -6,6 +6,8 @@ Defaults are tuned for the embedded world; ``--help`` on each command lists them
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,15 +36,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative(text: str) -> float:
+def _thread_count(text: str) -> int:
+    value = _positive_int(text)
+    cores = os.cpu_count() or 1
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"must be at most {cores} (the CPU cores here), got {text}")
+    return value
+
+
+def _finite(text: str) -> float:
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _finite(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
 def _positive(text: str) -> float:
-    value = float(text)
+    value = _finite(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
@@ -62,7 +79,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     obj.add_argument("--alpha", type=_non_negative, default=1.0, help="retain weight")
     obj.add_argument("--gamma", type=_non_negative, default=1.0, help="forget weight")
     obj.add_argument("--beta", type=_positive, default=0.1, help="NPO/SimNPO inverse temperature")
-    obj.add_argument("--delta", type=float, default=0.0, help="SimNPO margin")
+    obj.add_argument("--delta", type=_finite, default=0.0, help="SimNPO margin")
     run = p.add_argument_group("training")
     length = run.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, help=f"optimizer steps (default {DEFAULT_STEPS})")
@@ -72,7 +89,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     run.add_argument("--max-length", type=_positive_int, help="tokens per example (default 256; world 48)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
-    run.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for torch (default 1)")
+    run.add_argument("--threads", type=_thread_count, default=1, help="CPU threads for torch (default 1)")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, help="output folder (default: gradsynth-runs/<command>-<time>)")
     out.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -124,3 +141,20 @@ def check_rules(rules: list[str], flag: str) -> None:
     unknown = [r for r in rules if r not in available_rules()]
     if unknown:
         raise CliError(f"{flag}: unknown rule {unknown[0]!r}; choose from {', '.join(available_rules())}")
+
+
+def check_positive_finite(values: list[float], flag: str, text: str) -> None:
+    """Refuse a value of a list flag that is not a finite number > 0 (NaN and inf included)."""
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise CliError(f"{flag} {text!r}: {bad[0]:g} is not a finite number > 0; learning rates must be > 0")
+
+
+def check_environment() -> None:
+    """Environment variables the run will read, checked before any work."""
+    from gradsynth.rules.fused import backend_from_env
+
+    try:
+        backend_from_env()
+    except ValueError as err:
+        raise CliError(str(err)) from err

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradsynth.cli.errors import CliError
 from gradsynth.cli.sources import Task
-from gradsynth.unlearning.encoding import encode, make_batches, pad_id_of
+from gradsynth.unlearning.encoding import IGNORE_INDEX, encode, make_batches, pad_id_of
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.generation import rouge_l_of
-from gradsynth.unlearning.loop import StepRecord, UnlearnSettings, unlearn
+from gradsynth.unlearning.loop import Diverged, StepRecord, UnlearnSettings, unlearn
 
 EVAL_BATCH = 64
 
@@ -39,6 +40,16 @@ def evaluation_batches(task: Task) -> dict[str, tuple[list[dict[str, Tensor]], b
         )
         for name, examples in task.splits.items()
     }
+
+
+def check_learnable(encoded: list[tuple[list[int], list[int]]], name: str, max_length: int) -> None:
+    """Refuse examples cut so short that no token is left to learn (the first one is never predicted)."""
+    empty = sum(1 for _, labels in encoded if all(label == IGNORE_INDEX for label in labels[1:]))
+    if empty:
+        raise CliError(
+            f"--max-length {max_length}: {empty} of {len(encoded)} {name} examples keep no token to learn "
+            "from; raise --max-length"
+        )
 
 
 def evaluate(
@@ -74,6 +85,8 @@ def run_unlearning(
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     forget = [encode(task.tokenizer, e, task.max_length) for e in task.forget]
     retain = [encode(task.tokenizer, e, task.max_length) for e in task.retain]
+    check_learnable(forget, "forget", task.max_length)
+    check_learnable(retain, "retain", task.max_length)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -90,6 +103,8 @@ def run_unlearning(
     start = time.perf_counter()
     try:
         records = unlearn(model, forget, retain, pad_id_of(task.tokenizer), settings, reference, on_step)
+    except Diverged as err:
+        raise CliError(f"rule {settings.rule}, lr {settings.lr:g}, seed {settings.seed}: {err}") from err
     finally:
         if bar is not None:
             bar.close()

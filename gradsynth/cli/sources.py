@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,18 +63,72 @@ def world_task(size: str, seed: int, log: Any = print) -> Task:
     )
 
 
+# Files one of which a saved tokenizer has (fast, SentencePiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.tiktoken",
+)
+
+
+def _check_weights_match(path: str, info: dict[str, Any]) -> None:
+    """Refuse a model whose weights do not fill its architecture (some tensors left random)."""
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{len(keys)} {label} (e.g. {sorted(map(str, keys))[0]})"
+            for keys, label in (
+                (missing, "weights missing, left random"),
+                (unexpected, "weights unused"),
+                (mismatched, "weights of the wrong shape"),
+            )
+            if keys
+        ]
+        raise CliError(
+            f"--model {path}: its config does not match its weights ({'; '.join(parts)}); "
+            "check that config.json belongs to these weights"
+        )
+
+
+def _check_tokenizer(path: str, model: Any, tokenizer: Any) -> None:
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise CliError(f"--model {path}: its tokenizer has no vocabulary; save the model's tokenizer with it")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise CliError(
+            f"--model {path}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}; "
+            "save the model's own tokenizer with it"
+        )
+
+
 def _load_model(path: str, dtype: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], output_loading_info=True
+        )
+        folder = Path(path)
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise CliError(
+                f"--model {path}: has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
+                "save the tokenizer next to the model (tokenizer.save_pretrained)"
+            )
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except CliError:
+        raise
     except Exception as err:  # transformers raises OSError, ValueError, KeyError... for a bad model
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CliError(
             f"--model {path}: not a causal language model transformers can load ({reason[:200]}); "
             "give a local folder or Hub id of a causal LM"
         ) from err
+    _check_weights_match(path, info)
+    _check_tokenizer(path, model, tokenizer)
     return model, tokenizer
 
 

@@ -28,6 +28,8 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        if torch.device(device).type == "meta":  # tensors without data: nothing could be trained
+            raise RuntimeError("the meta device holds no data")
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as err:
         raise CliError(

@@ -388,32 +388,61 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
             rule, alpha, gamma = self.group_settings(group)
             entries = by_rule.setdefault(id(rule), (rule, []))[1]
             entries.extend((p, alpha, gamma) for p in group["params"] if self._tasks.reached(p))
-        for rule, entries in by_rule.values():
-            pairs = []
-            for p, _, _ in entries:
-                forget, retain = self._tasks.take(p)
-                pairs.append(
-                    (
-                        torch.zeros_like(retain) if forget is None else forget,
-                        torch.zeros_like(forget) if retain is None else retain,
-                    )
-                )
-            context = rule.prepare(
-                [f for f, _ in pairs],
-                [r for _, r in pairs],
-                alpha=[alpha for _, alpha, _ in entries],
-                gamma=[gamma for _, _, gamma in entries],
-            )
-            for (p, alpha, gamma), (forget, retain) in zip(entries, pairs, strict=True):
-                update = combine_one(
-                    rule, forget, retain, alpha=alpha, gamma=gamma, context=context, geometry=geometry
-                )
-                self._tasks.place(p, update)
+        # The task gradients stay in their stashes until every update is computed, so that a
+        # rule that raises leaves them pending as they were (see `_combine_all`).
+        updates = self._combine_all(by_rule.values(), geometry)
+        for p, update in updates:
+            self._tasks.take(p)
+            self._tasks.place(p, update)
         if geometry is not None:
             geometry.reduce()
         self._geometry = geometry
         self._geometry_result = None
         self._synthesized = True
+
+    def _combine_all(self, work: Any, geometry: GeometryAccumulator | None) -> list[tuple[Tensor, Tensor]]:
+        """Every parameter's update; the pending task gradients are left in place.
+
+        If a rule raises, the pending gradients are as they were when nothing was written over
+        them yet: the rule failed in ``prepare``, on the first parameter, or with geometry
+        tracked (updates then go to new tensors). Otherwise (an in-place update already replaced
+        some retain gradients) they are dropped and a ``RuntimeError`` says to redo the step.
+        """
+        updates: list[tuple[Tensor, Tensor]] = []
+        overwritten = False
+        try:
+            for rule, entries in work:
+                pairs = []
+                for p, _, _ in entries:
+                    forget, retain = self._tasks.peek(p)
+                    pairs.append(
+                        (
+                            torch.zeros_like(retain) if forget is None else forget,
+                            torch.zeros_like(forget) if retain is None else retain,
+                        )
+                    )
+                context = rule.prepare(
+                    [f for f, _ in pairs],
+                    [r for _, r in pairs],
+                    alpha=[alpha for _, alpha, _ in entries],
+                    gamma=[gamma for _, _, gamma in entries],
+                )
+                for (p, alpha, gamma), (forget, retain) in zip(entries, pairs, strict=True):
+                    update = combine_one(
+                        rule, forget, retain, alpha=alpha, gamma=gamma, context=context, geometry=geometry
+                    )
+                    overwritten = overwritten or update is self._tasks.peek(p)[1]
+                    updates.append((p, update))
+        except Exception as err:
+            if not overwritten:
+                raise
+            self.zero_grad()
+            raise RuntimeError(
+                f"the synthesis failed ({type(err).__name__}: {err}) after some retain gradients were "
+                "replaced in place by their update; this step's task gradients were dropped: fix the "
+                "rule and redo the step's backward passes (track_geometry=True keeps them intact)"
+            ) from err
+        return updates
 
     def _refuse_unattributed(self) -> None:
         param = self._tasks.unattributed(self._params())
@@ -491,6 +520,29 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
             state = post_hook(self, state) or state
         return state
 
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, before anything changes, a load that would fail later or corrupt a step.
+
+        After ``synthesize()``, ``p.grad`` holds the update: a load that reset the bookkeeping
+        would let the next backward take it for a task gradient. Per-group ``rule``/``alpha``/
+        ``gamma`` of the checkpoint are checked as `add_param_group` checks them.
+        """
+        if self._synthesized:
+            raise RuntimeError(
+                "load_state_dict() after synthesize() and before step()/zero_grad(): p.grad holds the "
+                "synthesized update, which the next backward would mix into a task gradient. Load the "
+                "checkpoint before the step's backward passes, or call zero_grad() first."
+            )
+        for index, group in enumerate(state_dict.get("param_groups", [])):
+            try:
+                if "rule" in group and "rule" not in getattr(self._base, "defaults", {}):
+                    get_rule(group["rule"])
+                for key in ("alpha", "gamma"):
+                    if key in group and key not in getattr(self._base, "defaults", {}):
+                        _check_weight(key, group[key])
+            except (TypeError, ValueError, KeyError) as err:
+                raise type(err)(f"param group {index} of the checkpoint: {err}") from err
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from `state_dict` (or a plain one of the wrapped optimizer).
 
@@ -499,6 +551,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         plain optimizer's state dict, the checkpoint's settings replace the optimizer's; one that
         was set away from its default and differs is replaced with a ``UserWarning`` naming both.
         """
+        self._check_loadable(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
         state_dict = dict(state_dict)

@@ -69,10 +69,27 @@ def _check_backend(name: str) -> str:
     return name
 
 
-_state: dict[str, Any] = {
-    "backend": _check_backend(os.environ.get("GRADSYNTH_BACKEND", "auto")),
-    "min_numel": MIN_NUMEL,
-}
+def backend_from_env() -> str:
+    """``GRADSYNTH_BACKEND`` (default ``"auto"``); ``ValueError`` naming the variable if unknown."""
+    name = os.environ.get("GRADSYNTH_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(
+            f"GRADSYNTH_BACKEND={name!r} is not a synthesis backend; set one of {', '.join(BACKENDS)} "
+            "or unset it"
+        )
+    return name
+
+
+def _initial_backend() -> str | None:
+    # An unknown value must not make `import gradsynth` fail (a command line could not even
+    # report it): it is raised at the first synthesis, and `gradsynth` checks it up front.
+    try:
+        return backend_from_env()
+    except ValueError:
+        return None
+
+
+_state: dict[str, Any] = {"backend": _initial_backend(), "min_numel": MIN_NUMEL}
 _compiled: dict[str, Callable[..., Any]] = {}
 # (kernel, dtype, device type): compiled and run once (True) or failed to compile (False).
 _status: dict[tuple[str, torch.dtype, str], bool] = {}
@@ -91,7 +108,7 @@ def set_backend(name: str, *, min_numel: int | None = None) -> None:
 
 def get_backend() -> str:
     """The current backend name (see `set_backend`)."""
-    return _state["backend"]
+    return _state["backend"] or backend_from_env()
 
 
 @contextmanager
@@ -119,6 +136,8 @@ def eligible(*tensors: Tensor) -> bool:
     """True when the fused kernels will handle these same-shaped tensors."""
     if _state["backend"] == "eager":
         return False
+    if _state["backend"] is None:
+        backend_from_env()  # raises, naming the variable
     first = tensors[0]
     return (
         first.numel() >= _state["min_numel"]

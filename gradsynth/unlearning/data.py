@@ -8,7 +8,9 @@ that names the file and the fix.
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
+from typing import Any
 
 from gradsynth.unlearning.encoding import Example, prompt_of
 
@@ -17,6 +19,36 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parqu
 
 class DataError(ValueError):
     """A data file that cannot be used, with the reason and the fix."""
+
+
+def _check_utf8(path: Path, what: str) -> None:
+    """Refuse a text file that is not UTF-8 here: ``datasets`` decodes lazily, outside any check."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{what} {path}: not UTF-8 text (byte 0x{chunk[err.start]:02x} at offset "
+                    f"{offset + err.start}); save the file as UTF-8"
+                ) from err
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what} {path}: not UTF-8 text (it ends mid-character); save it as UTF-8") from err
+
+
+def _string(value: Any, column: str, row: int, what: str, path: Path) -> str:
+    """A cell as text: strings as they are, numbers written out; anything else is refused."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    kind = "missing (null)" if value is None else f"a {type(value).__name__}, not a string"
+    raise DataError(f"{what} {path}: row {row}: '{column}' is {kind}; give a string in every row")
 
 
 def load_examples(path: str | Path, what: str = "data") -> list[Example]:
@@ -34,6 +66,8 @@ def load_examples(path: str | Path, what: str = "data") -> list[Example]:
         raise DataError(f"{what} {path}: cannot be read ({err.strerror}); check its permissions") from err
     if empty:
         raise DataError(f"{what} {path}: the file has no rows; give at least one example")
+    if builder != "parquet":
+        _check_utf8(path, what)
     import datasets
 
     datasets.disable_progress_bars()
@@ -48,11 +82,16 @@ def load_examples(path: str | Path, what: str = "data") -> list[Example]:
         raise DataError(f"{what} {path}: the file has no rows; give at least one example")
     if {"question", "answer"} <= columns:
         return [
-            Example(prompt_of(str(q)), str(a))
-            for q, a in zip(table["question"], table["answer"], strict=True)
+            Example(prompt_of(_string(q, "question", row, what, path)), _string(a, "answer", row, what, path))
+            for row, (q, a) in enumerate(zip(table["question"], table["answer"], strict=True), start=1)
         ]
     if "text" in columns:
-        texts = [str(t) for t in table["text"] if t is not None and str(t).strip()]
+        texts = [
+            _string(t, "text", row, what, path)
+            for row, t in enumerate(table["text"], start=1)
+            if t is not None  # blank lines and empty cells are skipped, as in a text file
+        ]
+        texts = [t for t in texts if t.strip()]
         if not texts:
             raise DataError(f"{what} {path}: every 'text' is empty; give at least one example")
         return [Example(t) for t in texts]

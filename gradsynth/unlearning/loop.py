@@ -70,6 +70,28 @@ class _Cycle:
         return [self._items[i] for i in chosen]
 
 
+class Diverged(ArithmeticError):
+    """The run produced a non-finite loss or weight; the model it leaves must not be used."""
+
+
+def _check_finite_loss(step: int, forget: float, retain: float) -> None:
+    for name, value in (("forget", forget), ("retain", retain)):
+        if not math.isfinite(value):
+            raise Diverged(
+                f"the {name} loss is {value} at step {step}: the run diverged; lower --lr, check "
+                "--beta/--delta, or use --dtype float32 or bfloat16"
+            )
+
+
+def _check_finite_weights(model: Any) -> None:
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise Diverged(
+            f"parameter {bad} holds NaN or infinite values after the run: it diverged; lower --lr "
+            "or use --dtype float32 or bfloat16"
+        )
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -88,7 +110,11 @@ def unlearn(
     reference: Any = None,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> list[StepRecord]:
-    """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step."""
+    """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step.
+
+    Raises `Diverged` at the first non-finite loss, or if a weight is non-finite at the end
+    (a non-finite weight makes the next loss non-finite, so this covers every step).
+    """
     if settings.losses.needs_reference and reference is None:
         raise ValueError("NPO and the KL retain loss need the frozen reference model; pass reference=")
     device = next(model.parameters()).device
@@ -112,6 +138,7 @@ def unlearn(
             optimizer.backward_retain(lr_ / settings.grad_accum)
             forget_total += float(lf.detach()) / settings.grad_accum
             retain_total += float(lr_.detach()) / settings.grad_accum
+            _check_finite_loss(step, forget_total, retain_total)
         optimizer.step()
         geometry = optimizer.geometry
         record = StepRecord(
@@ -126,5 +153,6 @@ def unlearn(
         records.append(record)
         if on_step is not None:
             on_step(record)
+    _check_finite_weights(model)
     model.eval()
     return records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,22 @@ def mean_geometry(records: list[StepRecord]) -> dict[str, float | None]:
     return out
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON ``null``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def dump_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as RFC 8259 JSON: non-finite numbers become ``null``, never bare NaN."""
+    path.write_text(json.dumps(finite_json(payload), indent=2, allow_nan=False))
+
+
 def write_report(
     path: Path, settings: dict[str, Any], before: dict, after: dict, records: list[StepRecord]
 ) -> None:
@@ -29,7 +46,7 @@ def write_report(
         "geometry_mean": mean_geometry(records),
         "steps": [asdict(r) for r in records],
     }
-    path.write_text(json.dumps(report, indent=2))
+    dump_json(path, report)
 
 
 def plot_curves(path: Path, records: list[StepRecord], title: str) -> None:

@@ -1,10 +1,18 @@
 """Training the world model once and keeping it on disk.
 
 The cache lives in ``$GRADSYNTH_CACHE`` (else ``~/.cache/gradsynth``), one folder per world:
-``world-<size>-<key>/`` with the model (``save_pretrained``, safetensors), the tokenizer and
-``pretrain.json``. ``key`` is a SHA-256 of the size settings, the world seed, the facts
-themselves and a format version, so a changed world or model config never loads stale
-weights. A folder is written under a temporary name and renamed when complete.
+``world-<size>-<key>/`` with the model (``save_pretrained``, safetensors), the tokenizer,
+``pretrain.json`` and ``manifest.json``. ``key`` is a SHA-256 of the size settings, the world
+seed, the facts themselves and a format version, so a changed world or model config never loads
+stale weights.
+
+An entry is trusted only when it matches its manifest (`gradsynth.world.cache_files`): every
+file listed, with its size and SHA-256 written at save time. A damaged entry (a file missing,
+truncated or changed) is rebuilt, with one line saying so. Writes are atomic: the folder is
+written under a temporary name (``world-*.tmp-<pid>``) and renamed when complete; a temporary
+folder of a process that died is removed by the next run. A cache that cannot be written (a
+read-only folder, ``GRADSYNTH_CACHE`` naming a file, a full disk) costs one warning: the freshly
+trained model is used from memory.
 """
 
 from __future__ import annotations
@@ -18,9 +26,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gradsynth.unlearning.encoding import Example, prompt_of
+from gradsynth.world.cache_files import (
+    CacheDamaged,
+    make_shareable,
+    remove_stale_temporaries,
+    verify_manifest,
+    write_manifest,
+)
 from gradsynth.world.facts import World, build_world
 from gradsynth.world.model import build_model
 from gradsynth.world.pretrain import pretrain
@@ -29,6 +44,14 @@ from gradsynth.world.tokenizer import train_tokenizer
 
 FORMAT_VERSION = 1
 WORLD_SEED = 0
+# What a complete entry holds besides the manifest; a manifest that omits one is refused.
+REQUIRED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "pretrain.json",
+)
 
 
 def cache_dir() -> Path:
@@ -51,6 +74,61 @@ def cache_key(size_name: str, world: World) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
+def _load_entry(folder: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict[str, Any]]:
+    """The cached model, tokenizer and pretraining info; `CacheDamaged` if anything is off."""
+    verify_manifest(folder, REQUIRED_FILES)
+    try:
+        info = json.loads((folder / "pretrain.json").read_text())
+        # The config is loaded explicitly: without it from_pretrained would build the default
+        # LlamaConfig, a 6.7B-parameter model.
+        config = LlamaConfig.from_pretrained(folder)
+        model = LlamaForCausalLM.from_pretrained(folder, config=config)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    except Exception as err:  # the files match their checksums but this library cannot read them
+        raise CacheDamaged(f"cannot be loaded ({_reason(err)})") from err
+    model.eval()
+    return model, tokenizer, info
+
+
+def _discard(folder: Path) -> None:
+    """Move a damaged entry out of the way (atomically), then delete it; best effort."""
+    aside = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    try:
+        folder.rename(aside)
+    except OSError:
+        return  # another process moved it first, or the cache is read-only: the save will say so
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+def _save_entry(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any]) -> None:
+    """Write the entry under a temporary name, with its manifest, and rename it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "pretrain.json").write_text(json.dumps(info, indent=2))
+        write_manifest(tmp)
+        make_shareable(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            # Another process cached the same world first; theirs is as good.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_world_model(
     size_name: str = "default", log: Callable[[str], None] = print
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, World, dict[str, Any]]:
@@ -60,12 +138,14 @@ def load_world_model(
     size = SIZES[size_name]
     world = build_world(size, WORLD_SEED)
     folder = cache_dir() / f"world-{size_name}-{cache_key(size_name, world)}"
-    if (folder / "pretrain.json").is_file():
-        info = json.loads((folder / "pretrain.json").read_text())
-        model = LlamaForCausalLM.from_pretrained(folder)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
-        model.eval()
-        return model, tokenizer, world, {**info, "cached": True, "path": str(folder)}
+    remove_stale_temporaries(folder.parent)
+    if folder.exists():
+        try:
+            model, tokenizer, info = _load_entry(folder)
+            return model, tokenizer, world, {**info, "cached": True, "path": str(folder)}
+        except CacheDamaged as err:
+            log(f"The cached world model in {folder} is damaged ({err}); rebuilding it")
+            _discard(folder)
 
     examples = world_examples(world)
     log(
@@ -86,14 +166,11 @@ def load_world_model(
         "size": size.as_dict(),
     }
     log(f"  memorised {info['recall']:.1%} of the facts in {info['steps']} steps, {info['seconds']}s")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "pretrain.json").write_text(json.dumps(info, indent=2))
     try:
-        tmp.rename(folder)
-    except OSError:  # another process cached the same world first; theirs is as good
-        shutil.rmtree(tmp, ignore_errors=True)
+        _save_entry(folder, model, tokenizer, info)
+    except Exception as err:  # OSError, or safetensors' own error on a full disk: the model is fine
+        log(
+            f"Warning: could not write the world model cache in {folder.parent} ({_reason(err)}); "
+            "continuing with the model in memory (set GRADSYNTH_CACHE to a writable folder to keep it)"
+        )
     return model, tokenizer, world, {**info, "cached": False, "path": str(folder)}
