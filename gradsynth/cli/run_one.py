@@ -73,6 +73,7 @@ def run_unlearning(
     eval_batches: dict | None = None,
     before: dict | None = None,
     plan: BenchmarkPlan | None = None,
+    benchmarks_before: dict | None = None,
 ) -> tuple[Any, RunOutcome]:
     """Unlearn on a copy of ``task.model`` (or on it, ``in_place``); returns the model and the outcome.
 
@@ -84,7 +85,12 @@ def run_unlearning(
     model.to(device)
     eval_batches = eval_batches if eval_batches is not None else evaluation_batches(task)
     before = before if before is not None else evaluate(model, eval_batches, task)
-    benchmarks = {"before": plan.run(model, task.tokenizer)} if plan.tasks else {}
+    if plan.tasks:
+        benchmarks = {
+            "before": benchmarks_before if benchmarks_before is not None else plan.run(model, task.tokenizer)
+        }
+    else:
+        benchmarks = {}
     curve = [{"step": 0, "splits": before, "benchmarks": benchmarks.get("before", {})}] if plan.every else []
     reference = None
     if settings.losses.needs_reference:
