@@ -75,25 +75,30 @@ def _continuation(tokenizer: Any, context: str, option: str) -> tuple[list[int],
 
 @torch.no_grad()
 def option_logprobs(
-    model: Any, tokenizer: Any, choices: list[Choice], batch_size: int = 256
+    model: Any, tokenizer: Any, choices: list[Choice], batch_size: int = 64
 ) -> list[list[float]]:
-    """Per question, the summed log-probability of each option's continuation tokens."""
+    """Per question, the summed log-probability of each option's continuation tokens.
+
+    Sequences are batched by length (less padding); right padding leaves the real tokens'
+    logits unchanged in a causal model."""
     pairs = [(i, _continuation(tokenizer, c.context, o)) for i, c in enumerate(choices) for o in c.options]
+    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][1][0]) + len(pairs[k][1][1]))
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
     was_training = model.training
     model.eval()
-    sums: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = [ctx + cont for _, (ctx, cont) in pairs[start : start + batch_size]]
+    sums = [0.0] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        chunk = [pairs[k][1][0] + pairs[k][1][1] for k in rows]
         width = max(len(ids) for ids in chunk)
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        for row, (_, (ctx, cont)) in enumerate(pairs[start : start + batch_size]):
-            positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=device)
-            targets = torch.tensor(cont, device=device)
-            sums.append(float(logp[row, positions, targets].sum()))
+        for row, k in enumerate(rows):
+            context, continuation = pairs[k][1]
+            positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=device)
+            sums[k] = float(logp[row, positions, torch.tensor(continuation, device=device)].sum())
     model.train(was_training)
     out: list[list[float]] = [[] for _ in choices]
     for (question, _), value in zip(pairs, sums, strict=True):
