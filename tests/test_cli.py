@@ -84,7 +84,7 @@ def test_compare_writes_tables_and_pareto_plot(world_cache, tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--quick", "--rules", "sum,sago", "--lrs", "1e-3", "--seeds", "0,1", "--steps", "8"]
     assert main([*args, "--out", str(out), "--no-progress"]) == 0
-    assert {p.name for p in out.iterdir()} == {"results.md", "results.json", "pareto.png"}
+    assert {p.name for p in out.iterdir()} == {"results.md", "results.json", "pareto.png", "tradeoff.png"}
     results = json.loads((out / "results.json").read_text())
     assert len(results["runs"]) == 4
     assert {(r["rule"], r["seed"]) for r in results["runs"]} == {

@@ -1,4 +1,4 @@
-"""The ``gradsynth`` command line: ``gradsynth unlearn`` and ``gradsynth compare``.
+"""The ``gradsynth`` command line: ``gradsynth unlearn``, ``gradsynth compare`` and ``gradsynth eval``.
 
 `main` returns the exit status. A problem with the input is printed as one line,
 ``gradsynth: error: ...``, with exit status 2, and no output folder is left behind. SIGINT,
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``gradsynth`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     import torch
 
-    from gradsynth.cli import compare_command, unlearn_command
+    from gradsynth.cli import compare_command, eval_command, unlearn_command
     from gradsynth.cli.errors import CliError
     from gradsynth.cli.parser import build_parser, check_environment
     from gradsynth.cli.signals import Interrupted, interrupts_raise
@@ -26,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             check_environment()
             torch.set_num_threads(args.threads)
-            command = {"unlearn": unlearn_command.run, "compare": compare_command.run}[args.command]
+            command = {
+                "unlearn": unlearn_command.run,
+                "compare": compare_command.run,
+                "eval": eval_command.run,
+            }[args.command]
             return command(args)
     except CliError as err:
         print(f"gradsynth: error: {err}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """``gradsynth compare``: several rules over a learning-rate grid and seeds, on the same model and data.
 
 Writes ``results.md`` (the table with spread over seeds, the comparison at comparable
-forgetting and the gradient-geometry table), ``results.json`` (every run and the aggregate)
-and ``pareto.png`` (forget recall against each kept split). ``--quick`` uses the CI-sized world
-(unless ``--model`` is given), two learning rates and 30 steps.
+forgetting and the gradient-geometry table), ``results.json`` (every run and the aggregate),
+``pareto.png`` (forget recall against each kept split) and ``tradeoff.png`` (forget score against
+the share of the utility split's score kept, one curve per rule). ``--rank-by`` adds a ranking by
+any evaluated metric, ``--eval-tasks`` scores every run on lm-eval tasks too. ``--quick`` uses
+the CI-sized world (unless ``--model`` is given), two learning rates and 30 steps.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from gradsynth.cli.benchmark_plan import plan_from_args
+from gradsynth.cli.compare_ranking import rank, ranking_markdown, tradeoff_plot, utility_kept
 from gradsynth.cli.compare_results import aggregate, markdown_report, pareto_plot
 from gradsynth.cli.output_folder import check_output_folder, staged_output
 from gradsynth.cli.parser import COMPARE_LRS, check_positive_finite, check_rules, parse_list
@@ -51,12 +55,27 @@ def run(args: argparse.Namespace) -> int:
             batches = evaluation_batches(task)
             task.model.to(device)
             before = evaluate(task.model, batches, task)
+            plan = plan_from_args(args, task)
+            bench_before = plan.run(task.model, task.tokenizer)
+            if args.rank_by:  # refuse an unknown metric now, not after every run
+                rank(
+                    [{"rule": "", "lr": 0.0, "after": before, "benchmarks": {"after": bench_before}}],
+                    args.rank_by,
+                )
             for rule in rules:
                 for lr in lrs:
                     settings = settings_for(args, rule, lr, seed, len(task.forget))
                     if bar is not None:
                         bar.set_postfix(seed=seed, rule=rule, lr=f"{lr:g}")
-                    _, outcome = run_unlearning(task, settings, device, eval_batches=batches, before=before)
+                    _, outcome = run_unlearning(
+                        task,
+                        settings,
+                        device,
+                        eval_batches=batches,
+                        before=before,
+                        plan=plan,
+                        benchmarks_before=bench_before,
+                    )
                     runs.append(
                         {
                             "seed": seed,
@@ -68,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
                             "before": before,
                             "after": outcome.after,
                             "geometry": mean_geometry(outcome.records),
+                            "benchmarks": outcome.benchmarks,
                         }
                     )
+                    runs[-1]["utility_kept"] = utility_kept(runs[-1])
                     if bar is not None:
                         bar.update(1)
     finally:
@@ -79,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     as_pct = all(before[s]["recall"] is not None for s in splits)
     table = aggregate(runs, splits)
     report = markdown_report(table, splits, as_pct, len(seeds), runs[0]["steps"])
+    if args.rank_by:
+        report += "\n" + ranking_markdown(runs, args.rank_by)
     settings = {
         **settings_for(args, rules[0], lrs[0], seeds[0], len(task.forget)).as_dict(),
         "device": device,
@@ -90,9 +113,10 @@ def run(args: argparse.Namespace) -> int:
         payload = {"settings": settings, "before": before, "aggregate": table, "runs": runs}
         dump_json(staging / "results.json", payload)
         pareto_plot(staging / "pareto.png", table, splits, as_pct)
+        tradeoff_plot(staging / "tradeoff.png", runs)
     print(report)
     print(
         f"{len(runs)} runs in {time.perf_counter() - start:.0f}s. "
-        f"Wrote {out}/ (results.md, results.json, pareto.png)"
+        f"Wrote {out}/ (results.md, results.json, pareto.png, tradeoff.png)"
     )
     return 0

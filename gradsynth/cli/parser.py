@@ -90,10 +90,28 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     run.add_argument("--threads", type=_thread_count, default=1, help="CPU threads for torch (default 1)")
+    _add_eval_options(p)
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, help="output folder (default: gradsynth-runs/<command>-<time>)")
     out.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    ev = p.add_argument_group("benchmarks (lm-eval; needs the 'eval' extra)")
+    ev.add_argument(
+        "--eval-tasks",
+        help="comma-separated lm-eval tasks (wmdp_bio, mmlu, ...; world_forget etc. for the world's splits)",
+    )
+    ev.add_argument(
+        "--include-path",
+        type=Path,
+        action="append",
+        help="folder of your own lm-eval task YAMLs (repeatable)",
+    )
+    ev.add_argument(
+        "--eval-limit", type=_positive, help="at most this many documents per task (< 1: a share)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_positive, default=DEFAULT_LR, help=f"AdamW learning rate ({DEFAULT_LR:g})"
     )
     unlearn.add_argument("--seed", type=int, default=0, help="seed of the batches (and the world's targets)")
+    unlearn.add_argument(
+        "--eval-every", type=_positive_int, help="evaluate every split (and --eval-tasks) every N steps"
+    )
     compare = commands.add_parser(
         "compare",
         help="compare rules over a learning-rate grid",
@@ -121,7 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--rules", default=COMPARE_RULES, help=f"comma-separated (default {COMPARE_RULES})")
     compare.add_argument("--lrs", default=COMPARE_LRS, help=f"comma-separated learning rates ({COMPARE_LRS})")
     compare.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    compare.add_argument(
+        "--rank-by",
+        help="rank rules by a metric: SPLIT.METRIC (forget.mc_acc, general.recall) or TASK.METRIC",
+    )
     compare.add_argument("--quick", action="store_true", help="the CI-sized world, two rates, fewer steps")
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a saved model on lm-eval tasks",
+        description="Score a saved model (a folder from `gradsynth unlearn`, or any causal LM) on lm-eval "
+        "tasks; prints a table and writes eval.json to --out if given.",
+    )
+    evaluate.add_argument("model", help="local folder or Hub id of a causal LM")
+    evaluate.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    evaluate.add_argument(
+        "--include-path", type=Path, action="append", help="folder of task YAMLs (repeatable)"
+    )
+    evaluate.add_argument(
+        "--limit", type=_positive, help="at most this many documents per task (< 1: a share)"
+    )
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="lm-eval batch size (8)")
+    evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    evaluate.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    evaluate.add_argument(
+        "--threads", type=_positive_int, default=1, help="CPU threads for torch (default 1)"
+    )
+    evaluate.add_argument("--out", type=Path, help="write eval.json into this folder")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return parser
 
 

@@ -5,18 +5,20 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gradsynth.cli.benchmark_plan import BenchmarkPlan
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.sources import Task
 from gradsynth.unlearning.encoding import IGNORE_INDEX, encode, make_batches, pad_id_of
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.generation import rouge_l_of
 from gradsynth.unlearning.loop import Diverged, StepRecord, UnlearnSettings, unlearn
+from gradsynth.unlearning.multiple_choice import mc_accuracy
 
 EVAL_BATCH = 64
 
@@ -29,6 +31,8 @@ class RunOutcome:
     after: dict[str, dict[str, Any]]
     records: list[StepRecord]
     seconds: float
+    benchmarks: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # before/after
+    curve: list[dict[str, Any]] = field(default_factory=list)  # every split's metrics over steps
 
 
 def evaluation_batches(task: Task) -> dict[str, tuple[list[dict[str, Tensor]], bool]]:
@@ -53,11 +57,17 @@ def check_learnable(encoded: list[tuple[list[int], list[int]]], name: str, max_l
 
 
 def evaluate(
-    model: Any, batches: dict[str, tuple[list[dict[str, Tensor]], bool]], task: Task | None = None
+    model: Any,
+    batches: dict[str, tuple[list[dict[str, Tensor]], bool]],
+    task: Task | None = None,
+    generate: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """NLL and recall per split; with a task that asks for it, also ROUGE-L recall of greedy answers."""
+    """NLL and recall per split; the multiple-choice accuracy of splits that have questions; with a
+    task that asks for it (and ``generate``), also ROUGE-L recall of greedy answers."""
     metrics = {name: split_metrics(model, b, answers) for name, (b, answers) in batches.items()}
-    if task is not None and task.generate_eval:
+    for name, choices in (task.choices if task is not None else {}).items():
+        metrics[name]["mc_acc"] = mc_accuracy(model, task.tokenizer, choices)
+    if task is not None and task.generate_eval and generate:
         for name, examples in task.splits.items():
             if batches[name][1]:
                 metrics[name]["rougeL_recall"] = rouge_l_of(model, task.tokenizer, examples)
@@ -73,13 +83,26 @@ def run_unlearning(
     progress: bool = False,
     eval_batches: dict | None = None,
     before: dict | None = None,
+    plan: BenchmarkPlan | None = None,
+    benchmarks_before: dict | None = None,
 ) -> tuple[Any, RunOutcome]:
-    """Unlearn on a copy of ``task.model`` (or on it, ``in_place``); returns the model and the outcome."""
+    """Unlearn on a copy of ``task.model`` (or on it, ``in_place``); returns the model and the outcome.
+
+    With a ``plan``, its lm-eval tasks are run before and after, and with ``plan.every`` the
+    split metrics (and tasks) every that many steps, on the model in memory."""
+    plan = plan or BenchmarkPlan()
     torch.manual_seed(settings.seed)
     model = task.model if in_place else copy.deepcopy(task.model)
     model.to(device)
     eval_batches = eval_batches if eval_batches is not None else evaluation_batches(task)
     before = before if before is not None else evaluate(model, eval_batches, task)
+    if plan.tasks:
+        benchmarks = {
+            "before": benchmarks_before if benchmarks_before is not None else plan.run(model, task.tokenizer)
+        }
+    else:
+        benchmarks = {}
+    curve = [{"step": 0, "splits": before, "benchmarks": benchmarks.get("before", {})}] if plan.every else []
     reference = None
     if settings.losses.needs_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -99,6 +122,11 @@ def run_unlearning(
                 forget=f"{record.forget_loss:.3f}", retain=f"{record.retain_loss:.3f}", refresh=False
             )
             bar.update(1)
+        if plan.every and record.step % plan.every == 0 and record.step < settings.steps:
+            splits = evaluate(model, eval_batches, task, generate=False)
+            curve.append(
+                {"step": record.step, "splits": splits, "benchmarks": plan.run(model, task.tokenizer)}
+            )
 
     start = time.perf_counter()
     try:
@@ -109,4 +137,9 @@ def run_unlearning(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
-    return model, RunOutcome(before, evaluate(model, eval_batches, task), records, seconds)
+    after = evaluate(model, eval_batches, task)
+    if plan.tasks:
+        benchmarks["after"] = plan.run(model, task.tokenizer)
+    if plan.every:
+        curve.append({"step": settings.steps, "splits": after, "benchmarks": benchmarks.get("after", {})})
+    return model, RunOutcome(before, after, records, seconds, benchmarks, curve)

@@ -16,6 +16,7 @@ import torch
 from gradsynth.cli.errors import CliError
 from gradsynth.unlearning.data import DataError, load_examples
 from gradsynth.unlearning.encoding import Example, prompt_of
+from gradsynth.unlearning.multiple_choice import Choice, make_choices
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WORLD_MAX_LENGTH = 48
@@ -33,6 +34,18 @@ class Task:
     max_length: int
     description: dict[str, Any] = field(default_factory=dict)
     generate_eval: bool = False  # also score greedy generations (ROUGE-L); the world's recall is exact
+    choices: dict[str, list[Choice]] = field(default_factory=dict)  # multiple-choice form per split
+
+
+def world_choices(world: Any, splits: dict[str, list[Any]]) -> dict[str, list[Choice]]:
+    """Each split's facts as 4-option questions; distractors are the relation's other values in the world."""
+    values: dict[str, list[str]] = {}
+    for fact in (*world.people, *world.sums):
+        values.setdefault(fact.relation, []).append(fact.answer)
+    return {
+        name: make_choices([(f.question, f.answer, f.relation) for f in facts], values)
+        for name, facts in splits.items()
+    }
 
 
 def world_task(size: str, seed: int, log: Any = print) -> Task:
@@ -52,6 +65,7 @@ def world_task(size: str, seed: int, log: Any = print) -> Task:
         retain=examples["retain"],
         splits=examples,
         max_length=WORLD_MAX_LENGTH,
+        choices=world_choices(world, splits.by_name()),
         description={
             "source": f"embedded world ({size})",
             "model_parameters": info["parameters"],

@@ -17,19 +17,35 @@ def num(value: float | None, digits: int = 3) -> str:
 
 
 def before_after_table(before: dict[str, dict], after: dict[str, dict], sizes: dict[str, int]) -> str:
-    """One row per split: recall and NLL before and after, with the wanted direction."""
+    """One row per split: recall, multiple-choice accuracy (when measured) and NLL, before and after."""
+    with_mc = any(m.get("mc_acc") is not None for m in before.values())
+    mc_head = f"{'MC acc before':>15}{'MC acc after':>14}" if with_mc else ""
     header = (
-        f"{'split':<16}{'examples':>9}{'recall before':>15}{'recall after':>14}"
+        f"{'split':<16}{'examples':>9}{'recall before':>15}{'recall after':>14}{mc_head}"
         f"{'NLL before':>12}{'NLL after':>11}"
     )
     lines = [header, "-" * len(header)]
     for name in before:
         label = f"{name} ({WANTED.get(name, '↑')})"
+        mc = f"{pct(before[name].get('mc_acc')):>15}{pct(after[name].get('mc_acc')):>14}" if with_mc else ""
         lines.append(
             f"{label:<16}{sizes.get(name, 0):>9}"
-            f"{pct(before[name]['recall']):>15}{pct(after[name]['recall']):>14}"
+            f"{pct(before[name]['recall']):>15}{pct(after[name]['recall']):>14}{mc}"
             f"{num(before[name]['nll']):>12}{num(after[name]['nll']):>11}"
         )
+    return "\n".join(lines)
+
+
+def benchmark_table(columns: dict[str, dict[str, dict[str, float]]]) -> str:
+    """lm-eval scores: one row per (task, metric), one column per entry of ``columns`` (e.g. before/after)."""
+    names = list(columns)
+    first = columns[names[0]]
+    header = f"{'task':<28}{'metric':<16}" + "".join(f"{n:>12}" for n in names)
+    lines = [header, "-" * len(header)]
+    for task, metrics in first.items():
+        for metric in metrics:
+            cells = "".join(f"{num(columns[n].get(task, {}).get(metric), 4):>12}" for n in names)
+            lines.append(f"{task:<28}{metric:<16}{cells}")
     return "\n".join(lines)
 
 

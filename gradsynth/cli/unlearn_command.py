@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
+from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.output_folder import check_output_folder, staged_output
 from gradsynth.cli.parser import DEFAULT_STEPS, check_rules
-from gradsynth.cli.run_one import run_unlearning
+from gradsynth.cli.run_one import RunOutcome, run_unlearning
 from gradsynth.cli.sources import load_task
-from gradsynth.cli.tables import before_after_table, num
+from gradsynth.cli.tables import before_after_table, benchmark_table, num
 from gradsynth.unlearning.loop import UnlearnSettings, steps_for_epochs
-from gradsynth.unlearning.report import mean_geometry, plot_curves, write_report
+from gradsynth.unlearning.report import general_kept, mean_geometry, plot_curves, write_report
 from gradsynth.unlearning.task_losses import LossSettings
 
 
@@ -63,6 +64,19 @@ def settings_for(args: argparse.Namespace, rule: str, lr: float, seed: int, n_fo
     )
 
 
+def print_kept(outcome: RunOutcome) -> None:
+    """The share of the general score kept (the paper's headline) and the lm-eval table, if any."""
+    kept = general_kept(outcome.before, outcome.after)
+    if kept is not None:
+        measure = (
+            "multiple-choice accuracy" if outcome.before["general"].get("mc_acc") is not None else "recall"
+        )
+        print(f"\nGeneral score kept: {100 * kept:.1f}% of the original ({measure} on the general split)")
+    if outcome.benchmarks:
+        print("\nlm-eval scores:")
+        print(benchmark_table(outcome.benchmarks))
+
+
 def run(args: argparse.Namespace) -> int:
     check_rules([args.rule], "--rule")
     out = args.out or default_out("unlearn")
@@ -72,16 +86,20 @@ def run(args: argparse.Namespace) -> int:
     if args.max_length:
         task.max_length = args.max_length
     settings = settings_for(args, args.rule, args.lr, args.seed, len(task.forget))
+    plan = plan_from_args(args, task)
     print(
         f"Unlearning {len(task.forget)} forget examples, retaining {len(task.retain)} "
         f"({task.description['source']}); rule {settings.rule}, forget loss {settings.losses.forget}, "
         f"retain loss {settings.losses.retain}, lr {settings.lr:g}, {settings.steps} steps, device {device}"
     )
     with staged_output(out, args.overwrite) as staging:
-        model, outcome = run_unlearning(task, settings, device, in_place=True, progress=not args.no_progress)
+        model, outcome = run_unlearning(
+            task, settings, device, in_place=True, progress=not args.no_progress, plan=plan
+        )
         sizes = {name: len(examples) for name, examples in task.splits.items()}
         print()
         print(before_after_table(outcome.before, outcome.after, sizes))
+        print_kept(outcome)
         geometry = mean_geometry(outcome.records)
         print(
             f"\nMean gradient geometry over {len(outcome.records)} steps: "
@@ -97,7 +115,17 @@ def run(args: argparse.Namespace) -> int:
             "device": device,
             "task": task.description,
         }
-        write_report(staging / "report.json", report_settings, outcome.before, outcome.after, outcome.records)
-        plot_curves(staging / "curves.png", outcome.records, f"{settings.rule}, lr {settings.lr:g}")
+        write_report(
+            staging / "report.json",
+            report_settings,
+            outcome.before,
+            outcome.after,
+            outcome.records,
+            outcome.benchmarks,
+            outcome.curve,
+        )
+        plot_curves(
+            staging / "curves.png", outcome.records, f"{settings.rule}, lr {settings.lr:g}", outcome.curve
+        )
     print(f"Wrote {out}/ (model, report.json, curves.png)")
     return 0

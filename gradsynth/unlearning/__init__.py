@@ -1,12 +1,18 @@
 """The unlearning toolkit: objectives (GA, NPO, SimNPO; NLL and KL retain), data, evaluation, the loop.
 
+Evaluation: per-split recall and NLL (`evaluate_splits`), multiple-choice accuracy scored like
+lm-eval (`mc_accuracy`), and any lm-eval task on the model in memory (`evaluate_tasks`, needs the
+``eval`` extra).
+
 Built on `gradsynth.optim.SynthesizingOptimizer`; needs the ``lm`` extra (transformers,
 datasets). See `gradsynth.unlearning.objectives` for the formulas.
 """
 
+from gradsynth.unlearning.benchmarks import EvalExtraMissing, evaluate_tasks
 from gradsynth.unlearning.encoding import Example, collate, encode, make_batches
 from gradsynth.unlearning.evaluate import evaluate_splits, exact_match, split_metrics
 from gradsynth.unlearning.loop import StepRecord, UnlearnSettings, steps_for_epochs, unlearn
+from gradsynth.unlearning.multiple_choice import Choice, make_choices, mc_accuracy, write_lm_eval_task
 from gradsynth.unlearning.objectives import (
     FORGET_LOSSES,
     RETAIN_LOSSES,
@@ -20,6 +26,12 @@ from gradsynth.unlearning.objectives import (
 from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss
 
 __all__ = [
+    "Choice",
+    "EvalExtraMissing",
+    "evaluate_tasks",
+    "make_choices",
+    "mc_accuracy",
+    "write_lm_eval_task",
     "FORGET_LOSSES",
     "RETAIN_LOSSES",
     "Example",

@@ -1,12 +1,17 @@
 """Greedy answers and their ROUGE-L recall, for question/answer data on a user's model.
 
-``ROUGE-L recall = LCS(answer words, generated words) / len(answer words)``, over lower-cased
-whitespace-separated words, as RWKU reports it (greedy decoding, 32 new tokens). Generation
+``ROUGE-L recall = LCS(answer words, generated words) / len(answer words)``, as RWKU reports it
+(greedy decoding, 32 new tokens), computed by Google's ``rouge-score`` package (the one lm-eval's
+ROUGE metrics use). Its words are the lower-cased runs of ``[a-z0-9]``: punctuation and other
+characters separate words and are dropped, so ``"Velmora."`` matches ``"Velmora"`` (a plain
+whitespace split, which gradsynth used before, counted them as different words; on text without
+such characters the two agree, tests/test_objectives.py checks it). Generation
 stops at the end-of-sentence token; the prompt is left-padded so all rows end at the same place.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -16,18 +21,20 @@ from gradsynth.unlearning.encoding import Example, pad_id_of
 MAX_NEW_TOKENS = 32
 
 
+@functools.cache
+def _scorer() -> Any:
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as err:
+        raise ImportError(
+            "ROUGE-L needs rouge-score: pip install 'gradsynth[lm]' (or 'gradsynth[eval]')"
+        ) from err
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
 def rouge_l_recall(reference: str, generated: str) -> float:
-    """Longest common word subsequence divided by the reference's length (0 for an empty reference)."""
-    ref, gen = reference.lower().split(), generated.lower().split()
-    if not ref:
-        return 0.0
-    previous = [0] * (len(gen) + 1)
-    for word in ref:
-        current = [0]
-        for j, other in enumerate(gen):
-            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1] / len(ref)
+    """ROUGE-L recall of ``generated`` against ``reference`` by rouge-score (0 for an empty reference)."""
+    return float(_scorer().score(reference, generated)["rougeL"].recall)
 
 
 @torch.no_grad()
