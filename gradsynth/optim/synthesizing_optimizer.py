@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradsynth.optim.combine import combine_one
+from gradsynth.optim.combine import combine_all
 from gradsynth.optim.geometry import GeometryAccumulator, GradientGeometry
 from gradsynth.optim.streaming import StreamingBackward, check_streamable
 from gradsynth.optim.task_gradients import FORGET, RETAIN, TaskGradients, other_task
@@ -338,35 +338,35 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _synthesize(self, geometry: GeometryAccumulator | None) -> None:
         self._refuse_unattributed()
-        # Group the work by rule, so that a rule's scope (pcgrad_global) spans param groups.
-        by_rule: dict[int, tuple[Rule, list[tuple[Tensor, float, float]]]] = {}
+        params, entries = [], []
         for group in self._base.param_groups:
             rule, alpha, gamma = self.group_settings(group)
-            entries = by_rule.setdefault(id(rule), (rule, []))[1]
-            entries.extend((p, alpha, gamma) for p in group["params"] if self._tasks.reached(p))
-        for rule, entries in by_rule.values():
-            pairs = []
-            for p, _, _ in entries:
-                forget, retain = self._tasks.take(p)
-                pairs.append(
-                    (
-                        torch.zeros_like(retain) if forget is None else forget,
-                        torch.zeros_like(forget) if retain is None else retain,
-                    )
-                )
-            context = rule.prepare(
-                [f for f, _ in pairs],
-                [r for _, r in pairs],
-                alpha=[alpha for _, alpha, _ in entries],
-                gamma=[gamma for _, _, gamma in entries],
-            )
-            for (p, alpha, gamma), (forget, retain) in zip(entries, pairs, strict=True):
-                update = combine_one(
-                    rule, forget, retain, alpha=alpha, gamma=gamma, context=context, geometry=geometry
-                )
-                self._tasks.place(p, update)
+            for p in group["params"]:
+                if self._tasks.reached(p):
+                    params.append(p)
+                    entries.append((rule, alpha, gamma, *self._tasks.take(p)))
+        for p, update in zip(params, combine_all(entries, geometry), strict=True):
+            self._tasks.place(p, update)
         if geometry is not None:
             geometry.reduce()
+        self._geometry = geometry
+        self._geometry_result = None
+        self._synthesized = True
+
+    def adopt_synthesis(self, geometry: GeometryAccumulator | None = None) -> None:
+        """Record that the gradients the wrapped optimizer will see were synthesized elsewhere.
+
+        For engine integrations that read the task gradients out of an engine, synthesize them
+        with `gradsynth.optim.combine.combine_all` under this wrapper's `group_settings`, and
+        write the update back into the engine (DeepSpeed, whose ZeRO optimizer calls this
+        wrapper's ``step`` on its own flat partitions). The next ``step()`` then passes straight
+        to the wrapped optimizer, and `geometry` reports ``geometry`` (already reduced).
+        """
+        if self._tasks.pending:
+            raise RuntimeError(
+                "adopt_synthesis() with task gradients pending in this optimizer: they would be dropped; "
+                "use either backward_forget/backward_retain on the optimizer or an engine integration"
+            )
         self._geometry = geometry
         self._geometry_result = None
         self._synthesized = True
