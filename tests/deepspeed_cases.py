@@ -45,11 +45,24 @@ def config(stage: int, world: int, **extra) -> dict:
     }
 
 
-def engine_for(stage: int, world: int, rule, model=None, **extra):
+def grouped_optimizer(model: torch.nn.Module) -> SynthesizingOptimizer:
+    """Per-group settings: PCGrad with gamma 0.5 on the first layer, SAGO with alpha 2 on the last."""
+    base = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "rule": "pcgrad", "gamma": 0.5},
+            {"params": model[2].parameters(), "alpha": 2.0},
+        ],
+        lr=0.1,
+        momentum=0.9,
+    )
+    return SynthesizingOptimizer(base, "sago", track_geometry=True)
+
+
+def engine_for(stage: int, world: int, rule, model=None, make_optimizer=None, **extra):
     import deepspeed
 
     model = model if model is not None else cases.small_model()
-    opt = cases.make_optimizer(model.parameters(), rule)
+    opt = make_optimizer(model) if make_optimizer else cases.make_optimizer(model.parameters(), rule)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config(stage, world, **extra))
     return engine
 
@@ -79,20 +92,101 @@ def run_raw(engine, rank: int, world: int) -> None:
             assert stepped == (micro == cases.ACCUMULATE - 1), f"stepped at micro-batch {micro}"
 
 
+def _check_run(engine, want: list[torch.Tensor], want_geometry: dict[str, float], where: str) -> None:
+    got = full_parameters(engine)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=cases.RTOL, atol=cases.ATOL, msg=lambda m, w=where: f"{w}: {m}")
+    cases.assert_same_on_every_rank(got, where)
+    cases.assert_geometry_close(cases.find_geometry(engine), want_geometry, where)
+
+
 def zero_case(rank: int, world: int) -> None:
-    """Every ZeRO stage x rule equals the single process; ranks identical; geometry global."""
+    """Every ZeRO stage x rule (and per-group settings) equals the single process; clipping acts on g."""
     setup_deepspeed(rank, world)
     for rule in cases.RULES:
         want, want_geometry = cases.reference(rule)
         for stage in STAGES:
-            where = f"ZeRO-{stage} {rule}"
             engine = engine_for(stage, world, rule)
             run_raw(engine, rank, world)
-            got = full_parameters(engine)
-            for a, b in zip(got, want, strict=True):
-                torch.testing.assert_close(
-                    a, b, rtol=cases.RTOL, atol=cases.ATOL, msg=lambda m, w=where: f"{w}: {m}"
-                )
-            cases.assert_same_on_every_rank(got, where)
-            geometry = cases.find_geometry(engine)
-            cases.assert_geometry_close(geometry, want_geometry, where)
+            _check_run(engine, want, want_geometry, f"ZeRO-{stage} {rule}")
+
+    model = cases.small_model()
+    opt = grouped_optimizer(model)
+    cases.run(model, opt)
+    want, want_geometry = [p.detach() for p in model.parameters()], opt.geometry.as_dict()
+    for stage in STAGES:
+        engine = engine_for(stage, world, None, make_optimizer=grouped_optimizer)
+        run_raw(engine, rank, world)
+        _check_run(engine, want, want_geometry, f"ZeRO-{stage} per-group settings")
+
+    for stage in STAGES:
+        _check_clipping(stage, rank, world)
+    _check_projection_is_global(rank, world)
+
+
+def _check_clipping(stage: int, rank: int, world: int, max_norm: float = 0.05) -> None:
+    """The engine's gradient_clipping clips the synthesized g: its norm is g's, the step is max_norm long."""
+    from gradsynth.integrations.deepspeed_tasks import DeepSpeedTasks
+
+    engine = engine_for(stage, world, "pcgrad", gradient_clipping=max_norm, gradient_accumulation_steps=1)
+    before = full_parameters(engine)
+    tasks = DeepSpeedTasks(engine)
+    xf, xr = cases.micro_batch(0, 0, rank, world)
+    tasks.backward_forget(-engine(xf).pow(2).mean())
+    tasks.backward_retain((engine(xr) - 1).pow(2).mean())
+    assert tasks.step()
+    norm_g = tasks.geometry.norm_g
+    assert norm_g > 2 * max_norm, f"ZeRO-{stage}: g too small ({norm_g}) for the clipping to show"
+    assert abs(engine.get_global_grad_norm() - norm_g) <= 1e-5 * norm_g, (
+        f"ZeRO-{stage}: the engine clipped a gradient of norm {engine.get_global_grad_norm()}, g has {norm_g}"
+    )
+    moved = torch.cat([(a - b).reshape(-1) for a, b in zip(full_parameters(engine), before, strict=True)])
+    lr = 0.1  # SGD's first step with momentum moves by lr * (clipped g)
+    torch.testing.assert_close(float(moved.norm()), lr * max_norm, rtol=1e-4, atol=0.0)
+
+
+def _check_projection_is_global(rank: int, world: int) -> None:
+    """ZeRO-3 on the sign-split gradients of distributed_cases: PCGrad's sums are global, not shard-local."""
+    from gradsynth import FunctionRule
+    from gradsynth.integrations.deepspeed_tasks import DeepSpeedTasks
+
+    assert world == 2, "the chosen gradients assume two ranks"
+    whole_f, whole_r = [cases.F_W, cases.F_V], [cases.R_W, cases.R_V]
+    expected = {
+        "pcgrad": [cases.pcgrad(f, r) for f, r in zip(whole_f, whole_r, strict=True)],
+        "pcgrad_global": cases._pcgrad_global_whole(whole_f, whole_r),
+    }
+    got = {}
+    for name, rule in [
+        ("pcgrad", "pcgrad"),
+        ("pcgrad_global", "pcgrad_global"),
+        ("local float()", FunctionRule(cases._local_pcgrad, "local_pcgrad")),
+    ]:
+
+        def make(model, rule=rule):
+            return SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), rule)
+
+        engine = engine_for(
+            3,
+            world,
+            None,
+            model=cases._Linear(),
+            make_optimizer=make,
+            gradient_accumulation_steps=1,
+            train_micro_batch_size_per_gpu=1,
+        )
+        # ZeRO-3 splits each flat 4x2 weight in two: rows 0-1 on rank 0, rows 2-3 on rank 1.
+        assert engine.module.w.ds_tensor.numel() == 4, engine.module.w.ds_tensor.numel()
+        tasks = DeepSpeedTasks(engine)
+        # Every rank sees the same targets, so the averaged gradient is exactly the target.
+        tasks.backward_forget(engine(cases.F_W, cases.F_V))
+        tasks.backward_retain(engine(cases.R_W, cases.R_V))
+        assert tasks.step()
+        got[name] = [-p for p in full_parameters(engine)]  # SGD(lr=1) from zero: g = -p
+    for name in ("pcgrad", "pcgrad_global"):
+        for a, b in zip(got[name], expected[name], strict=True):
+            torch.testing.assert_close(a, b, msg=lambda m, n=name: f"ZeRO-3 {n} on sign-split data: {m}")
+    pairs = zip(got["local float()"], expected["pcgrad"], strict=True)
+    assert any(not torch.allclose(a, b) for a, b in pairs), (
+        "the sign-split gradients failed to expose a rule that uses the shard-local partial sums"
+    )

@@ -39,7 +39,7 @@ from torch import Tensor
 from gradsynth.integrations.unwrap import find_synthesizing_optimizer
 from gradsynth.optim import SynthesizingOptimizer
 from gradsynth.optim.combine import combine_all
-from gradsynth.optim.geometry import GeometryAccumulator
+from gradsynth.optim.geometry import GeometryAccumulator, GradientGeometry
 from gradsynth.optim.task_gradients import FORGET, RETAIN, TASKS
 
 __all__ = ["DeepSpeedTasks", "deepspeed_tasks"]
@@ -238,7 +238,6 @@ class DeepSpeedTasks:
         if geometry is not None:
             geometry.reduce()
         self._geometry = geometry
-        self.optimizer.adopt_synthesis(geometry)
 
     def step(self, boundary: bool | None = None) -> bool:
         """Call once per micro-batch: on the window's last one, synthesize and ``engine.step()``.
@@ -256,13 +255,14 @@ class DeepSpeedTasks:
             return False
         self.synthesize()
         self.engine.set_gradient_accumulation_boundary(True)
-        self.engine.step()
+        with self.optimizer.synthesized_elsewhere(self._geometry):
+            self.engine.step()
         self._micro = 0
         return True
 
     @property
-    def geometry(self) -> Any:
-        """Gradient geometry of the last synthesis (the optimizer's ``track_geometry``), else None."""
+    def geometry(self) -> GradientGeometry | None:
+        """Gradient geometry of the last step (the optimizer's ``track_geometry``), else None."""
         return self.optimizer.geometry
 
 

@@ -7,6 +7,7 @@ hands over to the wrapped optimizer, which never knows the difference.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -110,6 +111,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         self.streaming = bool(streaming)
         self._tasks = TaskGradients()
         self._synthesized = False
+        self._external = False  # inside synthesized_elsewhere()
         self._geometry: GeometryAccumulator | None = None
         self._geometry_result: GradientGeometry | None = None
         # What torch.optim.Optimizer.__init__ sets up for step/state-dict hooks and profiling.
@@ -353,23 +355,30 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         self._geometry_result = None
         self._synthesized = True
 
-    def adopt_synthesis(self, geometry: GeometryAccumulator | None = None) -> None:
-        """Record that the gradients the wrapped optimizer will see were synthesized elsewhere.
+    @contextlib.contextmanager
+    def synthesized_elsewhere(self, geometry: GeometryAccumulator | None = None) -> Iterator[None]:
+        """Within the block, ``step()`` passes straight to the wrapped optimizer, any number of times.
 
         For engine integrations that read the task gradients out of an engine, synthesize them
-        with `gradsynth.optim.combine.combine_all` under this wrapper's `group_settings`, and
-        write the update back into the engine (DeepSpeed, whose ZeRO optimizer calls this
-        wrapper's ``step`` on its own flat partitions). The next ``step()`` then passes straight
-        to the wrapped optimizer, and `geometry` reports ``geometry`` (already reduced).
+        with `gradsynth.optim.combine.combine_all` under this wrapper's `group_settings` and write
+        the update back into the engine, whose own optimizer then calls this wrapper's ``step``
+        on its flat partitions (DeepSpeed's ZeRO does, once per param group). `geometry` reports
+        ``geometry`` (already reduced) from then on.
         """
         if self._tasks.pending:
             raise RuntimeError(
-                "adopt_synthesis() with task gradients pending in this optimizer: they would be dropped; "
-                "use either backward_forget/backward_retain on the optimizer or an engine integration"
+                "task gradients are pending in this optimizer and an engine integration synthesized the "
+                "step elsewhere: use either backward_forget/backward_retain on the optimizer or the "
+                "engine integration's, not both"
             )
         self._geometry = geometry
         self._geometry_result = None
-        self._synthesized = True
+        self._external = True
+        try:
+            yield
+        finally:
+            self._external = False
+            self._synthesized = False
 
     def _refuse_unattributed(self) -> None:
         param = self._tasks.unattributed(self._params())
@@ -396,6 +405,8 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         A ``closure`` must zero the gradients, call ``backward_forget``/``backward_retain`` and
         return the loss; it is followed by a synthesis each time the wrapped optimizer calls it.
         """
+        if self.__dict__.get("_external", False):
+            return self._base.step() if closure is None else self._base.step(closure)
         if closure is None:
             if not self._synthesized and not self._tasks.pending:
                 self._refuse_unattributed()  # e.g. loss.backward(); opt.step() with no task named
