@@ -190,3 +190,92 @@ def _check_projection_is_global(rank: int, world: int) -> None:
     assert any(not torch.allclose(a, b) for a, b in pairs), (
         "the sign-split gradients failed to expose a rule that uses the shard-local partial sums"
     )
+
+
+# ----- the Hugging Face Trainer with TrainingArguments(deepspeed=...) ------------------------------
+
+# SGD: AdamW's m / sqrt(v) turns the rounding of near-zero gradients (summed in another order
+# over two ranks) into steps of size lr, which no tolerance separates from a real difference.
+TRAINER_LR, TRAINER_MAX_NORM = 0.5, 0.5
+
+
+def _trainer_args(output_dir: str, stage: int, **overrides):
+    import transformers
+
+    settings = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": cases.BATCH // 2,
+        "gradient_accumulation_steps": cases.ACCUMULATE,
+        "learning_rate": TRAINER_LR,
+        "optim": "sgd",
+        "max_grad_norm": TRAINER_MAX_NORM,
+        "max_steps": cases.STEPS,
+        "train_sampling_strategy": "sequential",
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        # Under DeepSpeed, TrainingArguments lets Accelerate pick the backend, and on a CPU-only
+        # machine it finds none (one process); the state set up by `_fresh_accelerate_state` names gloo.
+        "accelerator_config": {"use_configured_state": True},
+        "deepspeed": {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "zero_optimization": {"stage": stage},
+            "steps_per_print": 10**9,
+        },
+        **overrides,
+    }
+    return transformers.TrainingArguments(**settings)
+
+
+def _fresh_accelerate_state() -> None:
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch` / `deepspeed` set
+    PartialState(backend="gloo")
+
+
+def trainer_reference():
+    """The hand-written loop of hf_helpers on the whole micro-batches the two ranks split."""
+    import hf_helpers
+    from gradsynth.integrations.task_batches import TaskPairCollator
+
+    examples = hf_helpers.paired_examples(cases.STEPS * cases.ACCUMULATE * cases.BATCH)
+    collate = TaskPairCollator()
+    batches = [collate(examples[i : i + cases.BATCH]) for i in range(0, len(examples), cases.BATCH)]
+    model, _ = hf_helpers.reference_run(
+        [b["forget"] for b in batches],
+        [b["retain"] for b in batches],
+        cases.STEPS,
+        cases.ACCUMULATE,
+        lr=TRAINER_LR,
+        max_norm=TRAINER_MAX_NORM,
+        base=torch.optim.SGD,
+    )
+    return examples, [p.detach() for p in model.parameters()]
+
+
+def trainer_case(rank: int, world: int, output_dir: str) -> None:
+    """SynthesizingTrainer with deepspeed=config at each stage equals the hand-written whole-batch loop."""
+    import hf_helpers
+    from gradsynth.integrations.hf_trainer import SynthesizingTrainer
+
+    setup_deepspeed(rank, world)
+    examples, want = trainer_reference()
+    for stage in STAGES:
+        _fresh_accelerate_state()
+        trainer = SynthesizingTrainer(
+            hf_helpers.tiny_llama(), _trainer_args(f"{output_dir}/{stage}", stage), train_dataset=examples
+        )
+        trainer.train()
+        where = f"Trainer ZeRO-{stage}"
+        engine = trainer.model_wrapped
+        assert engine.zero_optimization_stage() == stage, where
+        got = full_parameters(engine)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=cases.RTOL, atol=cases.ATOL, msg=lambda m, w=where: f"{w}: {m}")
+        cases.assert_same_on_every_rank(got, where)

@@ -6,6 +6,8 @@ the checks live in ``deepspeed_cases.py``.
 
 from __future__ import annotations
 
+import functools
+
 import distributed_cases as cases
 import pytest
 import torch.distributed as dist
@@ -21,3 +23,11 @@ import deepspeed_cases  # noqa: E402  (imports nothing from deepspeed at module 
 def test_zero_stages_match_one_process(tmp_path):
     """ZeRO-1/2/3 x sago, pcgrad, pcgrad_global, accumulation 2: parameters and geometry."""
     cases.spawn(deepspeed_cases.zero_case, tmp_path, timeout=300)
+
+
+def test_trainer_with_deepspeed_config_matches_one_process(tmp_path):
+    """SynthesizingTrainer(TrainingArguments(deepspeed=...)), ZeRO-1/2/3, accumulation 2, clipping."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    case = functools.partial(deepspeed_cases.trainer_case, output_dir=str(tmp_path / "out"))
+    cases.spawn(case, tmp_path, timeout=300)

@@ -10,6 +10,12 @@ optimizer. What the Trainer logs as ``loss`` is ``L_f + L_r``; the logs also car
 ``forget_loss``, ``retain_loss`` and the mean gradient geometry (``geometry/cos_gr``, ...) over
 the logging window, so TensorBoard / W&B callbacks receive them.
 
+With ``TrainingArguments(deepspeed=config)`` (ZeRO-0/1/2/3, no ``optimizer`` section in the
+config, so the trainer builds and wraps the optimizer) the same steps run through
+`gradsynth.integrations.deepspeed_tasks`: the engine reduces each task's backward, the synthesis
+writes ``g`` back into it, and the engine clips (its ``gradient_clipping``, which the Trainer sets
+from ``max_grad_norm``) and steps.
+
 The Trainer's ``num_items_in_batch`` is not used: the task losses are per-micro-batch means.
 """
 
@@ -142,15 +148,20 @@ class SynthesizingTrainer(Trainer):
         forget_batch, retain_batch = split_task_pair(inputs)
         forget_batch, retain_batch = self._prepare_inputs(forget_batch), self._prepare_inputs(retain_batch)
         tasks = AcceleratedTasks(self.accelerator, self.optimizer)
+        # Under DeepSpeed the engine holds the gradients (its base optimizer sees flat partitions);
+        # the loss is scaled here, so the engine must not divide it again.
+        deepspeed = self.is_deepspeed_enabled
         if not self._step_open:
-            # A step the GradScaler skipped leaves a synthesis behind; the Trainer zeroes only p.grad.
-            tasks.optimizer.zero_grad(set_to_none=True)
+            if not deepspeed:
+                # A step the GradScaler skipped leaves a synthesis behind; the Trainer zeroes only p.grad.
+                tasks.optimizer.zero_grad(set_to_none=True)
             self._step_open = True
+        backward_kwargs = {"scale_wrt_gas": False} if deepspeed else {}
         scale = 1.0 / self.current_gradient_accumulation_steps
         forget = self._task_loss(self.compute_forget_loss, model, forget_batch) * scale
-        tasks.backward_forget(forget)
+        tasks.backward_forget(forget, **backward_kwargs)
         retain = self._task_loss(self.compute_retain_loss, model, retain_batch) * scale
-        tasks.backward_retain(retain)
+        tasks.backward_retain(retain, **backward_kwargs)
         forget, retain = forget.detach(), retain.detach()
         self._step_stats.add_losses(forget, retain)
         if tasks.synthesize():
