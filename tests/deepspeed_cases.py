@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 
+import distributed_cases as cases
 import torch
 
-import distributed_cases as cases
 from gradsynth import SynthesizingOptimizer
 
 STAGES = [1, 2, 3]
@@ -24,13 +24,12 @@ def setup_deepspeed(rank: int, world: int) -> None:
     )
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29599")
-    import sys
-
-    import deepspeed.comm.torch  # noqa: F401  (the name resolves to torch itself: deepspeed.comm imports it)
+    import importlib
 
     # DeepSpeed's CPU backend compiles a shared-memory all-reduce with g++ on first use (~80 s);
-    # gloo does every collective here without it.
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    # gloo does every collective here without it. (import_module: the attribute path
+    # deepspeed.comm.torch resolves to torch itself, which deepspeed.comm imports.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def config(stage: int, world: int, **extra) -> dict:
@@ -242,6 +241,7 @@ def _fresh_accelerate_state() -> None:
 def trainer_reference():
     """The hand-written loop of hf_helpers on the whole micro-batches the two ranks split."""
     import hf_helpers
+
     from gradsynth.integrations.task_batches import TaskPairCollator
 
     examples = hf_helpers.paired_examples(cases.STEPS * cases.ACCUMULATE * cases.BATCH)
@@ -262,6 +262,7 @@ def trainer_reference():
 def trainer_case(rank: int, world: int, output_dir: str) -> None:
     """SynthesizingTrainer with deepspeed=config at each stage equals the hand-written whole-batch loop."""
     import hf_helpers
+
     from gradsynth.integrations.hf_trainer import SynthesizingTrainer
 
     setup_deepspeed(rank, world)
@@ -277,5 +278,7 @@ def trainer_case(rank: int, world: int, output_dir: str) -> None:
         assert engine.zero_optimization_stage() == stage, where
         got = full_parameters(engine)
         for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, rtol=cases.RTOL, atol=cases.ATOL, msg=lambda m, w=where: f"{w}: {m}")
+            torch.testing.assert_close(
+                a, b, rtol=cases.RTOL, atol=cases.ATOL, msg=lambda m, w=where: f"{w}: {m}"
+            )
         cases.assert_same_on_every_rank(got, where)

@@ -49,7 +49,15 @@ def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def reference_run(
-    forget, retain, steps, accumulation, *, lr, max_norm, synthesize_per_micro_batch=False, base=torch.optim.AdamW
+    forget,
+    retain,
+    steps,
+    accumulation,
+    *,
+    lr,
+    max_norm,
+    synthesize_per_micro_batch=False,
+    base=torch.optim.AdamW,
 ):
     """The unlearning loop written out with SynthesizingOptimizer: GA + NLL, sago, AdamW, a linear
     schedule, clipping at ``max_norm``; ``forget[i]``/``retain[i]`` are micro-batch ``i``. ``base``: the

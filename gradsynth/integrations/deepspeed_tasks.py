@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradsynth.integrations.distributed import check_engine
 from gradsynth.integrations.unwrap import find_synthesizing_optimizer
 from gradsynth.optim import SynthesizingOptimizer
 from gradsynth.optim.combine import combine_all
@@ -43,20 +44,6 @@ from gradsynth.optim.geometry import GeometryAccumulator, GradientGeometry
 from gradsynth.optim.task_gradients import FORGET, RETAIN, TASKS
 
 __all__ = ["DeepSpeedTasks", "deepspeed_tasks"]
-
-
-def _refuse_offload(engine: Any) -> None:
-    offloaded = []
-    for name in ("offload_optimizer", "offload_param"):
-        config = getattr(engine, f"zero_{name}")()
-        device = getattr(getattr(config, "device", None), "value", "none")
-        if config is not None and device != "none":
-            offloaded.append(f"{name} to {device}")
-    if offloaded:
-        raise NotImplementedError(
-            f"gradsynth does not support DeepSpeed ZeRO with {' and '.join(offloaded)} (untested: the "
-            "gradients then live in host or NVMe buffers); remove it from zero_optimization"
-        )
 
 
 class DeepSpeedTasks:
@@ -88,7 +75,7 @@ class DeepSpeedTasks:
         self.stage: int = int(stage())
         if self.stage not in (0, 1, 2, 3):
             raise NotImplementedError(f"unknown ZeRO stage {self.stage}")
-        _refuse_offload(engine)
+        check_engine(engine)  # refuses ZeRO offload (untested)
         found = find_synthesizing_optimizer(engine.optimizer)
         if found is None:
             raise TypeError(
