@@ -12,7 +12,7 @@ gradsynth adds per rank: its two fp32 task sums (full-size at ZeRO-1/2, where De
 ``safe_get_full_grad`` hands out whole gradients; a partition at ZeRO-3) and the temporaries of
 reading them.
 
-Usage: ``python benchmarks/memory_deepspeed.py [--layers 16] [--width 1024]`` (Linux only).
+Usage: ``python benchmarks/memory_deepspeed.py [--layers 16] [--width 1024] [--stages 1 2 3]`` (Linux only).
 """
 
 from __future__ import annotations
@@ -86,13 +86,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     args = parser.parse_args()
     os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     import torch.multiprocessing as mp
 
     world = 2
     print(f"{'configuration (2 ranks)':24s} {'peak above start, gradient sets (rank 0, rank 1)':>50s}")
-    for config in CONFIGS:
+    for config in [c for c in CONFIGS if c[1] in args.stages]:
         with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
             results = manager.dict()
             mp.spawn(
