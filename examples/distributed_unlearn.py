@@ -88,7 +88,7 @@ def unlearn(engine: str, rule: str, cfg: Config, world: World, seed: int, accumu
     opt = SynthesizingOptimizer(
         torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0), rule, track_geometry=True
     )
-    check_engine(model, opt)  # refuses DeepSpeed; DDP and FSDP2 pass
+    check_engine(model, opt)  # refuses ZeRO offload; DDP, FSDP2 and DeepSpeed ZeRO-0..3 pass
     batches = torch.Generator().manual_seed(seed + 1)  # one global retain batch per micro-step
     start = time.perf_counter()
     for _ in range(cfg.steps):

@@ -139,6 +139,13 @@ def assert_geometry_close(got: dict[str, float], want: dict[str, float], where: 
         )
 
 
+def find_geometry(engine) -> dict[str, float]:
+    """The last geometry of the SynthesizingOptimizer inside an engine's optimizer."""
+    from gradsynth.integrations.unwrap import find_synthesizing_optimizer
+
+    return find_synthesizing_optimizer(engine.optimizer).geometry.as_dict()
+
+
 def assert_same_on_every_rank(tensors: list[Tensor], where: str) -> None:
     """Bit-identical across ranks: gather every rank's flat copy and compare exactly."""
     flat = torch.cat([t.detach().reshape(-1) for t in tensors])

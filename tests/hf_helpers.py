@@ -48,14 +48,25 @@ def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def reference_run(forget, retain, steps, accumulation, *, lr, max_norm, synthesize_per_micro_batch=False):
+def reference_run(
+    forget,
+    retain,
+    steps,
+    accumulation,
+    *,
+    lr,
+    max_norm,
+    synthesize_per_micro_batch=False,
+    base=torch.optim.AdamW,
+):
     """The unlearning loop written out with SynthesizingOptimizer: GA + NLL, sago, AdamW, a linear
-    schedule, clipping at ``max_norm``; ``forget[i]``/``retain[i]`` are micro-batch ``i``.
+    schedule, clipping at ``max_norm``; ``forget[i]``/``retain[i]`` are micro-batch ``i``. ``base``: the
+    optimizer class (AdamW, or SGD where float rounding must not be amplified).
 
     Returns the trained tiny_llama() and the pre-clip norm of each step's gradient.
     """
     model = tiny_llama()
-    opt = SynthesizingOptimizer(torch.optim.AdamW(model.parameters(), lr=lr), "sago", track_geometry=True)
+    opt = SynthesizingOptimizer(base(model.parameters(), lr=lr), "sago", track_geometry=True)
     sched = transformers.get_linear_schedule_with_warmup(opt, 0, steps)
     norms = []
     for step in range(steps):

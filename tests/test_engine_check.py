@@ -1,4 +1,4 @@
-"""`check_engine` refuses DeepSpeed, however it is wrapped, and lets DDP / FSDP2 / plain pass."""
+"""`check_engine` passes plain, DDP, FSDP2 and DeepSpeed ZeRO-0..3, however wrapped; refuses ZeRO offload."""
 
 from __future__ import annotations
 
@@ -19,9 +19,18 @@ def _foreign(module: str, class_name: str, **attributes):
     return type(class_name, (), {"__module__": module, **attributes})()
 
 
-def _engine(stage: int, optimizer=None):
+class _Offload:
+    def __init__(self, device):
+        self.device = type("Device", (), {"value": device})()
+
+
+def _engine(stage: int, optimizer=None, offload_optimizer=None, offload_param=None):
     engine = _foreign(
-        "deepspeed.runtime.engine", "DeepSpeedEngine", zero_optimization_stage=lambda self: stage
+        "deepspeed.runtime.engine",
+        "DeepSpeedEngine",
+        zero_optimization_stage=lambda self: stage,
+        zero_offload_optimizer=lambda self: offload_optimizer,
+        zero_offload_param=lambda self: offload_param,
     )
     engine.optimizer = optimizer
     return engine
@@ -34,36 +43,36 @@ def test_plain_model_and_optimizer_pass():
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_deepspeed_engine_is_refused_with_its_stage(stage):
-    with pytest.raises(UnsupportedEngineError, match=f"ZeRO stage {stage}.*fully_shard"):
-        check_engine(_engine(stage))
+def test_deepspeed_engine_passes_at_every_stage(stage):
+    check_engine(_engine(stage))
+    check_engine(_engine(stage, offload_optimizer=_Offload("none")))
 
 
-def test_deepspeed_found_through_wrappers():
+@pytest.mark.parametrize("which", ["offload_optimizer", "offload_param"])
+def test_zero_offload_is_refused_with_the_fix(which):
+    engine = _engine(3, **{which: _Offload("cpu")})
+    with pytest.raises(UnsupportedEngineError, match=f"ZeRO stage 3 and {which} to cpu.*Remove the offload"):
+        check_engine(engine)
+    # Found through the wrappers that hold the engine, too.
+    trainer = _foreign("transformers.trainer", "Trainer", is_deepspeed_enabled=True)
+    trainer.model_wrapped = engine
+    with pytest.raises(UnsupportedEngineError, match=which):
+        check_engine(trainer)
+
+
+def test_unknown_stage_is_refused():
+    with pytest.raises(UnsupportedEngineError, match="ZeRO stage 4"):
+        check_engine(_engine(4))
+
+
+def test_deepspeed_wrappers_and_partitioned_parameters_pass():
     zero_opt = _foreign("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3")
     accelerated = _foreign("accelerate.optimizer", "AcceleratedOptimizer")
     accelerated.optimizer = zero_opt
-    with pytest.raises(UnsupportedEngineError, match="ZeRO-3"):
-        check_engine(accelerated)
-    wrapper = _foreign("accelerate.utils.deepspeed", "DeepSpeedEngineWrapper")
-    with pytest.raises(UnsupportedEngineError, match="Accelerate's DeepSpeedEngineWrapper"):
-        check_engine(wrapper)
     trainer = _foreign("transformers.trainer", "Trainer", is_deepspeed_enabled=True)
-    with pytest.raises(UnsupportedEngineError, match="Trainer with DeepSpeed enabled"):
-        check_engine(trainer)
-    accelerator = _foreign("accelerate.accelerator", "Accelerator")
-    accelerator.distributed_type = _foreign("accelerate.utils", "DistributedType", name="DEEPSPEED")
-    with pytest.raises(UnsupportedEngineError, match="Accelerator with DeepSpeed"):
-        check_engine(accelerator)
-
-
-def test_zero3_partitioned_parameter_is_refused():
     model = torch.nn.Linear(3, 2)
     model.weight.ds_id = 0  # what DeepSpeed's ZeRO-3 sets on the parameters it partitions
-    with pytest.raises(UnsupportedEngineError, match="ZeRO-3 partitioned"):
-        check_engine(model)
-    with pytest.raises(UnsupportedEngineError, match="ZeRO-3 partitioned"):
-        check_engine(torch.optim.SGD(model.parameters(), lr=0.1))
+    check_engine(accelerated, trainer, model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 def test_check_imports_no_engine_library():
@@ -77,13 +86,19 @@ def test_check_imports_no_engine_library():
     assert imported <= {"__future__", "collections"}, imported
 
 
-def test_real_deepspeed_engine_is_refused(tmp_path, monkeypatch):
-    """With DeepSpeed installed: a real ZeRO-2 engine on one CPU process is recognised."""
+def test_real_deepspeed_engine_passes(tmp_path, monkeypatch):
+    """With DeepSpeed installed: a real ZeRO-2 engine on one CPU process passes; DeepSpeedTasks takes it."""
     deepspeed = pytest.importorskip("deepspeed")
     import torch.distributed as dist
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+    from gradsynth.integrations.deepspeed_tasks import DeepSpeedTasks
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}.items():
         monkeypatch.setenv(key, value)
+    import importlib
+
+    # No g++ build of DeepSpeed's shared-memory all-reduce (one process needs none).
+    monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = torch.nn.Linear(4, 2)
@@ -94,8 +109,13 @@ def test_real_deepspeed_engine_is_refused(tmp_path, monkeypatch):
             "zero_allow_untested_optimizer": True,
         }
         engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-        for obj in (engine, ds_opt):
-            with pytest.raises(UnsupportedEngineError, match="DeepSpeed"):
-                check_engine(obj)
+        check_engine(engine, ds_opt)
+        assert DeepSpeedTasks(engine).optimizer is opt
+        other = torch.nn.Linear(4, 2)
+        plain, *_ = deepspeed.initialize(
+            model=other, optimizer=torch.optim.SGD(other.parameters(), lr=0.1), config=config
+        )
+        with pytest.raises(TypeError, match=r"not a SynthesizingOptimizer.*client optimizer"):
+            DeepSpeedTasks(plain)
     finally:
         dist.destroy_process_group()

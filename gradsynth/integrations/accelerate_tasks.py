@@ -12,6 +12,13 @@ Contract, for a loop under ``with accelerator.accumulate(model):``:
 - ``AcceleratedOptimizer.step()`` / ``zero_grad()`` already do nothing between sync points, and
   our ``step()`` synthesizes if ``synthesize()`` was not called.
 
+Under DeepSpeed (``accelerate launch`` with a DeepSpeed config, or a ``DeepSpeedPlugin``) the
+task backward passes go through `gradsynth.integrations.deepspeed_tasks.DeepSpeedTasks` (the
+engine's own backward, each task's gradient read out of the engine), and ``synthesize()`` also
+steps the engine, as ``accelerator.backward`` does under DeepSpeed at a sync point: the engine's
+``gradient_clipping`` acts on ``g`` (``accelerator.clip_grad_norm_`` only reports the norm there),
+and the prepared optimizer's ``step()`` / ``zero_grad()`` do nothing, as Accelerate makes them.
+
 Memory: when Accelerate's backward would be a plain ``loss.backward()`` (no DeepSpeed or
 Megatron engine), the loss goes through ``backward_forget(loss)``, so autograd adds straight
 into the task's stash (two gradient sets at peak under accumulation, not three).
@@ -24,6 +31,7 @@ from typing import Any
 
 from torch import Tensor
 
+from gradsynth.integrations.deepspeed_tasks import deepspeed_tasks
 from gradsynth.integrations.unwrap import require_synthesizing_optimizer
 from gradsynth.optim import SynthesizingOptimizer
 
@@ -51,13 +59,23 @@ class AcceleratedTasks:
     def __init__(self, accelerator: Any, optimizer: Any) -> None:
         self.accelerator = accelerator
         self.optimizer: SynthesizingOptimizer = require_synthesizing_optimizer(optimizer)
+        wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+        # One DeepSpeedTasks per engine: its task sums must outlive this object (a Trainer makes
+        # one AcceleratedTasks per micro-batch).
+        self._engine_tasks = None if wrapped is None else deepspeed_tasks(wrapped.engine)
 
     def backward_forget(self, loss: Tensor, **backward_kwargs: Any) -> None:
         """``accelerator.backward(loss)``, attributed to the forget task."""
+        if self._engine_tasks is not None:
+            self._engine_tasks.backward_forget(loss, **backward_kwargs)
+            return
         self._backward(self.optimizer.backward_forget, loss, backward_kwargs)
 
     def backward_retain(self, loss: Tensor, **backward_kwargs: Any) -> None:
         """``accelerator.backward(loss)``, attributed to the retain task."""
+        if self._engine_tasks is not None:
+            self._engine_tasks.backward_retain(loss, **backward_kwargs)
+            return
         self._backward(self.optimizer.backward_retain, loss, backward_kwargs)
 
     def _backward(
@@ -85,5 +103,8 @@ class AcceleratedTasks:
         """Synthesize if this micro-batch ends an optimizer step; returns whether it did."""
         if not self.accelerator.sync_gradients:
             return False
-        self.optimizer.synthesize()
+        if self._engine_tasks is not None:
+            self._engine_tasks.step(boundary=True)
+        else:
+            self.optimizer.synthesize()
         return True

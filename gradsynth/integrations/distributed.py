@@ -10,9 +10,13 @@ that task's backward:
   inner products are DTensor partial sums that reduce globally. Accumulating with
   ``set_requires_gradient_sync(False)`` is *not* supported: FSDP2 then adds every backward,
   of both tasks, into one private unsharded buffer.
-- **DeepSpeed** (any ZeRO stage): refused by `check_engine`. The engine adds every backward of
-  a step into its own reduced (ZeRO-1/2: partitioned) buffers, outside ``p.grad``, and hands
-  the optimizer flat fp32 partitions: the two task gradients cannot be told apart any more.
+- **DeepSpeed** (ZeRO stage 0-3): supported through the engine, not through ``p.grad``: the
+  engine adds every backward of a step into its own reduced, partitioned buffers and hands the
+  optimizer flat fp32 partitions, so `gradsynth.integrations.deepspeed_tasks.DeepSpeedTasks`
+  reads each task's gradient out of the engine after its backward and writes ``g`` back before
+  ``engine.step()`` (the Trainer and `AcceleratedTasks` use it by themselves). Refused by
+  `check_engine`: ZeRO with ``offload_optimizer`` / ``offload_param`` (untested), and any other
+  stage.
 
 Nothing here imports DeepSpeed, Accelerate or Transformers: objects are recognised by the
 module their class comes from and by the attributes those libraries set.
@@ -30,8 +34,9 @@ __all__ = ["UnsupportedEngineError", "check_engine"]
 _WRAPPED = ("module", "model", "model_wrapped", "engine", "optimizer")
 
 _FIX = (
-    "Shard with PyTorch FSDP2 instead (torch.distributed.fsdp.fully_shard, the ZeRO-3 layout, "
-    "supported) or replicate with DistributedDataParallel; see the 'Scaling out' page of the docs."
+    "Remove the offload from zero_optimization (or shard with PyTorch FSDP2, "
+    "torch.distributed.fsdp.fully_shard, which supports CPU offload of parameters); see the "
+    "'Scaling out' page of the docs."
 )
 
 
@@ -57,54 +62,45 @@ def _walk(obj: object, depth: int = 4) -> Iterator[object]:
             todo.extend((getattr(item, name, None), level + 1) for name in _WRAPPED)
 
 
-def _deepspeed_stage(obj: object) -> str | None:
-    """A description of the DeepSpeed setup ``obj`` belongs to, or None."""
+def _offloaded(engine: object) -> list[str]:
+    """The ZeRO offloads an engine is configured with (``"offload_optimizer to cpu"``, ...)."""
+    found = []
+    for name in ("offload_optimizer", "offload_param"):
+        getter = getattr(engine, f"zero_{name}", None)
+        config = getter() if callable(getter) else None
+        device = getattr(getattr(config, "device", None), "value", getattr(config, "device", "none"))
+        if config is not None and str(device) != "none":
+            found.append(f"{name} to {device}")
+    return found
+
+
+def _deepspeed_refusal(obj: object) -> str | None:
+    """Why gradsynth cannot run under the DeepSpeed engine ``obj``, or None (not one, or supported)."""
     stage = getattr(obj, "zero_optimization_stage", None)
-    if _root_module(obj) == "deepspeed" and callable(stage):
-        return f"a DeepSpeed engine with ZeRO stage {stage()}"
-    name = type(obj).__name__
-    if _root_module(obj) == "deepspeed":
-        return f"DeepSpeed's {name}" + (" (ZeRO-3)" if "Stage3" in name else "")
-    if _root_module(obj) == "accelerate" and name.startswith("DeepSpeed"):
-        return f"Accelerate's {name}"
-    if getattr(obj, "is_deepspeed_enabled", False) is True:
-        return f"a {name} with DeepSpeed enabled"
-    if str(getattr(getattr(obj, "distributed_type", None), "name", "")) == "DEEPSPEED":
-        return f"an {name} with DeepSpeed enabled"
+    if _root_module(obj) != "deepspeed" or not callable(stage):
+        return None
+    if stage() not in (0, 1, 2, 3):
+        return f"a DeepSpeed engine with ZeRO stage {stage()}, which gradsynth does not know"
+    offloaded = _offloaded(obj)
+    if offloaded:
+        return (
+            f"a DeepSpeed engine with ZeRO stage {stage()} and {' and '.join(offloaded)}: the gradients then "
+            "live in host or NVMe buffers, a path gradsynth has not tested"
+        )
     return None
 
 
-def _zero3_parameter(obj: object) -> bool:
-    """True when ``obj`` (a module or an optimizer) holds a ZeRO-3 partitioned parameter."""
-    parameters = getattr(obj, "parameters", None)
-    if callable(parameters):
-        try:
-            return any(hasattr(p, "ds_id") for p in parameters())
-        except TypeError:
-            return False
-    groups = getattr(obj, "param_groups", None)
-    if isinstance(groups, list):
-        return any(hasattr(p, "ds_id") for g in groups if isinstance(g, dict) for p in g.get("params", ()))
-    return False
-
-
 def check_engine(*objects: object) -> None:
-    """Raise `UnsupportedEngineError` when any object runs under DeepSpeed; else do nothing.
+    """Raise `UnsupportedEngineError` when any object runs under an engine gradsynth cannot serve.
 
     Pass what the training code holds: the model (wrapped or not), the optimizer, the
-    ``Accelerator``, the ``Trainer``. Wrapped objects are followed through their ``module``,
-    ``model``, ``model_wrapped``, ``engine`` and ``optimizer`` attributes, and a parameter
-    that carries DeepSpeed's ZeRO-3 ``ds_id`` is recognised too. DDP and FSDP2 pass.
+    ``Accelerator``, the ``Trainer``; wrapped objects are followed through their ``module``,
+    ``model``, ``model_wrapped``, ``engine`` and ``optimizer`` attributes. Plain, DDP, FSDP2 and
+    DeepSpeed ZeRO-0/1/2/3 engines pass (DeepSpeed through
+    `gradsynth.integrations.deepspeed_tasks`); a DeepSpeed engine with ZeRO offload is refused.
     """
     for obj in objects:
         for item in _walk(obj):
-            found = _deepspeed_stage(item) or (
-                "ZeRO-3 partitioned parameters" if _zero3_parameter(item) else None
-            )
+            found = _deepspeed_refusal(item)
             if found is not None:
-                raise UnsupportedEngineError(
-                    f"gradsynth cannot run under DeepSpeed (found {found}): DeepSpeed adds the gradients "
-                    "of every backward in a step into its own reduced, partitioned buffers instead of "
-                    "p.grad, so the forget and retain gradients can no longer be told apart, and the "
-                    f"synthesis would act on a mixed or partial gradient. {_FIX}"
-                )
+                raise UnsupportedEngineError(f"gradsynth cannot run under {found}. {_FIX}")

@@ -17,6 +17,12 @@ summed token loss divided by its task's count for the whole step. Summed over un
 micro-batches, each task gradient is then the whole batch's token-mean gradient, as the
 ``Trainer`` does for its one loss. A loss callable without that keyword is a per-micro-batch
 mean divided by the number of micro-batches.
+
+With ``TrainingArguments(deepspeed=config)`` (ZeRO-0/1/2/3, no ``optimizer`` section in the
+config, so the trainer builds and wraps the optimizer) the same steps run through
+`gradsynth.integrations.deepspeed_tasks`: the engine reduces each task's backward, the synthesis
+writes ``g`` back into it, and the engine clips (its ``gradient_clipping``, which the Trainer sets
+from ``max_grad_norm``) and steps.
 """
 
 from __future__ import annotations
@@ -260,19 +266,25 @@ class SynthesizingTrainer(Trainer):
         forget_batch, retain_batch = split_task_pair(inputs)
         forget_batch, retain_batch = self._prepare_inputs(forget_batch), self._prepare_inputs(retain_batch)
         tasks = AcceleratedTasks(self.accelerator, self.optimizer)
+        # Under DeepSpeed the engine holds the gradients (its base optimizer sees flat partitions);
+        # the loss is scaled here, so the engine must not divide it again.
+        deepspeed = self.is_deepspeed_enabled
         if not self._step_open:
-            # A step the GradScaler skipped leaves a synthesis behind; the Trainer zeroes only p.grad.
-            tasks.optimizer.zero_grad(set_to_none=True)
+            if not deepspeed:
+                # A step the GradScaler skipped leaves a synthesis behind; the Trainer zeroes only p.grad.
+                tasks.optimizer.zero_grad(set_to_none=True)
             self._step_open = True
+        # The step's loss shares are scaled here already, so the DeepSpeed engine must not divide again.
+        backward_kwargs = {"scale_wrt_gas": False} if deepspeed else {}
         counts = (
             num_items_in_batch
             if isinstance(num_items_in_batch, TaskItemCounts)
             else TaskItemCounts(None, None)
         )
         forget = self._step_share(FORGET_KEY, model, forget_batch, counts.forget)
-        tasks.backward_forget(forget)
+        tasks.backward_forget(forget, **backward_kwargs)
         retain = self._step_share(RETAIN_KEY, model, retain_batch, counts.retain)
-        tasks.backward_retain(retain)
+        tasks.backward_retain(retain, **backward_kwargs)
         forget, retain = forget.detach(), retain.detach()
         self._step_stats.add_losses(forget, retain)
         if tasks.synthesize():

@@ -1,12 +1,20 @@
-"""One parameter's synthesis: ``g = rule.combine(f, r; alpha, gamma)``, with its geometry if tracked.
+"""The synthesis of a set of parameters: ``g = rule.combine(f, r; alpha, gamma)``, with geometry if tracked.
 
-Without geometry the update is written over the retain gradient (no allocation). With geometry,
+`combine_all` is the one place where a step's task gradients become update gradients: it
+groups the tensors by rule (so that a rule's scope, e.g. ``pcgrad_global``'s, spans param
+groups), lets each rule `prepare` its scope-wide quantities, and combines tensor by tensor.
+The optimizer shell calls it on its stashes; engine integrations (DeepSpeed) call it on the
+gradients they read out of the engine. Sharded tensors (DTensors) make every scope-wide sum
+global, as the rules do for FSDP2.
+
+Without geometry an update is written over the retain gradient (no allocation). With geometry,
 ``f`` and ``r`` must survive the combination to be measured against ``g``, so ``g`` goes into a
 new tensor the size of the parameter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,6 +22,10 @@ from torch import Tensor
 
 from gradsynth.optim.geometry import GeometryAccumulator
 from gradsynth.rules.base import Rule
+
+#: One tensor's share of a synthesis: ``(rule, alpha, gamma, forget, retain)``; ``None`` for a
+#: task that did not reach the tensor (it counts as zero), never both.
+Entry = tuple[Rule, float, float, Tensor | None, Tensor | None]
 
 
 def combine_one(
@@ -34,3 +46,43 @@ def combine_one(
     rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=update, context=context)
     geometry.add(forget, retain, update)
     return update
+
+
+def combine_all(
+    entries: Sequence[Entry], geometry: GeometryAccumulator | None = None, *, written: list[int] | None = None
+) -> list[Tensor]:
+    """The synthesized gradient of every entry, in order (each rule prepared once over its scope).
+
+    The retain tensors may be overwritten (see `combine_one`); ``written`` (if given) receives
+    the index of each entry whose retain tensor now holds its update, so that a caller can tell,
+    when a rule raises part way, whether any task gradient was lost. Sharded sums are settled by
+    the rules; geometry is left unreduced (call ``geometry.reduce()`` once after).
+    """
+    updates: list[Tensor | None] = [None] * len(entries)
+    by_rule: dict[int, tuple[Rule, list[int]]] = {}
+    for index, entry in enumerate(entries):
+        by_rule.setdefault(id(entry[0]), (entry[0], []))[1].append(index)
+    for rule, indices in by_rule.values():
+        pairs = []
+        for index in indices:
+            _, _, _, forget, retain = entries[index]
+            pairs.append(
+                (
+                    torch.zeros_like(retain) if forget is None else forget,
+                    torch.zeros_like(forget) if retain is None else retain,
+                )
+            )
+        context = rule.prepare(
+            [f for f, _ in pairs],
+            [r for _, r in pairs],
+            alpha=[entries[i][1] for i in indices],
+            gamma=[entries[i][2] for i in indices],
+        )
+        for index, (forget, retain) in zip(indices, pairs, strict=True):
+            _, alpha, gamma, _, _ = entries[index]
+            updates[index] = combine_one(
+                rule, forget, retain, alpha=alpha, gamma=gamma, context=context, geometry=geometry
+            )
+            if written is not None and updates[index] is entries[index][4]:
+                written.append(index)
+    return updates  # type: ignore[return-value]

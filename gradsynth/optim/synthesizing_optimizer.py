@@ -7,6 +7,7 @@ hands over to the wrapped optimizer, which never knows the difference.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradsynth.optim.combine import combine_one
+from gradsynth.optim.combine import Entry, combine_all
 from gradsynth.optim.geometry import GeometryAccumulator, GradientGeometry
 from gradsynth.optim.streaming import StreamingBackward, check_streamable
 from gradsynth.optim.task_gradients import FORGET, RETAIN, TaskGradients, other_task
@@ -154,6 +155,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         self.streaming = bool(streaming)
         self._tasks = TaskGradients()
         self._synthesized = False
+        self._external = False  # inside synthesized_elsewhere()
         self._geometry: GeometryAccumulator | None = None
         self._geometry_result: GradientGeometry | None = None
         # What torch.optim.Optimizer.__init__ sets up for step/state-dict hooks and profiling.
@@ -382,16 +384,17 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _synthesize(self, geometry: GeometryAccumulator | None) -> None:
         self._refuse_unattributed()
-        # Group the work by rule, so that a rule's scope (pcgrad_global) spans param groups.
-        by_rule: dict[int, tuple[Rule, list[tuple[Tensor, float, float]]]] = {}
+        params, entries = [], []
         for group in self._base.param_groups:
             rule, alpha, gamma = self.group_settings(group)
-            entries = by_rule.setdefault(id(rule), (rule, []))[1]
-            entries.extend((p, alpha, gamma) for p in group["params"] if self._tasks.reached(p))
+            for p in group["params"]:
+                if self._tasks.reached(p):
+                    params.append(p)
+                    entries.append((rule, alpha, gamma, *self._tasks.peek(p)))
         # The task gradients stay in their stashes until every update is computed, so that a
         # rule that raises leaves them pending as they were (see `_combine_all`).
-        updates = self._combine_all(by_rule.values(), geometry)
-        for p, update in updates:
+        updates = self._combine_all(entries, geometry)
+        for p, update in zip(params, updates, strict=True):
             self._tasks.take(p)
             self._tasks.place(p, update)
         if geometry is not None:
@@ -400,41 +403,19 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         self._geometry_result = None
         self._synthesized = True
 
-    def _combine_all(self, work: Any, geometry: GeometryAccumulator | None) -> list[tuple[Tensor, Tensor]]:
-        """Every parameter's update; the pending task gradients are left in place.
+    def _combine_all(self, entries: list[Entry], geometry: GeometryAccumulator | None) -> list[Tensor]:
+        """Every parameter's update (`combine_all`); the pending task gradients are left in place.
 
         If a rule raises, the pending gradients are as they were when nothing was written over
         them yet: the rule failed in ``prepare``, on the first parameter, or with geometry
         tracked (updates then go to new tensors). Otherwise (an in-place update already replaced
         some retain gradients) they are dropped and a ``RuntimeError`` says to redo the step.
         """
-        updates: list[tuple[Tensor, Tensor]] = []
-        overwritten = False
+        written: list[int] = []
         try:
-            for rule, entries in work:
-                pairs = []
-                for p, _, _ in entries:
-                    forget, retain = self._tasks.peek(p)
-                    pairs.append(
-                        (
-                            torch.zeros_like(retain) if forget is None else forget,
-                            torch.zeros_like(forget) if retain is None else retain,
-                        )
-                    )
-                context = rule.prepare(
-                    [f for f, _ in pairs],
-                    [r for _, r in pairs],
-                    alpha=[alpha for _, alpha, _ in entries],
-                    gamma=[gamma for _, _, gamma in entries],
-                )
-                for (p, alpha, gamma), (forget, retain) in zip(entries, pairs, strict=True):
-                    update = combine_one(
-                        rule, forget, retain, alpha=alpha, gamma=gamma, context=context, geometry=geometry
-                    )
-                    overwritten = overwritten or update is self._tasks.peek(p)[1]
-                    updates.append((p, update))
+            return combine_all(entries, geometry, written=written)
         except Exception as err:
-            if not overwritten:
+            if not written:
                 raise
             self.zero_grad()
             raise RuntimeError(
@@ -442,7 +423,31 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
                 "replaced in place by their update; this step's task gradients were dropped: fix the "
                 "rule and redo the step's backward passes (track_geometry=True keeps them intact)"
             ) from err
-        return updates
+
+    @contextlib.contextmanager
+    def synthesized_elsewhere(self, geometry: GeometryAccumulator | None = None) -> Iterator[None]:
+        """Within the block, ``step()`` passes straight to the wrapped optimizer, any number of times.
+
+        For engine integrations that read the task gradients out of an engine, synthesize them
+        with `gradsynth.optim.combine.combine_all` under this wrapper's `group_settings` and write
+        the update back into the engine, whose own optimizer then calls this wrapper's ``step``
+        on its flat partitions (DeepSpeed's ZeRO does, once per param group). `geometry` reports
+        ``geometry`` (already reduced) from then on.
+        """
+        if self._tasks.pending:
+            raise RuntimeError(
+                "task gradients are pending in this optimizer and an engine integration synthesized the "
+                "step elsewhere: use either backward_forget/backward_retain on the optimizer or the "
+                "engine integration's, not both"
+            )
+        self._geometry = geometry
+        self._geometry_result = None
+        self._external = True
+        try:
+            yield
+        finally:
+            self._external = False
+            self._synthesized = False
 
     def _refuse_unattributed(self) -> None:
         param = self._tasks.unattributed(self._params())
@@ -469,6 +474,8 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         A ``closure`` must zero the gradients, call ``backward_forget``/``backward_retain`` and
         return the loss; it is followed by a synthesis each time the wrapped optimizer calls it.
         """
+        if self.__dict__.get("_external", False):
+            return self._base.step() if closure is None else self._base.step(closure)
         if closure is None:
             if not self._synthesized and not self._tasks.pending:
                 self._refuse_unattributed()  # e.g. loss.backward(); opt.step() with no task named
