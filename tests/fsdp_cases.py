@@ -117,6 +117,61 @@ def assert_same_on_every_rank(params: dict[str, torch.Tensor], where: str) -> No
         assert torch.equal(values, flat), f"{where}: rank {other} differs from rank {dist.get_rank()}"
 
 
+# ----- a hand-written Accelerate loop ------------------------------------------------------------
+
+ACCELERATE_RULES = ["sago", "pcgrad_global"]
+
+
+def accelerate_run(rule: str, batch: int, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The loop of ``examples/accelerate_loop.py`` on the tiny Llama; the final parameters."""
+    import accelerate
+    from hf_helpers import paired_examples, tiny_llama
+
+    from gradsynth import SynthesizingOptimizer
+    from gradsynth.integrations.accelerate_tasks import AcceleratedTasks
+    from gradsynth.integrations.task_batches import TaskPairCollator
+    from gradsynth.integrations.task_losses import gradient_ascent_loss, nll_loss
+
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    plugin = None
+    if fsdp:
+        plugin = accelerate.FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+        )
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATION, fsdp_plugin=plugin)
+    assert accelerator.is_fsdp2 == fsdp
+    model = tiny_llama()
+    opt = SynthesizingOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), rule)
+    examples = paired_examples(PER_RANK * 2 * ACCUMULATION * STEPS)
+    loader = torch.utils.data.DataLoader(examples, batch_size=batch, collate_fn=TaskPairCollator())
+    model, optimizer, loader = accelerator.prepare(model, opt, loader)
+    tasks = AcceleratedTasks(accelerator, optimizer)
+    for pair in loader:
+        with accelerator.accumulate(model):
+            tasks.backward_forget(gradient_ascent_loss(model, pair["forget"]))
+            tasks.backward_retain(nll_loss(model, pair["retain"]))
+            if tasks.synthesize():
+                accelerator.clip_grad_norm_(model.parameters(), 0.5)
+            optimizer.step()
+            optimizer.zero_grad()
+    return full_parameters(accelerator.unwrap_model(model))
+
+
+def accelerate_references(out: Path) -> None:
+    for rule in ACCELERATE_RULES:
+        torch.save(accelerate_run(rule, 2 * PER_RANK, fsdp=False), out / f"accelerate-{rule}.pt")
+
+
+def _check_accelerate(out: Path) -> None:
+    for rule in ACCELERATE_RULES:
+        got = accelerate_run(rule, PER_RANK, fsdp=True)
+        where = f"Accelerate FSDP2 {rule}"
+        assert_matches(got, torch.load(out / f"accelerate-{rule}.pt"), where)
+        assert_same_on_every_rank(got, where)
+
+
 # ----- the Trainer -----------------------------------------------------------------------------
 
 
@@ -128,8 +183,9 @@ def trainer_references(out: Path) -> None:
         torch.save(full_parameters(one.model), out / f"trainer-{rule}.pt")
 
 
-def trainer_fsdp2_case(rank: int, world: int) -> None:
-    """Every rule through ``SynthesizingTrainer`` under FSDP2, then an exact resume."""
+def fsdp2_engines_case(rank: int, world: int) -> None:
+    """Every rule through ``SynthesizingTrainer`` under FSDP2, an exact resume; the
+    Accelerate loop under FSDP2."""
     from accelerate.state import AcceleratorState
     from torch.distributed.tensor import DTensor
 
@@ -162,5 +218,6 @@ def trainer_fsdp2_case(rank: int, world: int) -> None:
     assert resumed.state.global_step == 4
     got = full_parameters(resumed.model)
     for name, value in got.items():
-        assert torch.equal(value, want[name]), f"Trainer FSDP2 resume: {name} differs from the uninterrupted run"
+        assert torch.equal(value, want[name]), f"Trainer FSDP2 resume: {name} differs from the run not stopped"
     assert_same_on_every_rank(got, "Trainer FSDP2 resume")
+    _check_accelerate(out)

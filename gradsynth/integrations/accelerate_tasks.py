@@ -32,6 +32,7 @@ from typing import Any
 
 from torch import Tensor
 
+from gradsynth.integrations.distributed import refuse_fsdp1
 from gradsynth.integrations.unwrap import require_synthesizing_optimizer
 from gradsynth.optim import SynthesizingOptimizer
 
@@ -57,6 +58,7 @@ class AcceleratedTasks:
     """
 
     def __init__(self, accelerator: Any, optimizer: Any) -> None:
+        refuse_fsdp1(accelerator, optimizer)
         self.accelerator = accelerator
         self.optimizer: SynthesizingOptimizer = require_synthesizing_optimizer(optimizer)
 
