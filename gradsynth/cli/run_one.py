@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.cli.sources import Task
+from gradsynth.unlearning.reference import is_peft_model
 from gradsynth.unlearning.encoding import encode, make_batches, pad_id_of
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.generation import rouge_l_of
@@ -70,7 +71,7 @@ def run_unlearning(
     eval_batches = eval_batches if eval_batches is not None else evaluation_batches(task)
     before = before if before is not None else evaluate(model, eval_batches, task)
     reference = None
-    if settings.losses.needs_reference:
+    if settings.losses.needs_reference and not is_peft_model(model):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     forget = [encode(task.tokenizer, e, task.max_length) for e in task.forget]
     retain = [encode(task.tokenizer, e, task.max_length) for e in task.retain]
