@@ -140,7 +140,9 @@ def accelerate_run(rule: str, batch: int, fsdp: bool) -> dict[str, torch.Tensor]
             auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
         )
-    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATION, fsdp_plugin=plugin)
+    accelerator = accelerate.Accelerator(
+        cpu=True, gradient_accumulation_steps=ACCUMULATION, fsdp_plugin=plugin
+    )
     assert accelerator.is_fsdp2 == fsdp
     model = tiny_llama()
     opt = SynthesizingOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), rule)
@@ -218,6 +220,6 @@ def fsdp2_engines_case(rank: int, world: int) -> None:
     assert resumed.state.global_step == 4
     got = full_parameters(resumed.model)
     for name, value in got.items():
-        assert torch.equal(value, want[name]), f"Trainer FSDP2 resume: {name} differs from the run not stopped"
+        assert torch.equal(value, want[name]), f"FSDP2 resume: {name} differs from the run not stopped"
     assert_same_on_every_rank(got, "Trainer FSDP2 resume")
     _check_accelerate(out)

@@ -7,9 +7,9 @@ Each 2-process test is one spawn (start-up dominates); the per-rank checks live 
 from __future__ import annotations
 
 import distributed_cases
-import torch
 import fsdp_cases
 import pytest
+import torch
 import torch.distributed as dist
 from hf_helpers import fresh_accelerate_state
 
@@ -45,7 +45,7 @@ def test_fsdp1_setups_are_refused_with_the_fix():
     from gradsynth.integrations.distributed import UnsupportedEngineError, check_engine, refuse_fsdp1
 
     fsdp = _foreign("accelerate.utils", "DistributedType", name="FSDP")
-    fsdp1_accelerator = _foreign("accelerate.accelerator", "Accelerator", distributed_type=fsdp, is_fsdp2=False)
+    fsdp1_accelerator = _foreign("accelerate", "Accelerator", distributed_type=fsdp, is_fsdp2=False)
     trainer = _foreign("transformers.trainer", "Trainer", is_fsdp_enabled=True, accelerator=fsdp1_accelerator)
     flat = torch.nn.Parameter(torch.zeros(3))
     flat._fsdp_flattened = True  # what FSDP1 sets on the parameters it flattens
@@ -57,7 +57,7 @@ def test_fsdp1_setups_are_refused_with_the_fix():
         for check in (refuse_fsdp1, check_engine):
             with pytest.raises(UnsupportedEngineError, match=f"{found}.*fsdp_version: 2"):
                 check(obj)
-    fsdp2_accelerator = _foreign("accelerate.accelerator", "Accelerator", distributed_type=fsdp, is_fsdp2=True)
+    fsdp2_accelerator = _foreign("accelerate", "Accelerator", distributed_type=fsdp, is_fsdp2=True)
     model = torch.nn.Linear(3, 2)
     refuse_fsdp1(fsdp2_accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1))
 
@@ -76,9 +76,9 @@ def test_a_real_fsdp1_module_is_refused(tmp_path):
                 torch.nn.Linear(4, 2), device_id=torch.device("cpu"), use_orig_params=orig
             )
             opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-            with pytest.raises(UnsupportedEngineError, match="FullyShardedDataParallel.*fsdp_version: 2"):
+            with pytest.raises(UnsupportedEngineError, match=r"FullyShardedDataParallel.*fsdp_version: 2"):
                 check_engine(model)
-            with pytest.raises(UnsupportedEngineError, match="FSDP1 flat parameters.*fsdp_version: 2"):
+            with pytest.raises(UnsupportedEngineError, match=r"FSDP1 flat parameters.*fsdp_version: 2"):
                 check_engine(opt)
     finally:
         dist.destroy_process_group()

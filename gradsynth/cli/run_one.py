@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 
 from gradsynth.cli.sources import Task
-from gradsynth.unlearning.reference import is_peft_model
 from gradsynth.unlearning.encoding import encode, make_batches, pad_id_of
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.generation import rouge_l_of
 from gradsynth.unlearning.loop import StepRecord, UnlearnSettings, unlearn
+from gradsynth.unlearning.reference import is_peft_model
 
 EVAL_BATCH = 64
 

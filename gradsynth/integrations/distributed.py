@@ -108,9 +108,9 @@ def _fsdp1(obj: object) -> str | None:
         return "a FullyShardedDataParallel (FSDP1) module"
     if name == "FlatParameter" or getattr(obj, "_fsdp_flattened", False) is True:
         return "an FSDP1 flat parameter"
-    if str(getattr(getattr(obj, "distributed_type", None), "name", "")) == "FSDP":
-        if getattr(obj, "is_fsdp2", True) is False:
-            return f"an {name} with FSDP1 (fsdp_version 1)"
+    distributed = str(getattr(getattr(obj, "distributed_type", None), "name", ""))
+    if distributed == "FSDP" and getattr(obj, "is_fsdp2", True) is False:
+        return f"an {name} with FSDP1 (fsdp_version 1)"
     accelerator = getattr(obj, "accelerator", None)
     if getattr(obj, "is_fsdp_enabled", False) is True and getattr(accelerator, "is_fsdp2", True) is False:
         return f"a {name} with FSDP1 (fsdp_version 1)"
@@ -142,8 +142,9 @@ def refuse_fsdp1(*objects: object) -> None:
             if found is not None:
                 raise UnsupportedEngineError(
                     f"gradsynth cannot run under FSDP1 (found {found}): FSDP1 adds every backward into one "
-                    "flat gradient buffer that p.grad only views, so the forget and retain gradients cannot be "
-                    f"kept apart, and its shards give PCGrad this rank's partial inner products. {_FSDP1_FIX}"
+                    "flat gradient buffer that p.grad only views, so the forget and retain gradients cannot "
+                    "be kept apart, and its shards give PCGrad this rank's partial inner products. "
+                    f"{_FSDP1_FIX}"
                 )
 
 
