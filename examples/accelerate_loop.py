@@ -10,12 +10,15 @@ per real optimizer step, on the full accumulated task gradients, before clipping
 the tiny Llama of ``tiny_facts.py``, which first memorises random facts and then forgets a few
 of them (gradient ascent) while gradient descent on the others keeps them.
 
-The same loop runs unchanged on several processes with ``accelerate launch``.
+The same loop runs unchanged on several processes with ``accelerate launch`` and one of the
+config files in ``examples/accelerate/`` (DDP or FSDP2; see the docs page *Scaling out*).
 
 Run::
 
     python examples/accelerate_loop.py            # full run
     python examples/accelerate_loop.py --quick    # a smoke-test variant (seconds)
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/accelerate_loop.py --no-cpu
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/accelerate_loop.py --no-cpu
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--rule", default="sago")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps (each of 2 micro-batches)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True, help="run on the CPU")
     args = parser.parse_args()
     torch.set_num_threads(1)
     n_facts, hidden, pretrain_steps, steps = (16, 32, 60, 3) if args.quick else (64, 64, 150, args.steps)
@@ -50,7 +54,8 @@ def main() -> None:
     memorise(model, facts, pretrain_steps, 1e-2)
     print(f"memorised: forget {accuracy(model, forget):.1%}, retain {accuracy(model, retain):.1%}")
 
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    accelerator = Accelerator(cpu=args.cpu, gradient_accumulation_steps=accumulation)
+    accelerator.print(f"engine: {accelerator.distributed_type.name}, {accelerator.num_processes} process(es)")
     opt = SynthesizingOptimizer(
         torch.optim.AdamW(model.parameters(), lr=2e-3), args.rule, track_geometry=True
     )
@@ -73,8 +78,8 @@ def main() -> None:
             sched.step()
             optimizer.zero_grad()
 
-    model = accelerator.unwrap_model(model)
-    print(
+    model = accelerator.unwrap_model(model)  # under FSDP2 still sharded: every rank evaluates
+    accelerator.print(
         f"after {len(cos_gr)} optimizer steps ({len(loader)} micro-batches), rule {args.rule}: "
         f"forget {accuracy(model, forget):.1%}, retain {accuracy(model, retain):.1%}, "
         f"mean cos(g, r) {sum(cos_gr) / len(cos_gr):.3f}"

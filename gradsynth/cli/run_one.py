@@ -19,6 +19,7 @@ from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.generation import rouge_l_of
 from gradsynth.unlearning.loop import Diverged, StepRecord, UnlearnSettings, unlearn
 from gradsynth.unlearning.multiple_choice import mc_accuracy
+from gradsynth.unlearning.reference import is_peft_model
 
 EVAL_BATCH = 64
 
@@ -104,7 +105,7 @@ def run_unlearning(
         benchmarks = {}
     curve = [{"step": 0, "splits": before, "benchmarks": benchmarks.get("before", {})}] if plan.every else []
     reference = None
-    if settings.losses.needs_reference:
+    if settings.losses.needs_reference and not is_peft_model(model):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     forget = [encode(task.tokenizer, e, task.max_length) for e in task.forget]
     retain = [encode(task.tokenizer, e, task.max_length) for e in task.retain]

@@ -10,6 +10,12 @@ that task's backward:
   inner products are DTensor partial sums that reduce globally. Accumulating with
   ``set_requires_gradient_sync(False)`` is *not* supported: FSDP2 then adds every backward,
   of both tasks, into one private unsharded buffer.
+- **FSDP1** (``FullyShardedDataParallel``, what Accelerate and the Trainer build unless told
+  ``fsdp_version: 2``): refused by `check_engine` and by `refuse_fsdp1`. Each backward
+  reduce-scatters into the flat parameter's own gradient, which is *added to* when it already
+  exists, and ``p.grad`` (with ``use_orig_params=True``) is only a view into that flat buffer: a
+  task stash taken from ``p.grad`` would receive the other task's gradient too. Its shards are
+  plain tensors, so PCGrad's inner products would silently be this rank's partial sums.
 - **DeepSpeed** (ZeRO stage 0-3): supported through the engine, not through ``p.grad``: the
   engine adds every backward of a step into its own reduced, partitioned buffers and hands the
   optimizer flat fp32 partitions, so `gradsynth.integrations.deepspeed_tasks.DeepSpeedTasks`
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-__all__ = ["UnsupportedEngineError", "check_engine"]
+__all__ = ["UnsupportedEngineError", "check_engine", "refuse_fsdp1"]
 
 #: Attributes through which wrappers reach what they wrap: DeepSpeed engines (``module``,
 #: ``optimizer``), Accelerate's wrappers (``engine``, ``optimizer``), HF Trainer (``model``,
@@ -37,6 +43,13 @@ _FIX = (
     "Remove the offload from zero_optimization (or shard with PyTorch FSDP2, "
     "torch.distributed.fsdp.fully_shard, which supports CPU offload of parameters); see the "
     "'Scaling out' page of the docs."
+)
+
+
+_FSDP1_FIX = (
+    "Use FSDP2: fsdp_version: 2 in the Accelerate config (FullyShardedDataParallelPlugin(fsdp_version=2)), "
+    'fsdp_config={"version": 2} in TrainingArguments, or torch.distributed.fsdp.fully_shard in your own '
+    "code; see the 'Scaling out' page of the docs."
 )
 
 
@@ -90,6 +103,53 @@ def _deepspeed_refusal(obj: object) -> str | None:
     return None
 
 
+def _fsdp1(obj: object) -> str | None:
+    """A description of the FSDP1 setup ``obj`` belongs to, or None (FSDP2 and DDP give None)."""
+    name = type(obj).__name__
+    if name == "FullyShardedDataParallel" and type(obj).__module__.startswith("torch.distributed.fsdp"):
+        return "a FullyShardedDataParallel (FSDP1) module"
+    if name == "FlatParameter" or getattr(obj, "_fsdp_flattened", False) is True:
+        return "an FSDP1 flat parameter"
+    distributed = str(getattr(getattr(obj, "distributed_type", None), "name", ""))
+    if distributed == "FSDP" and getattr(obj, "is_fsdp2", True) is False:
+        return f"an {name} with FSDP1 (fsdp_version 1)"
+    accelerator = getattr(obj, "accelerator", None)
+    if getattr(obj, "is_fsdp_enabled", False) is True and getattr(accelerator, "is_fsdp2", True) is False:
+        return f"a {name} with FSDP1 (fsdp_version 1)"
+    for p in _first_parameters(obj):
+        if type(p).__name__ == "FlatParameter" or getattr(p, "_fsdp_flattened", False) is True:
+            return "FSDP1 flat parameters"
+    return None
+
+
+def _first_parameters(obj: object, n: int = 4) -> list[object]:
+    """A few of the parameters of a module or an optimizer (FSDP1 flattens all or none)."""
+    parameters = getattr(obj, "parameters", None)
+    if callable(parameters):
+        try:
+            return [p for _, p in zip(range(n), parameters(), strict=False)]
+        except TypeError:
+            return []
+    groups = getattr(obj, "param_groups", None)
+    if isinstance(groups, list):
+        return [p for g in groups if isinstance(g, dict) for p in g.get("params", ())][:n]
+    return []
+
+
+def refuse_fsdp1(*objects: object) -> None:
+    """Raise `UnsupportedEngineError` when any object (or what it wraps) runs under FSDP1."""
+    for obj in objects:
+        for item in _walk(obj):
+            found = _fsdp1(item)
+            if found is not None:
+                raise UnsupportedEngineError(
+                    f"gradsynth cannot run under FSDP1 (found {found}): FSDP1 adds every backward into one "
+                    "flat gradient buffer that p.grad only views, so the forget and retain gradients cannot "
+                    "be kept apart, and its shards give PCGrad this rank's partial inner products. "
+                    f"{_FSDP1_FIX}"
+                )
+
+
 def check_engine(*objects: object) -> None:
     """Raise `UnsupportedEngineError` when any object runs under an engine gradsynth cannot serve.
 
@@ -97,8 +157,10 @@ def check_engine(*objects: object) -> None:
     ``Accelerator``, the ``Trainer``; wrapped objects are followed through their ``module``,
     ``model``, ``model_wrapped``, ``engine`` and ``optimizer`` attributes. Plain, DDP, FSDP2 and
     DeepSpeed ZeRO-0/1/2/3 engines pass (DeepSpeed through
-    `gradsynth.integrations.deepspeed_tasks`); a DeepSpeed engine with ZeRO offload is refused.
+    `gradsynth.integrations.deepspeed_tasks`); a DeepSpeed engine with ZeRO offload is refused, and
+    so is FSDP1 (`refuse_fsdp1`).
     """
+    refuse_fsdp1(*objects)
     for obj in objects:
         for item in _walk(obj):
             found = _deepspeed_refusal(item)

@@ -218,6 +218,14 @@ class SynthesizingTrainer(Trainer):
             raise RuntimeError("no optimizer yet: it is created by train() (or create_optimizer())")
         return found
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self.is_fsdp_enabled:
+            # FSDP's loader (torch.distributed.checkpoint) first builds the optimizer state by a
+            # step with zero gradients at lr 0; our step() would refuse gradients of no task, so
+            # that step is taken on the base optimizer here, and the loader then fills the state.
+            _initialise_state(self.synthesizing_optimizer.optimizer)
+        super()._load_optimizer_and_scheduler(checkpoint)
+
     # ----- one micro-batch ----------------------------------------------------------------------
 
     def compute_forget_loss(
@@ -402,3 +410,19 @@ def _is_paired_dataset(dataset: Any) -> bool:
         return len(dataset) > 0 and is_task_pair(dataset[0])
     except (TypeError, KeyError, IndexError):
         return False
+
+
+def _initialise_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create ``optimizer``'s state by one step with zero gradients and learning rate 0."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if optimizer.state or any(p.grad is not None for p in params):
+        return
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)

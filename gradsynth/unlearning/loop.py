@@ -5,10 +5,18 @@ Each optimizer step draws ``grad_accum`` forget batches and as many retain batch
 task (scaled by ``1/grad_accum`` so accumulated gradients are means) and lets
 `gradsynth.optim.SynthesizingOptimizer` synthesize the update with the chosen rule. The base
 optimizer is AdamW without weight decay, as in the paper's runs.
+
+Reference models (NPO, KL) cost no copy where they need none: NPO's reference log-likelihoods of
+the forget examples are computed once before the first step (`ReferenceLogprobs`, with the
+model itself unless a ``reference`` is given) and looked up per batch; a PEFT model's KL
+reference is the model with its adapters disabled (`AdaptersDisabled`). Only the KL retain loss
+of a model without adapters still needs ``reference=`` (a frozen copy, or a sharded one under
+FSDP2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable
@@ -19,6 +27,7 @@ import torch
 
 from gradsynth.optim import SynthesizingOptimizer
 from gradsynth.unlearning.encoding import collate
+from gradsynth.unlearning.reference import AdaptersDisabled, ReferenceLogprobs, is_peft_model
 from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss
 
 Encoded = tuple[list[int], list[int]]
@@ -109,15 +118,20 @@ def unlearn(
     settings: UnlearnSettings,
     reference: Any = None,
     on_step: Callable[[StepRecord], None] | None = None,
+    *,
+    precompute_reference: bool = True,
 ) -> list[StepRecord]:
     """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step.
+
+    ``reference``: the frozen model from before unlearning, or a `ReferenceLogprobs` (NPO). Needed
+    only by the KL retain loss of a model without PEFT adapters. ``precompute_reference=False``
+    runs NPO's reference forward on every batch instead (the full-copy path; needs ``reference``).
 
     Raises `Diverged` at the first non-finite loss, or if a weight is non-finite at the end
     (a non-finite weight makes the next loss non-finite, so this covers every step).
     """
-    if settings.losses.needs_reference and reference is None:
-        raise ValueError("NPO and the KL retain loss need the frozen reference model; pass reference=")
     device = next(model.parameters()).device
+    ref_table, ref_model = _references(model, forget, pad_id, settings, reference, precompute_reference)
     base = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     optimizer = SynthesizingOptimizer(
         base, settings.rule, alpha=settings.alpha, gamma=settings.gamma, track_geometry=True
@@ -130,11 +144,13 @@ def unlearn(
         optimizer.zero_grad()
         forget_total = retain_total = 0.0
         for _ in range(settings.grad_accum):
-            fb = {k: v.to(device) for k, v in collate(forget_cycle.take(settings.batch_size), pad_id).items()}
+            forget_items = forget_cycle.take(settings.batch_size)
+            fb = {k: v.to(device) for k, v in collate(forget_items, pad_id).items()}
             rb = {k: v.to(device) for k, v in collate(retain_cycle.take(settings.batch_size), pad_id).items()}
-            lf = forget_loss(model, fb, settings.losses, reference)
+            ref_logprob = ref_table.lookup(forget_items, device) if ref_table is not None else None
+            lf = forget_loss(model, fb, settings.losses, ref_model, ref_logprob)
             optimizer.backward_forget(lf / settings.grad_accum)
-            lr_ = retain_loss(model, rb, settings.losses, reference)
+            lr_ = retain_loss(model, rb, settings.losses, ref_model)
             optimizer.backward_retain(lr_ / settings.grad_accum)
             forget_total += float(lf.detach()) / settings.grad_accum
             retain_total += float(lr_.detach()) / settings.grad_accum
@@ -156,3 +172,35 @@ def unlearn(
     _check_finite_weights(model)
     model.eval()
     return records
+
+
+def _references(
+    model: Any,
+    forget: list[Encoded],
+    pad_id: int,
+    settings: UnlearnSettings,
+    reference: Any,
+    precompute: bool,
+) -> tuple[ReferenceLogprobs | None, Any]:
+    """NPO's table of reference log-likelihoods (or None) and the reference model for the rest."""
+    losses = settings.losses
+    table = reference if isinstance(reference, ReferenceLogprobs) else None
+    ref_model = None if table is not None else reference
+    peft = ref_model is None and is_peft_model(model)
+    if losses.forget == "npo" and table is None:
+        if precompute:
+            # Before the first step the model *is* the reference (a PEFT model's is its base
+            # model, adapters disabled): no copy needed.
+            source = ref_model if ref_model is not None else model
+            with model.disable_adapter() if peft else contextlib.nullcontext():
+                table = ReferenceLogprobs.compute(source, forget, pad_id, settings.batch_size)
+        elif ref_model is None and not peft:
+            raise ValueError("precompute_reference=False needs the frozen reference model; pass reference=")
+    if ref_model is None and peft:
+        ref_model = AdaptersDisabled(model)
+    if losses.retain == "kl" and ref_model is None:
+        raise ValueError(
+            "the KL retain loss needs the frozen reference model: pass reference= (a frozen copy, or "
+            "under FSDP2 one sharded like the model); a PEFT model needs none (its adapters are disabled)"
+        )
+    return table, ref_model

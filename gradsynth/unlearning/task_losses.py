@@ -39,8 +39,10 @@ class LossSettings:
 
     @property
     def needs_reference(self) -> bool:
-        """NPO and KL compare with the frozen model from before unlearning."""
-        return self.forget == "npo" or self.retain == "kl"
+        """Whether a frozen reference *model* is needed: for the KL retain loss of a model without
+        adapters. (NPO compares with the model from before unlearning too, but only through the
+        forget examples' log-likelihoods, which the loop computes once before the first step.)"""
+        return self.retain == "kl"
 
 
 def _logits(model: Any, batch: dict[str, Tensor]) -> Tensor:
@@ -48,17 +50,27 @@ def _logits(model: Any, batch: dict[str, Tensor]) -> Tensor:
 
 
 def forget_loss(
-    model: Any, batch: dict[str, Tensor], settings: LossSettings, reference: Any = None
+    model: Any,
+    batch: dict[str, Tensor],
+    settings: LossSettings,
+    reference: Any = None,
+    ref_logprob: Tensor | None = None,
 ) -> Tensor:
-    """The forget loss of ``model`` on ``batch``; ``reference`` is the frozen model (NPO only)."""
+    """The forget loss of ``model`` on ``batch``.
+
+    NPO only: ``ref_logprob`` holds ``log pi_ref(y|x)`` of the batch's examples (looked up in a
+    `gradsynth.unlearning.reference.ReferenceLogprobs`); without it, ``reference`` (the frozen
+    model) computes them.
+    """
     logits = _logits(model, batch)
     if settings.forget == "ga":
         return ga_loss(logits, batch["labels"])
     logprob, length = sequence_logprob(logits, batch["labels"])
     if settings.forget == "simnpo":
         return simnpo_loss(logprob, length, settings.beta, settings.delta)
-    with torch.no_grad():
-        ref_logprob, _ = sequence_logprob(_logits(reference, batch), batch["labels"])
+    if ref_logprob is None:
+        with torch.no_grad():
+            ref_logprob, _ = sequence_logprob(_logits(reference, batch), batch["labels"])
     return npo_loss(logprob, ref_logprob, settings.beta)
 
 
