@@ -41,7 +41,6 @@ so neither new parameter shapes nor new ``alpha``/``gamma`` values recompile.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -62,6 +61,7 @@ MAX_HOST_WEIGHT = 2.0**64
 _HALF = (torch.bfloat16, torch.float16)
 _DTYPES = (torch.float32, torch.float64, *_HALF)
 _BLOCK = 1 << 12
+_FLOAT32_NORMAL = torch.finfo(torch.float32).smallest_normal
 
 
 def _check_backend(name: str) -> str:
@@ -162,14 +162,15 @@ def _prefer_retain(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
     return a + torch.where(_conflict(f, r), b - b, b)
 
 
-def _upcast(dst: Tensor, src: Tensor) -> tuple[Tensor, Tensor]:
-    compute = _compute_dtype(dst.dtype)
-    return dst.to(compute), src.to(compute)
+def _upcast(*tensors: Tensor) -> list[Tensor]:
+    compute = _compute_dtype(tensors[0].dtype)
+    return [t.to(compute) for t in tensors]
 
 
-# One function per rule and per input that receives ``g``: the compiler keeps a small cache of
-# compilations per function, and the two aliasings must not share one (a kernel compiled with
-# ``g`` written over one input was seen to fail when later called to write over the other).
+# One function per rule and per destination of ``g`` (``r``, ``f`` or a third tensor): the
+# compiler keeps a small cache of compilations per function, and the aliasings must not share one
+# (a kernel compiled with ``g`` written over one input was seen to fail when later called to
+# write over the other).
 
 
 def _sago_into_retain(r: Tensor, f: Tensor, alpha: float, gamma: float) -> None:
@@ -182,6 +183,11 @@ def _sago_into_forget(f: Tensor, r: Tensor, alpha: float, gamma: float) -> None:
     f.copy_(_sago(fc, rc, alpha, gamma))
 
 
+def _sago_into_out(out: Tensor, f: Tensor, r: Tensor, alpha: float, gamma: float) -> None:
+    fc, rc = _upcast(f, r)
+    out.copy_(_sago(fc, rc, alpha, gamma))
+
+
 def _prefer_into_retain(r: Tensor, f: Tensor, alpha: float, gamma: float) -> None:
     rc, fc = _upcast(r, f)
     r.copy_(_prefer_retain(fc, rc, alpha, gamma))
@@ -192,21 +198,43 @@ def _prefer_into_forget(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Non
     f.copy_(_prefer_retain(fc, rc, alpha, gamma))
 
 
-def _linear(f: Tensor, r: Tensor, root: float, gamma: float) -> Tensor:
-    # The weight arrives as its square root (see `linear_into`): ``(r * root) * root`` never
-    # underflows or overflows where ``w * r`` itself is representable, whatever ``w`` (PCGrad's
-    # weight can be 1e-67 against a retain coordinate of 1e30). float32 gradients are combined
-    # in float64, half-precision ones in float32.
-    compute = torch.float64 if r.dtype == torch.float32 else _compute_dtype(r.dtype)
-    return (r.to(compute) * root) * root + gamma * f.to(compute)
+def _prefer_into_out(out: Tensor, f: Tensor, r: Tensor, alpha: float, gamma: float) -> None:
+    fc, rc = _upcast(f, r)
+    out.copy_(_prefer_retain(fc, rc, alpha, gamma))
 
 
-def _linear_into_retain(r: Tensor, f: Tensor, root: float, gamma: float) -> None:
-    r.copy_(_linear(f, r, root, gamma))
+def _linear(f: Tensor, r: Tensor, weight: float, gamma: float, compute: torch.dtype) -> Tensor:
+    # ``w * r`` in one product: it cannot overflow or underflow where the result itself does not,
+    # as long as ``w`` is itself a normal number of the computing precision (see `linear_into`).
+    return r.to(compute) * weight + gamma * f.to(compute)
 
 
-def _linear_into_forget(f: Tensor, r: Tensor, root: float, gamma: float) -> None:
-    f.copy_(_linear(f, r, root, gamma))
+def _linear_into_retain(r: Tensor, f: Tensor, weight: float, gamma: float) -> None:
+    r.copy_(_linear(f, r, weight, gamma, _compute_dtype(r.dtype)))
+
+
+def _linear_into_forget(f: Tensor, r: Tensor, weight: float, gamma: float) -> None:
+    f.copy_(_linear(f, r, weight, gamma, _compute_dtype(f.dtype)))
+
+
+def _linear_into_out(out: Tensor, f: Tensor, r: Tensor, weight: float, gamma: float) -> None:
+    out.copy_(_linear(f, r, weight, gamma, _compute_dtype(out.dtype)))
+
+
+# Weights below float32's normal range (PCGrad's weight can be 1e-67 against a retain coordinate
+# of 1e30): float64 throughout, where every such weight and product is a normal number.
+
+
+def _linear_wide_into_retain(r: Tensor, f: Tensor, weight: float, gamma: float) -> None:
+    r.copy_(_linear(f, r, weight, gamma, torch.float64))
+
+
+def _linear_wide_into_forget(f: Tensor, r: Tensor, weight: float, gamma: float) -> None:
+    f.copy_(_linear(f, r, weight, gamma, torch.float64))
+
+
+def _linear_wide_into_out(out: Tensor, f: Tensor, r: Tensor, weight: float, gamma: float) -> None:
+    out.copy_(_linear(f, r, weight, gamma, torch.float64))
 
 
 def _weighted(f: Tensor, r: Tensor, weight: Tensor, gamma: float) -> Tensor:
@@ -220,6 +248,10 @@ def _weighted_into_retain(r: Tensor, f: Tensor, weight: Tensor, gamma: float) ->
 
 def _weighted_into_forget(f: Tensor, r: Tensor, weight: Tensor, gamma: float) -> None:
     f.copy_(_weighted(f, r, weight, gamma))
+
+
+def _weighted_into_out(out: Tensor, f: Tensor, r: Tensor, weight: Tensor, gamma: float) -> None:
+    out.copy_(_weighted(f, r, weight, gamma))
 
 
 def _dots_wide(f: Tensor, r: Tensor) -> Tensor:
@@ -242,12 +274,19 @@ _KERNELS: dict[str, Callable[..., Any]] = {
     for fn in (
         _sago_into_retain,
         _sago_into_forget,
+        _sago_into_out,
         _prefer_into_retain,
         _prefer_into_forget,
+        _prefer_into_out,
         _linear_into_retain,
         _linear_into_forget,
+        _linear_into_out,
+        _linear_wide_into_retain,
+        _linear_wide_into_forget,
+        _linear_wide_into_out,
         _weighted_into_retain,
         _weighted_into_forget,
+        _weighted_into_out,
         _dots_wide,
         _dots_blocked,
     )
@@ -342,21 +381,27 @@ def _scalar(value: float | Tensor) -> Tensor:
     return tensor
 
 
-def _run(name: str, *args: Any) -> Any:
-    """Run kernel ``name``; raise `_CompileFailed` (nothing written) if it cannot be compiled."""
+def _run(name: str, *args: Any, rows: int | None = None) -> Any:
+    """Run kernel ``name`` on ``args`` (tensors taken flat, or as ``rows`` blocks of `_BLOCK`).
+
+    Raises `_CompileFailed` (nothing written) if the kernel cannot be compiled.
+    """
     first = args[0]
     key = (name, first.dtype, first.device.type)
     direct = _direct.get(key)
     kernel = _compiled.get(name)
     if direct is not None and direct[0] is kernel and not first.requires_grad:
         _, compiled, plan, returns = direct
+        # No guards here, so plain views will do (cheaper than `_flat`'s aliases).
+        shaped = [_view(a, rows) if isinstance(a, Tensor) and a.dim() else a for a in args]
         grad = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            outputs = compiled(*[get(args) for get in plan])
+            outputs = compiled(*[get(shaped) for get in plan])
         finally:
             torch._C._set_grad_enabled(grad)
         return outputs[0] if returns else None
+    args = tuple(_flat(a, rows) if isinstance(a, Tensor) and a.dim() else a for a in args)
     if _status.get(key) is False:
         raise _CompileFailed
     if kernel is None:
@@ -411,26 +456,25 @@ def _flat(t: Tensor, rows: int | None = None) -> Tensor:
     return alias.set_(t.untyped_storage(), t.storage_offset(), shape, strides)
 
 
+def _view(t: Tensor, rows: int | None = None) -> Tensor:
+    """`_flat` as a plain view, for the direct calls that no guard inspects."""
+    flat = t.view(-1)
+    return flat if rows is None else flat[: rows * _BLOCK].view(rows, _BLOCK)
+
+
 def _into(kernel: str, forget: Tensor, retain: Tensor, out: Tensor, *args: Any) -> bool:
     """Write ``kernel(f, r)`` into ``out``; False (nothing written) if the eager path must run."""
     aliased = "forget" if out is forget else "retain" if out is retain else None
-    forget, retain = _flat(forget), _flat(retain)
     try:
         if aliased == "forget":
             _run(f"{kernel}_into_forget", forget, retain, *args)
         elif aliased == "retain":
             _run(f"{kernel}_into_retain", retain, forget, *args)
         else:
-            # A kernel that writes a third tensor is a separate compilation; a copy is cheaper.
-            # Compile (or fail) on the inputs first, so ``out`` is only touched on success.
-            if _status.get((f"{kernel}_into_retain", retain.dtype, retain.device.type)) is None:
-                scratch = retain.clone()
-                _run(f"{kernel}_into_retain", scratch, forget, *args)
-                out.copy_(scratch.view(out.shape))
-                return True
-            flat_out = _flat(out)
-            flat_out.copy_(retain)
-            _run(f"{kernel}_into_retain", flat_out, forget, *args)
+            # A kernel of its own, not a copy then the in-place kernel (5 passes over memory, not
+            # 3: that cost 1.9x the add). Compilation comes before any write, so a failure leaves
+            # ``out`` untouched.
+            _run(f"{kernel}_into_out", out, forget, retain, *args)
     except _CompileFailed:
         return False
     return True
@@ -457,8 +501,11 @@ def linear_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float | T
             return _into("weighted", forget, retain, out, weight, gamma)
         alpha = float(alpha)  # a CPU tensor: reading it waits for nothing
     if not 0 <= alpha < MAX_HOST_WEIGHT:
-        return False  # NaN, negative or beyond the range the square-root split is exact for
-    return _into("linear", forget, retain, out, math.sqrt(alpha), gamma)
+        return False  # NaN, negative or beyond the range the float kernels are exact for
+    # In float32 a weight below its normal range would lose digits or vanish (the float64 kernel
+    # takes it); 0 is exact either way, and the common case.
+    wide = 0 < alpha < _FLOAT32_NORMAL
+    return _into("linear_wide" if wide else "linear", forget, retain, out, alpha, gamma)
 
 
 def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -468,12 +515,12 @@ def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
     rows = forget.numel() // _BLOCK
     try:
         if forget.dtype in _HALF and forget.device.type == "cpu" and rows > 0:
-            pair = _run("dots_blocked", _flat(forget, rows), _flat(retain, rows))
+            pair = _run("dots_blocked", forget, retain, rows=rows)
             if rows * _BLOCK < forget.numel():  # the last partial block, short: summed eagerly
                 f, r = forget.reshape(-1)[rows * _BLOCK :], retain.reshape(-1)[rows * _BLOCK :]
                 pair = pair + torch.stack([dot64(f, r), dot64(r, r)])
         else:
-            pair = _run("dots_wide", _flat(forget), _flat(retain))
+            pair = _run("dots_wide", forget, retain)
     except _CompileFailed:
         return None
     return pair[0], pair[1]
