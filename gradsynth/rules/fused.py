@@ -524,3 +524,25 @@ def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
     except _CompileFailed:
         return None
     return pair[0], pair[1]
+
+
+_TINY64 = torch.finfo(torch.float64).tiny
+
+
+def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, gamma: float) -> bool:
+    """Fused `gradsynth.rules.pcgrad` on the CPU; False (nothing written) where the caller must run it.
+
+    The two inner products come from one read (`dots`); the weight ``alpha - gamma * k`` is then
+    formed from them as Python floats, which are float64 like the tensor formula of
+    `gradsynth.rules.pcgrad.projection_coefficient` and give the same value (the same IEEE
+    operations, NaN and infinity included) without its half-dozen tiny tensor operations per
+    parameter. Reading the products waits for nothing on the CPU.
+    """
+    if retain.device.type != "cpu" or not eligible(forget, retain, out):
+        return False
+    pair = dots(forget, retain)
+    if pair is None:
+        return False
+    fr, rr = pair[0].item(), pair[1].item()
+    k = fr / max(rr, _TINY64) if fr < 0 else 0.0
+    return linear_into(forget, retain, out, alpha=alpha - gamma * k, gamma=gamma)
