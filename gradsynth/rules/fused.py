@@ -2,7 +2,7 @@
 
 Synthesis is memory-bound. The eager rules chain several elementwise operations, each a full
 pass; a fused kernel reads ``f`` and ``r`` once and writes ``g`` once, the traffic of
-``torch.add(f, r, out=g)``. The kernels, written into ``dst``, which is ``r`` or ``f`` itself::
+``torch.add(f, r, out=g)``. The kernels, written into ``r``, ``f`` or a third tensor::
 
     c = (f * S) * (r * S) < 0, S = 2**117 (2**600 for float64)   (the signs conflict)
     sago:               g = where(c, a*r + 0*(b*f), b*f + 0*(a*r))
@@ -16,16 +16,19 @@ the eager product forms (``0 * inf`` is NaN), so a ``GradScaler`` still sees a f
 Precision. SAGO's kernels compute half-precision inputs (bfloat16, float16) in float32 and
 round once at the end, float32 in float32 and float64 in float64: they agree with the eager path
 to a few units in the last place of the gradient's dtype, and exactly when
-``alpha = gamma = 1``. The linear kernel (``sum``, PCGrad's apply) computes float32 gradients in
-float64 and half-precision ones in float32; it takes a float weight ``w >= 0`` as its square
-root and forms ``(r * sqrt(w)) * sqrt(w)``, so that a weight far outside the gradients' range
-(PCGrad's ``w`` can be 1e-67 against a retain coordinate of 1e30) neither underflows nor
-overflows where ``w * r`` is representable. PCGrad's weight is read on the CPU (no device to
-wait for), and beyond ``2**64`` the eager float64 path applies it; on a GPU it stays a float64
-tensor and the apply computes in float64. The dots accumulate in float64; for half-precision
-gradients on the CPU, the products are formed in float32 (exact for float16; exact for bfloat16
-unless a product is below ``2**-126``) and summed in float32 over blocks of 4096, then in
-float64 (relative error ~1e-7).
+``alpha = gamma = 1``. The linear kernel (``sum``, PCGrad's apply) computes float32 and
+half-precision gradients in float32 as ``w*r + gamma*f`` when the float weight ``w`` is 0 or a
+normal float32 number: then ``w*r`` neither underflows nor overflows where it is representable.
+A smaller weight (PCGrad's ``w`` can be 1e-67 against a retain coordinate of 1e30) goes to a
+float64 kernel, and beyond ``2**64`` the eager float64 path applies it. PCGrad's weight is
+read on the CPU (no device to wait for); on a GPU it stays a float64 tensor and the apply
+computes in float64. The dots accumulate in float64; for half-precision gradients on the CPU,
+the products are formed in float32 (exact for float16; exact for bfloat16 unless a product is
+below ``2**-126``) and summed in float32 over blocks of 4096, then in float64 (relative error
+~1e-7).
+
+Call overhead. A call through ``torch.compile`` costs tens of microseconds of Python whatever
+the size; after a kernel's first run the compiled graph is called directly (see `_run`).
 
 When the kernels run (see `set_backend`): ``"auto"`` (the default, or environment variable
 ``GRADSYNTH_BACKEND``) uses them for plain dense contiguous tensors of at least `min_numel`
