@@ -17,7 +17,13 @@ and bfloat16, side by side in one process (medians of interleaved repetitions):
 Then the end-to-end step ratio (`end_to_end.py`). Writes ``results.json`` and ``results.png``
 to ``--out``.
 
-Usage: ``python benchmarks/run.py [--quick] [--out DIR] [--threads 1]``
+The header says where it ran: the CPU model, PyTorch's CPU capability
+(``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512, ...; the compiled kernels are
+vectorised for it), the thread count, the bandwidth of ``torch.add`` and the load average before
+and after. ``--repeat K`` reruns the speed table K times and reports each ratio's median and
+range (min-max over the runs); the JSON carries every run.
+
+Usage: ``python benchmarks/run.py [--quick] [--repeat K] [--out DIR] [--threads 1]``
 """
 
 from __future__ import annotations
@@ -104,7 +110,7 @@ def _rows_for(layout: str, dtype_name: str, shapes: list, reps: int, ref_reps: i
         fused, add_time = _median_time(synthesize, reps, add)
         with use_backend("eager"):
             eager, add_time_eager = _median_time(synthesize, max(3, reps // 2), add)
-        slow, _ = _median_time(reference, ref_reps, add)
+        slow = _median_time(reference, ref_reps, add)[0] if ref_reps else None
         row = {
             "rule": rule,
             "layout": layout,
@@ -113,14 +119,14 @@ def _rows_for(layout: str, dtype_name: str, shapes: list, reps: int, ref_reps: i
             "ratio_to_add": fused / add_time,
             "gb_per_s": TRAFFIC.get(rule, 3) * set_bytes / fused / 1e9,
             "eager_ratio_to_add": eager / add_time_eager,
-            "speedup_vs_reference": slow / fused,
+            "speedup_vs_reference": slow / fused if slow is not None else None,
             "warmup_s": max(0.0, first - fused),
         }
         rows.append(row)
         print(
             f"{rule:19s} {layout:6s} {dtype_name:5s} {row['ms']:9.2f} {row['ratio_to_add']:7.2f} "
             f"{row['gb_per_s']:7.1f} {row['eager_ratio_to_add']:8.2f} "
-            f"{row['speedup_vs_reference']:9.1f} {row['warmup_s']:8.1f}",
+            f"{_num(row['speedup_vs_reference'], 9, 1)} {row['warmup_s']:8.1f}",
             flush=True,
         )
     return rows
@@ -133,6 +139,80 @@ def speed_rows(layouts: dict, reps: int, ref_reps: int) -> list[dict]:
         for dtype_name in DTYPES
         for row in _rows_for(layout, dtype_name, shapes, reps, ref_reps)
     ]
+
+
+def _num(value: float | None, width: int, digits: int) -> str:
+    return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}s}"
+
+
+SPREAD = ("ms", "ratio_to_add", "gb_per_s", "eager_ratio_to_add", "speedup_vs_reference")
+
+
+def summarize(runs: list[list[dict]]) -> list[dict]:
+    """One row per case: each measure's median over the runs, with ``<measure>_runs`` and a range."""
+    rows = []
+    for same in zip(*runs, strict=True):
+        row = dict(same[0])
+        for key in SPREAD:
+            values = [r[key] for r in same if r[key] is not None]  # the reference: first run only
+            row[key] = statistics.median(values) if values else None
+            row[f"{key}_runs"] = values
+            row[f"{key}_range"] = [min(values), max(values)] if values else None
+        row["warmup_s"] = same[0]["warmup_s"]  # the compilation happens in the first run only
+        rows.append(row)
+    return rows
+
+
+def print_summary(rows: list[dict]) -> None:
+    print(
+        f"\nmedian [min-max] over {len(rows[0]['ratio_to_add_runs'])} runs of the table:\n"
+        f"{'rule':19s} {'layout':6s} {'dtype':5s} {'ms':>9s} {'x add':>18s} {'eager x add':>18s}"
+    )
+    for row in rows:
+        lo, hi = row["ratio_to_add_range"]
+        elo, ehi = row["eager_ratio_to_add_range"]
+        print(
+            f"{row['rule']:19s} {row['layout']:6s} {row['dtype']:5s} {row['ms']:9.2f} "
+            f"{row['ratio_to_add']:6.2f} [{lo:4.2f}-{hi:4.2f}] "
+            f"{row['eager_ratio_to_add']:6.2f} [{elo:4.2f}-{ehi:4.2f}]"
+        )
+
+
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def add_bandwidth(numel: int, reps: int = 5) -> float:
+    """GB/s of ``torch.add(a, b, out=c)`` on float32 tensors of ``numel`` elements (median)."""
+    a, b = torch.randn(numel), torch.randn(numel)
+    c = torch.empty_like(a)
+    torch.add(a, b, out=c)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.add(a, b, out=c)
+        times.append(time.perf_counter() - start)
+    return 3 * numel * 4 / statistics.median(times) / 1e9
+
+
+def machine(threads: int, numel: int) -> dict:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads,
+        "logical_cpus": os.cpu_count(),
+        "add_gb_per_s": add_bandwidth(numel),
+        "load_average_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
 
 
 def memory_rows(layers: int, width: int) -> dict[str, float]:
@@ -203,6 +283,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--ref-reps", type=int, default=2, help="repetitions of the slow reference code")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of the speed table (median and range)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     if args.quick:
@@ -211,16 +292,28 @@ def main() -> None:
     hidden, layers, intermediate, vocab = (int(x) for x in args.llama.split(","))
     layouts = {"flat": [(args.numel,)], "llama": llama_shapes(hidden, layers, intermediate, vocab)}
     n_llama = sum(torch.Size(s).numel() for s in layouts["llama"])
+    where = machine(args.threads, args.numel)
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s); "
+        f"torch {where['torch']}, CPU {where['cpu']}, capability {where['cpu_capability']}, "
+        f"{args.threads} thread(s) of {where['logical_cpus']}, torch.add {where['add_gb_per_s']:.1f} GB/s "
+        f"(float32, {args.numel / 1e6:.1f}M), load average {where['load_average_before']}; "
         f"flat {args.numel / 1e6:.1f}M elements, "
         f"llama list {n_llama / 1e6:.1f}M in {len(layouts['llama'])} tensors"
     )
-    print(
-        f"{'rule':19s} {'layout':6s} {'dtype':5s} {'ms':>9s} {'x add':>7s} {'GB/s':>7s} "
-        f"{'eager x':>8s} {'x vs ref':>9s} {'warm-up s':>8s}"
-    )
-    rows = speed_rows(layouts, args.reps, args.ref_reps)
+    runs = []
+    for run in range(args.repeat):
+        if args.repeat > 1:
+            print(f"\nrun {run + 1} of {args.repeat}")
+        print(
+            f"{'rule':19s} {'layout':6s} {'dtype':5s} {'ms':>9s} {'x add':>7s} {'GB/s':>7s} "
+            f"{'eager x':>8s} {'x vs ref':>9s} {'warm-up s':>8s}"
+        )
+        # The slow reference-style code is timed in the first run only.
+        runs.append(speed_rows(layouts, args.reps, args.ref_reps if run == 0 else 0))
+    rows = summarize(runs)
+    if args.repeat > 1:
+        print_summary(rows)
+    where["load_average_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     memory = memory_rows(*((4, 128) if args.quick else (16, 1024)))
     print("\npeak memory of a step, extra gradient sets above params + one set:")
     for name, extra in memory.items():
@@ -235,12 +328,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
-        "machine": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(),
-            "threads": args.threads,
-        },
+        "machine": where,
+        "repeat": args.repeat,
         "sizes": {"flat": args.numel, "llama": n_llama, "llama_config": args.llama},
         "synthesis": rows,
         "memory_extra_sets": memory,

@@ -141,7 +141,10 @@ def test_no_recompilation_for_new_shapes_or_weights(compiled):
     def graphs():
         return counters["stats"]["unique_graphs"]
 
-    sago(*_pair(torch.float32, n=4000), out=None)  # warm up (or already compiled)
+    # Warm up (or already compiled) both kernels used below: into a new tensor, and into ``r``.
+    sago(*_pair(torch.float32, n=4000), out=None)
+    f, r = _pair(torch.float32, n=4000)
+    sago(f, r, out=r)
     before = graphs()
     for n, alpha in [(5000, 0.3), (70000, 2.0), (12345, 1.0), (999, 7.5)]:
         f, r = _pair(torch.float32, n=n)

@@ -14,7 +14,7 @@ shape, dtype and device, so ``combine`` must read what it needs before it writes
 weights the retain part and ``gamma`` the forget part, both non-negative. Nothing may call
 ``.item()``, ``float()`` or branch in Python on tensor values: on an accelerator that is a host
 sync per parameter, and on a sharded tensor it silently reads the local part only. (The fused
-kernels read PCGrad's weight with ``float()`` only for plain CPU tensors, where neither applies.)
+kernels read PCGrad's inner products and weight only for plain CPU tensors, where neither applies.)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Synthesis is memory-bound. The eager rules chain several elementwise operations, each a full
 pass; a fused kernel reads ``f`` and ``r`` once and writes ``g`` once, the traffic of
-``torch.add(f, r, out=g)``. The kernels, written into ``dst``, which is ``r`` or ``f`` itself::
+``torch.add(f, r, out=g)``. The kernels, written into ``r``, ``f`` or a third tensor::
 
     c = (f * S) * (r * S) < 0, S = 2**117 (2**600 for float64)   (the signs conflict)
     sago:               g = where(c, a*r + 0*(b*f), b*f + 0*(a*r))
@@ -16,16 +16,19 @@ the eager product forms (``0 * inf`` is NaN), so a ``GradScaler`` still sees a f
 Precision. SAGO's kernels compute half-precision inputs (bfloat16, float16) in float32 and
 round once at the end, float32 in float32 and float64 in float64: they agree with the eager path
 to a few units in the last place of the gradient's dtype, and exactly when
-``alpha = gamma = 1``. The linear kernel (``sum``, PCGrad's apply) computes float32 gradients in
-float64 and half-precision ones in float32; it takes a float weight ``w >= 0`` as its square
-root and forms ``(r * sqrt(w)) * sqrt(w)``, so that a weight far outside the gradients' range
-(PCGrad's ``w`` can be 1e-67 against a retain coordinate of 1e30) neither underflows nor
-overflows where ``w * r`` is representable. PCGrad's weight is read on the CPU (no device to
-wait for), and beyond ``2**64`` the eager float64 path applies it; on a GPU it stays a float64
-tensor and the apply computes in float64. The dots accumulate in float64; for half-precision
-gradients on the CPU, the products are formed in float32 (exact for float16; exact for bfloat16
-unless a product is below ``2**-126``) and summed in float32 over blocks of 4096, then in
-float64 (relative error ~1e-7).
+``alpha = gamma = 1``. The linear kernel (``sum``, PCGrad's apply) computes float32 and
+half-precision gradients in float32 as ``w*r + gamma*f`` when the float weight ``w`` is 0 or a
+normal float32 number: then ``w*r`` neither underflows nor overflows where it is representable.
+A smaller weight (PCGrad's ``w`` can be 1e-67 against a retain coordinate of 1e30) goes to a
+float64 kernel, and beyond ``2**64`` the eager float64 path applies it. PCGrad's weight is
+read on the CPU (no device to wait for); on a GPU it stays a float64 tensor and the apply
+computes in float64. The dots accumulate in float64; for half-precision gradients on the CPU,
+the products are formed in float32 (exact for float16; exact for bfloat16 unless a product is
+below ``2**-126``) and summed in float32 over blocks of 4096, then in float64 (relative error
+~1e-7).
+
+Call overhead. A call through ``torch.compile`` costs tens of microseconds of Python whatever
+the size; after a kernel's first run the compiled graph is called directly (see `_run`).
 
 When the kernels run (see `set_backend`): ``"auto"`` (the default, or environment variable
 ``GRADSYNTH_BACKEND``) uses them for plain dense contiguous tensors of at least `min_numel`
@@ -40,7 +43,7 @@ so neither new parameter shapes nor new ``alpha``/``gamma`` values recompile.
 
 from __future__ import annotations
 
-import math
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -61,6 +64,7 @@ MAX_HOST_WEIGHT = 2.0**64
 _HALF = (torch.bfloat16, torch.float16)
 _DTYPES = (torch.float32, torch.float64, *_HALF)
 _BLOCK = 1 << 12
+_FLOAT32_NORMAL = torch.finfo(torch.float32).smallest_normal
 
 
 def _check_backend(name: str) -> str:
@@ -180,14 +184,15 @@ def _prefer_retain(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Tensor:
     return a + torch.where(_conflict(f, r), b - b, b)
 
 
-def _upcast(dst: Tensor, src: Tensor) -> tuple[Tensor, Tensor]:
-    compute = _compute_dtype(dst.dtype)
-    return dst.to(compute), src.to(compute)
+def _upcast(*tensors: Tensor) -> list[Tensor]:
+    compute = _compute_dtype(tensors[0].dtype)
+    return [t.to(compute) for t in tensors]
 
 
-# One function per rule and per input that receives ``g``: the compiler keeps a small cache of
-# compilations per function, and the two aliasings must not share one (a kernel compiled with
-# ``g`` written over one input was seen to fail when later called to write over the other).
+# One function per rule and per destination of ``g`` (``r``, ``f`` or a third tensor): the
+# compiler keeps a small cache of compilations per function, and the aliasings must not share one
+# (a kernel compiled with ``g`` written over one input was seen to fail when later called to
+# write over the other).
 
 
 def _sago_into_retain(r: Tensor, f: Tensor, alpha: float, gamma: float) -> None:
@@ -200,6 +205,11 @@ def _sago_into_forget(f: Tensor, r: Tensor, alpha: float, gamma: float) -> None:
     f.copy_(_sago(fc, rc, alpha, gamma))
 
 
+def _sago_into_out(out: Tensor, f: Tensor, r: Tensor, alpha: float, gamma: float) -> None:
+    fc, rc = _upcast(f, r)
+    out.copy_(_sago(fc, rc, alpha, gamma))
+
+
 def _prefer_into_retain(r: Tensor, f: Tensor, alpha: float, gamma: float) -> None:
     rc, fc = _upcast(r, f)
     r.copy_(_prefer_retain(fc, rc, alpha, gamma))
@@ -210,21 +220,43 @@ def _prefer_into_forget(f: Tensor, r: Tensor, alpha: float, gamma: float) -> Non
     f.copy_(_prefer_retain(fc, rc, alpha, gamma))
 
 
-def _linear(f: Tensor, r: Tensor, root: float, gamma: float) -> Tensor:
-    # The weight arrives as its square root (see `linear_into`): ``(r * root) * root`` never
-    # underflows or overflows where ``w * r`` itself is representable, whatever ``w`` (PCGrad's
-    # weight can be 1e-67 against a retain coordinate of 1e30). float32 gradients are combined
-    # in float64, half-precision ones in float32.
-    compute = torch.float64 if r.dtype == torch.float32 else _compute_dtype(r.dtype)
-    return (r.to(compute) * root) * root + gamma * f.to(compute)
+def _prefer_into_out(out: Tensor, f: Tensor, r: Tensor, alpha: float, gamma: float) -> None:
+    fc, rc = _upcast(f, r)
+    out.copy_(_prefer_retain(fc, rc, alpha, gamma))
 
 
-def _linear_into_retain(r: Tensor, f: Tensor, root: float, gamma: float) -> None:
-    r.copy_(_linear(f, r, root, gamma))
+def _linear(f: Tensor, r: Tensor, weight: float, gamma: float, compute: torch.dtype) -> Tensor:
+    # ``w * r`` in one product: it cannot overflow or underflow where the result itself does not,
+    # as long as ``w`` is itself a normal number of the computing precision (see `linear_into`).
+    return r.to(compute) * weight + gamma * f.to(compute)
 
 
-def _linear_into_forget(f: Tensor, r: Tensor, root: float, gamma: float) -> None:
-    f.copy_(_linear(f, r, root, gamma))
+def _linear_into_retain(r: Tensor, f: Tensor, weight: float, gamma: float) -> None:
+    r.copy_(_linear(f, r, weight, gamma, _compute_dtype(r.dtype)))
+
+
+def _linear_into_forget(f: Tensor, r: Tensor, weight: float, gamma: float) -> None:
+    f.copy_(_linear(f, r, weight, gamma, _compute_dtype(f.dtype)))
+
+
+def _linear_into_out(out: Tensor, f: Tensor, r: Tensor, weight: float, gamma: float) -> None:
+    out.copy_(_linear(f, r, weight, gamma, _compute_dtype(out.dtype)))
+
+
+# Weights below float32's normal range (PCGrad's weight can be 1e-67 against a retain coordinate
+# of 1e30): float64 throughout, where every such weight and product is a normal number.
+
+
+def _linear_wide_into_retain(r: Tensor, f: Tensor, weight: float, gamma: float) -> None:
+    r.copy_(_linear(f, r, weight, gamma, torch.float64))
+
+
+def _linear_wide_into_forget(f: Tensor, r: Tensor, weight: float, gamma: float) -> None:
+    f.copy_(_linear(f, r, weight, gamma, torch.float64))
+
+
+def _linear_wide_into_out(out: Tensor, f: Tensor, r: Tensor, weight: float, gamma: float) -> None:
+    out.copy_(_linear(f, r, weight, gamma, torch.float64))
 
 
 def _weighted(f: Tensor, r: Tensor, weight: Tensor, gamma: float) -> Tensor:
@@ -238,6 +270,10 @@ def _weighted_into_retain(r: Tensor, f: Tensor, weight: Tensor, gamma: float) ->
 
 def _weighted_into_forget(f: Tensor, r: Tensor, weight: Tensor, gamma: float) -> None:
     f.copy_(_weighted(f, r, weight, gamma))
+
+
+def _weighted_into_out(out: Tensor, f: Tensor, r: Tensor, weight: Tensor, gamma: float) -> None:
+    out.copy_(_weighted(f, r, weight, gamma))
 
 
 def _dots_wide(f: Tensor, r: Tensor) -> Tensor:
@@ -260,12 +296,19 @@ _KERNELS: dict[str, Callable[..., Any]] = {
     for fn in (
         _sago_into_retain,
         _sago_into_forget,
+        _sago_into_out,
         _prefer_into_retain,
         _prefer_into_forget,
+        _prefer_into_out,
         _linear_into_retain,
         _linear_into_forget,
+        _linear_into_out,
+        _linear_wide_into_retain,
+        _linear_wide_into_forget,
+        _linear_wide_into_out,
         _weighted_into_retain,
         _weighted_into_forget,
+        _weighted_into_out,
         _dots_wide,
         _dots_blocked,
     )
@@ -275,17 +318,120 @@ _KERNELS: dict[str, Callable[..., Any]] = {
 # ----- dispatch -----------------------------------------------------------------------------------
 
 
-def _run(name: str, *args: Any) -> Any:
-    """Run kernel ``name``; raise `_CompileFailed` (nothing written) if it cannot be compiled."""
+def _capturing_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    """Inductor, keeping the compiled graph so that later calls can skip the frame machinery.
+
+    A call through ``torch.compile`` costs ~40-120 us of Python (frame evaluation, guards,
+    wrapping the float weights as tensors) whatever the tensor's size: on the tensors of a
+    Llama-shaped gradient list that was up to 6x the kernel's own time. The graph compiled here
+    is called directly by `_run` once it has run through ``torch.compile`` and `eligible` has
+    checked what the guards would (dtype, device, contiguity; the shapes are dynamic).
+    """
+    compiled = _compile_fx(gm, example_inputs)
+    _captured.append((gm, example_inputs, compiled))
+    return compiled
+
+
+try:  # the inductor entry point torch.compile itself uses; without it, calls go through dynamo
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    _BACKEND: Any = _capturing_backend
+except ImportError:  # pragma: no cover - a torch without inductor has no fused path anyway
+    _BACKEND = "inductor"
+
+_captured: list[tuple[Any, list[Any], Callable[..., Any]]] = []
+# (kernel, dtype, device type) -> (the torch.compile'd kernel it came from, compiled graph, how to
+# build the graph's inputs from the call's arguments, whether the kernel returns a value).
+_Key = tuple[str, torch.dtype, str]
+_direct: dict[_Key, tuple[Any, Callable[..., Any], list[Callable[..., Any]], bool]] = {}
+
+
+def _call_plan(name: str, gm: Any, example_inputs: list[Any]) -> list[Callable[..., Any]] | None:
+    """For each input of the compiled graph, how to get it from the kernel's arguments; None if unsure.
+
+    The graph's inputs are the kernel's tensors (named ``l_<arg>_``), its float weights as 0-dim
+    float64 tensors (same naming) and the symbolic sizes, each found as a dimension of an input.
+    """
+    params = list(inspect.signature(_KERNELS[name]).parameters)
+    nodes = gm.graph.find_nodes(op="placeholder")
+    names = [node.name for node in nodes]
+    # The symbolic view of each input (the example inputs themselves are the first call's tensors).
+    example_inputs = [node.meta.get("example_value") for node in nodes]
+    position = {f"l_{p}_": i for i, p in enumerate(params)}
+    plan: list[Callable[..., Any]] = []
+    for node_name, example in zip(names, example_inputs, strict=True):
+        if isinstance(example, torch.SymInt):
+            where = [
+                (position[n], d)
+                for n, e in zip(names, example_inputs, strict=True)
+                if n in position and isinstance(e, Tensor)
+                for d, size in enumerate(e.shape)
+                if isinstance(size, torch.SymInt) and str(size.node.expr) == str(example.node.expr)
+            ]
+            if not where:
+                return None
+            i, d = where[0]
+            plan.append(lambda args, i=i, d=d: args[i].shape[d])
+        elif node_name in position and isinstance(example, Tensor):
+            i = position[node_name]
+            # A size the compiler specialised on (a dimension of 1 on the first call) would only
+            # be right for that size: such a graph stays behind dynamo's guards.
+            static = [size for size in example.shape if not isinstance(size, torch.SymInt)]
+            if static not in ([], [_BLOCK]) or (static and example.shape[-1] != _BLOCK):
+                return None
+            if example.dim() == 0 and example.dtype == torch.float64:
+                plan.append(lambda args, i=i: _scalar(args[i]))
+            else:
+                plan.append(lambda args, i=i: args[i])
+        else:
+            return None
+    return plan
+
+
+_scalars: dict[float, Tensor] = {}
+
+
+def _scalar(value: float | Tensor) -> Tensor:
+    """A float weight as the 0-dim float64 tensor the compiled graph takes (cached per value)."""
+    if isinstance(value, Tensor):
+        return value
+    tensor = _scalars.get(value)
+    if tensor is None:
+        if len(_scalars) > 256:  # PCGrad's weights change every step: keep the cache small
+            _scalars.clear()
+        tensor = _scalars[value] = torch.tensor(value, dtype=torch.float64)
+    return tensor
+
+
+def _run(name: str, *args: Any, rows: int | None = None) -> Any:
+    """Run kernel ``name`` on ``args`` (tensors taken flat, or as ``rows`` blocks of `_BLOCK`).
+
+    Raises `_CompileFailed` (nothing written) if the kernel cannot be compiled.
+    """
     first = args[0]
     key = (name, first.dtype, first.device.type)
+    direct = _direct.get(key)
+    kernel = _compiled.get(name)
+    if direct is not None and direct[0] is kernel and not first.requires_grad:
+        _, compiled, plan, returns = direct
+        # No guards here, so plain views will do (cheaper than `_flat`'s aliases).
+        shaped = [_view(a, rows) if isinstance(a, Tensor) and a.dim() else a for a in args]
+        grad = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            outputs = compiled(*[get(shaped) for get in plan])
+        finally:
+            torch._C._set_grad_enabled(grad)
+        return outputs[0] if returns else None
+    args = tuple(_flat(a, rows) if isinstance(a, Tensor) and a.dim() else a for a in args)
     if _status.get(key) is False:
         raise _CompileFailed
-    kernel = _compiled.get(name)
     if kernel is None:
-        kernel = _compiled[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
+        kernel = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True, backend=_BACKEND)
+        _compiled[name] = kernel
     # Compilation (the first call, or a recompilation for a new case) happens before anything is
     # written, so a failure leaves the inputs intact for the eager path.
+    _captured.clear()
     try:
         if _status.get(key) and not torch.is_grad_enabled():
             return kernel(*args)
@@ -308,6 +454,12 @@ def _run(name: str, *args: Any) -> Any:
         )
         raise _CompileFailed from error
     _status[key] = True
+    if len(_captured) == 1 and not first.requires_grad:
+        gm, example_inputs, compiled = _captured[0]
+        plan = _call_plan(name, gm, example_inputs)
+        if plan is not None:
+            _direct[key] = (kernel, compiled, plan, result is not None)
+    _captured.clear()
     return result
 
 
@@ -326,26 +478,25 @@ def _flat(t: Tensor, rows: int | None = None) -> Tensor:
     return alias.set_(t.untyped_storage(), t.storage_offset(), shape, strides)
 
 
+def _view(t: Tensor, rows: int | None = None) -> Tensor:
+    """`_flat` as a plain view, for the direct calls that no guard inspects."""
+    flat = t.view(-1)
+    return flat if rows is None else flat[: rows * _BLOCK].view(rows, _BLOCK)
+
+
 def _into(kernel: str, forget: Tensor, retain: Tensor, out: Tensor, *args: Any) -> bool:
     """Write ``kernel(f, r)`` into ``out``; False (nothing written) if the eager path must run."""
     aliased = "forget" if out is forget else "retain" if out is retain else None
-    forget, retain = _flat(forget), _flat(retain)
     try:
         if aliased == "forget":
             _run(f"{kernel}_into_forget", forget, retain, *args)
         elif aliased == "retain":
             _run(f"{kernel}_into_retain", retain, forget, *args)
         else:
-            # A kernel that writes a third tensor is a separate compilation; a copy is cheaper.
-            # Compile (or fail) on the inputs first, so ``out`` is only touched on success.
-            if _status.get((f"{kernel}_into_retain", retain.dtype, retain.device.type)) is None:
-                scratch = retain.clone()
-                _run(f"{kernel}_into_retain", scratch, forget, *args)
-                out.copy_(scratch.view(out.shape))
-                return True
-            flat_out = _flat(out)
-            flat_out.copy_(retain)
-            _run(f"{kernel}_into_retain", flat_out, forget, *args)
+            # A kernel of its own, not a copy then the in-place kernel (5 passes over memory, not
+            # 3: that cost 1.9x the add). Compilation comes before any write, so a failure leaves
+            # ``out`` untouched.
+            _run(f"{kernel}_into_out", out, forget, retain, *args)
     except _CompileFailed:
         return False
     return True
@@ -372,8 +523,11 @@ def linear_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float | T
             return _into("weighted", forget, retain, out, weight, gamma)
         alpha = float(alpha)  # a CPU tensor: reading it waits for nothing
     if not 0 <= alpha < MAX_HOST_WEIGHT:
-        return False  # NaN, negative or beyond the range the square-root split is exact for
-    return _into("linear", forget, retain, out, math.sqrt(alpha), gamma)
+        return False  # NaN, negative or beyond the range the float kernels are exact for
+    # In float32 a weight below its normal range would lose digits or vanish (the float64 kernel
+    # takes it); 0 is exact either way, and the common case.
+    wide = 0 < alpha < _FLOAT32_NORMAL
+    return _into("linear_wide" if wide else "linear", forget, retain, out, alpha, gamma)
 
 
 def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -383,12 +537,34 @@ def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
     rows = forget.numel() // _BLOCK
     try:
         if forget.dtype in _HALF and forget.device.type == "cpu" and rows > 0:
-            pair = _run("dots_blocked", _flat(forget, rows), _flat(retain, rows))
+            pair = _run("dots_blocked", forget, retain, rows=rows)
             if rows * _BLOCK < forget.numel():  # the last partial block, short: summed eagerly
                 f, r = forget.reshape(-1)[rows * _BLOCK :], retain.reshape(-1)[rows * _BLOCK :]
                 pair = pair + torch.stack([dot64(f, r), dot64(r, r)])
         else:
-            pair = _run("dots_wide", _flat(forget), _flat(retain))
+            pair = _run("dots_wide", forget, retain)
     except _CompileFailed:
         return None
     return pair[0], pair[1]
+
+
+_TINY64 = torch.finfo(torch.float64).tiny
+
+
+def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, gamma: float) -> bool:
+    """Fused `gradsynth.rules.pcgrad` on the CPU; False (nothing written) where the caller must run it.
+
+    The two inner products come from one read (`dots`); the weight ``alpha - gamma * k`` is then
+    formed from them as Python floats, which are float64 like the tensor formula of
+    `gradsynth.rules.pcgrad.projection_coefficient` and give the same value (the same IEEE
+    operations, NaN and infinity included) without its half-dozen tiny tensor operations per
+    parameter. Reading the products waits for nothing on the CPU.
+    """
+    if retain.device.type != "cpu" or not eligible(forget, retain, out):
+        return False
+    pair = dots(forget, retain)
+    if pair is None:
+        return False
+    fr, rr = pair[0].item(), pair[1].item()
+    k = fr / max(rr, _TINY64) if fr < 0 else 0.0
+    return linear_into(forget, retain, out, alpha=alpha - gamma * k, gamma=gamma)

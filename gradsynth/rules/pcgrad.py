@@ -66,6 +66,10 @@ def pcgrad(
     forget: Tensor, retain: Tensor, *, alpha: float = 1.0, gamma: float = 1.0, out: Tensor | None = None
 ) -> Tensor:
     """One-sided PCGrad on one tensor (see the module docstring)."""
+    if out is None:
+        out = torch.empty_like(retain)
+    if fused.pcgrad_into(forget, retain, out, alpha=alpha, gamma=gamma):
+        return out
     k = projection_coefficient(*inner_products(forget, retain))
     return weighted_sum(forget, retain, alpha=alpha - gamma * k, gamma=gamma, out=out)
 
