@@ -14,7 +14,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-RULES = ["sago", "sago_prefer_retain", "pcgrad", "pcgrad_global", "sum"]
+RULES = ["sago", "sago_prefer_retain", "pcgrad", "pcgrad_global", "sum", "blur"]
 
 
 @pytest.fixture(autouse=True)

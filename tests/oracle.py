@@ -67,6 +67,22 @@ def pcgrad_global(
     return results
 
 
+def blur(fs: list[Tensor], rs: list[Tensor], alphas: list[float], gammas: list[float]) -> list[Tensor]:
+    """Project the scope's alpha-weighted retain gradient off f: g_j = alpha_j r_j - C f_j + gamma_j f_j."""
+    fl, rl = [_floats(f) for f in fs], [_floats(r) for r in rs]
+    pairs = zip(fl, rl, alphas, strict=True)
+    dot = math.fsum(alpha * ri * fi for f, r, alpha in pairs for fi, ri in zip(f, r, strict=True))
+    ff = math.fsum(fi * fi for f in fl for fi in f)
+    c = dot / ff if ff > 0 else 0.0
+    results = []
+    for f, fvals, rvals, alpha, gamma in zip(fs, fl, rl, alphas, gammas, strict=True):
+        out = [alpha * ri - c * fi + gamma * fi for fi, ri in zip(fvals, rvals, strict=True)]
+        results.append(torch.tensor(out, dtype=torch.float64).reshape(f.shape))
+    return results
+
+
+GLOBAL = {"pcgrad_global": pcgrad_global, "blur": blur}
+
 PER_TENSOR = {
     "sago": sago,
     "sago_prefer_retain": sago_prefer_retain,
@@ -79,8 +95,8 @@ def synthesize(
     rule: str, fs: list[Tensor], rs: list[Tensor], alphas: list[float], gammas: list[float]
 ) -> list[Tensor]:
     """The oracle update for every tensor, given one rule for all of them."""
-    if rule == "pcgrad_global":
-        return pcgrad_global(fs, rs, alphas, gammas)
+    if rule in GLOBAL:
+        return GLOBAL[rule](fs, rs, alphas, gammas)
     fn = PER_TENSOR[rule]
     return [fn(f, r, a, g) for f, r, a, g in zip(fs, rs, alphas, gammas, strict=True)]
 

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 import gradsynth
 from gradsynth.rules import fused, pcgrad, sago, sago_prefer_retain, weighted_sum
+from gradsynth.rules.blur import Blur
 from gradsynth.rules.pcgrad import PCGradGlobal
 
 FUNCTIONS = {
@@ -113,6 +114,18 @@ def test_fused_pcgrad_global_matches_oracle(compiled):
     for f, r, a, g, e in zip(fs, rs, alphas, gammas, expected, strict=True):
         rule.combine(f, r, alpha=a, gamma=g, out=r, context=context)
         torch.testing.assert_close(r.double(), e, rtol=2e-6, atol=1e-12)
+
+
+def test_fused_blur_matches_oracle(compiled):
+    fs = [_pair(torch.float32, n=n)[0] for n in (3000, 5000)]
+    rs = [_pair(torch.float32, n=n)[1] for n in (3000, 5000)]
+    rule = Blur()
+    alphas, gammas = [1.0, 0.5], [2.0, 1.0]
+    context = rule.prepare(fs, rs, alpha=alphas, gamma=gammas)
+    expected = oracle.blur(fs, rs, alphas, gammas)
+    for f, r, a, g, e in zip(fs, rs, alphas, gammas, expected, strict=True):
+        rule.combine(f, r, alpha=a, gamma=g, out=f, context=context)
+        torch.testing.assert_close(f.double(), e, rtol=2e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -2,6 +2,8 @@
 
 - SAGO: ``g_i * r_i >= 0`` on every coordinate (both variants).
 - PCGrad (per tensor and global): ``<g, r> >= 0``.
+- BLUR (the forget-first baseline): the retain part is orthogonal to ``f`` over the scope, so
+  ``<g, f> = sum_j gamma_j ||f_j||^2``.
 - Every rule: a non-finite value in either task gradient reaches the update.
 - Every built-in rule is positively homogeneous: ``rule(s*f, s*r) = s * rule(f, r)`` for s > 0,
   which is what makes synthesizing before ``GradScaler.unscale_`` exact.
@@ -22,7 +24,7 @@ from helpers import linear_loss, update_of, zero_params
 from hypothesis import given
 
 from gradsynth import SynthesizingOptimizer, pcgrad, sago, sago_prefer_retain, weighted_sum
-from gradsynth.rules import PCGradGlobal, fused
+from gradsynth.rules import Blur, PCGradGlobal, fused
 
 
 @pytest.fixture(autouse=True, scope="module", params=["eager", "fused"])
@@ -110,6 +112,33 @@ def test_pcgrad_global_inner_product_over_the_scope(cases):
         inner += float((g * rd).sum())
         slack += _rounding_slack(g, f.double(), rd, gamma, dtype)
     assert inner >= -slack
+
+
+@given(
+    st.sampled_from(list(DTYPES)).flatmap(
+        lambda dtype: st.lists(gradient_pairs(max_len=16, dtype=dtype), min_size=1, max_size=4)
+    )
+)
+def test_blur_retain_part_is_orthogonal_to_forget_over_the_scope(cases):
+    dtype = cases[0][0].dtype
+    rule = Blur()
+    forgets, retains = [c[0] for c in cases], [c[1] for c in cases]
+    alphas, gammas = [c[2] for c in cases], [c[3] for c in cases]
+    c = rule.prepare(forgets, retains, alpha=alphas, gamma=gammas)
+    inner = 0.0  # <g - Gamma f, f>, exactly 0 before g is rounded to its dtype
+    slack = 0.0
+    info = torch.finfo(dtype)
+    for f, r, alpha, gamma in cases:
+        out = torch.empty_like(r)
+        rule.combine(f, r, alpha=alpha, gamma=gamma, out=out, context=c)
+        g, fd = out.double(), f.double()
+        assert torch.isfinite(g).all()  # finite inputs, finite update
+        inner += float(((g - gamma * fd) * fd).sum())
+        # The retain part and its projection cancel: their size bounds the rounding too.
+        terms = float(g.abs() @ fd.abs()) + gamma * float(fd.abs() @ fd.abs())
+        scale = terms + alpha * float(r.double().abs() @ fd.abs())
+        slack += 4 * info.eps * scale + 4 * info.smallest_normal * info.eps * float(fd.abs().sum())
+    assert abs(inner) <= slack
 
 
 NONFINITE = [float("inf"), float("-inf"), float("nan")]

@@ -5,6 +5,7 @@ for the protocol a rule follows.
 """
 
 from gradsynth.rules.base import FunctionRule, Rule, RuleFunction
+from gradsynth.rules.blur import Blur, blur_coefficient
 from gradsynth.rules.fused import get_backend, set_backend, use_backend
 from gradsynth.rules.pcgrad import PCGrad, PCGradGlobal, pcgrad, projection_coefficient
 from gradsynth.rules.reductions import dot64, sign_conflict
@@ -13,6 +14,7 @@ from gradsynth.rules.sago import Sago, SagoPreferRetain, sago, sago_prefer_retai
 from gradsynth.rules.weighted_sum import WeightedSum, weighted_sum
 
 __all__ = [
+    "Blur",
     "FunctionRule",
     "PCGrad",
     "PCGradGlobal",
@@ -23,6 +25,7 @@ __all__ = [
     "SagoPreferRetain",
     "WeightedSum",
     "available_rules",
+    "blur_coefficient",
     "dot64",
     "get_backend",
     "get_rule",

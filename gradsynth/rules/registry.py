@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gradsynth.rules.base import FunctionRule, Rule, RuleFunction
+from gradsynth.rules.blur import Blur
 from gradsynth.rules.pcgrad import PCGrad, PCGradGlobal
 from gradsynth.rules.sago import Sago, SagoPreferRetain
 from gradsynth.rules.weighted_sum import WeightedSum
 
 _BUILTIN: dict[str, Rule] = {
-    rule.name: rule for rule in (Sago(), SagoPreferRetain(), PCGrad(), PCGradGlobal(), WeightedSum())
+    rule.name: rule for rule in (Sago(), SagoPreferRetain(), PCGrad(), PCGradGlobal(), WeightedSum(), Blur())
 }
 _REGISTRY: dict[str, Rule] = dict(_BUILTIN)
 
