@@ -343,7 +343,9 @@ _captured: list[tuple[Any, list[Any], Callable[..., Any]]] = []
 # (kernel, dtype, device type) -> (the torch.compile'd kernel it came from, compiled graph, how to
 # build the graph's inputs from the call's arguments, whether the kernel returns a value).
 _Key = tuple[str, torch.dtype, str]
-_direct: dict[_Key, tuple[Any, Callable[..., Any], list[Callable[..., Any]], bool]] = {}
+_direct: dict[
+    tuple[str, torch.dtype, torch.device], tuple[Any, Callable[..., Any], list[Callable[..., Any]], bool]
+] = {}
 
 
 def _call_plan(name: str, gm: Any, example_inputs: list[Any]) -> list[Callable[..., Any]] | None:
@@ -410,7 +412,10 @@ def _run(name: str, *args: Any, rows: int | None = None) -> Any:
     """
     first = args[0]
     key = (name, first.dtype, first.device.type)
-    direct = _direct.get(key)
+    # A compiled graph is bound to the device it was compiled for (a GPU's index included),
+    # which dynamo's guards would check: the direct call is kept per device.
+    direct_key = (name, first.dtype, first.device)
+    direct = _direct.get(direct_key)
     kernel = _compiled.get(name)
     if direct is not None and direct[0] is kernel and not first.requires_grad:
         _, compiled, plan, returns = direct
@@ -458,7 +463,7 @@ def _run(name: str, *args: Any, rows: int | None = None) -> Any:
         gm, example_inputs, compiled = _captured[0]
         plan = _call_plan(name, gm, example_inputs)
         if plan is not None:
-            _direct[key] = (kernel, compiled, plan, result is not None)
+            _direct[direct_key] = (kernel, compiled, plan, result is not None)
     _captured.clear()
     return result
 
