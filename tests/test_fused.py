@@ -123,9 +123,13 @@ def test_fused_blur_matches_oracle(compiled):
     alphas, gammas = [1.0, 0.5], [2.0, 1.0]
     context = rule.prepare(fs, rs, alpha=alphas, gamma=gammas)
     expected = oracle.blur(fs, rs, alphas, gammas)
+    c = float(context)
     for f, r, a, g, e in zip(fs, rs, alphas, gammas, expected, strict=True):
+        # A float32 kernel rounds each term: its error is bounded by the terms' size, not by the
+        # result's (the projection can cancel most of alpha * r).
+        terms = a * r.double().abs() + abs(g - c) * f.double().abs()
         rule.combine(f, r, alpha=a, gamma=g, out=f, context=context)
-        torch.testing.assert_close(f.double(), e, rtol=2e-6, atol=1e-12)
+        assert bool(((f.double() - e).abs() <= 4 * torch.finfo(torch.float32).eps * terms + 1e-30).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
