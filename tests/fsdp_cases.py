@@ -61,26 +61,18 @@ def _launcher_env(rank: int, world: int) -> None:
 
 
 def trainer_args(output_dir: Path, batch: int, fsdp: bool, **overrides):
-    import transformers
+    from hf_helpers import training_args
 
     settings = {
-        "output_dir": str(output_dir),
         "per_device_train_batch_size": batch,
         "gradient_accumulation_steps": ACCUMULATION,
         "learning_rate": 3e-3,
         "max_steps": STEPS,
         "max_grad_norm": 0.5,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-        "dataloader_num_workers": 0,
         **({"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)} if fsdp else {}),
         **overrides,
     }
-    return transformers.TrainingArguments(**settings)
+    return training_args(output_dir, **settings)
 
 
 def trainer(args, rule: str, seed: int = 0):

@@ -13,6 +13,24 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 64
 
 
+def training_args(output_dir, **overrides) -> transformers.TrainingArguments:
+    """``TrainingArguments`` for tiny CPU runs: batch 2, no checkpoints, no reporting, seeded,
+    logging every step; ``overrides`` win."""
+    settings = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        **overrides,
+    }
+    return transformers.TrainingArguments(**settings)
+
+
 def tiny_llama(seed: int = 0) -> torch.nn.Module:
     """A 2-layer, 32-wide LlamaForCausalLM from a config (no download), same weights for a given seed."""
     torch.manual_seed(seed)

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_helpers import fresh_accelerate_state, paired_examples, params_of, reference_run, tiny_llama
+from hf_helpers import (
+    fresh_accelerate_state,
+    paired_examples,
+    params_of,
+    reference_run,
+    tiny_llama,
+    training_args,
+)
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -21,21 +28,7 @@ LR, MAX_NORM = 3e-3, 0.5
 
 
 def _args(tmp_path, **overrides) -> transformers.TrainingArguments:
-    settings = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 2,
-        "learning_rate": LR,
-        "max_steps": 3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        **overrides,
-    }
-    return transformers.TrainingArguments(**settings)
+    return training_args(tmp_path, **{"learning_rate": LR, "max_steps": 3, **overrides})
 
 
 class Recorder:

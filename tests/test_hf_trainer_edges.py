@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from hf_helpers import VOCAB, fresh_accelerate_state, paired_examples, params_of, tiny_llama
+from hf_helpers import VOCAB, fresh_accelerate_state, paired_examples, params_of, tiny_llama, training_args
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -25,22 +25,8 @@ _ = fresh_accelerate_state
 
 
 def _args(tmp_path, **overrides) -> transformers.TrainingArguments:
-    settings = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 2,
-        "per_device_eval_batch_size": 2,
-        "learning_rate": 1e-2,
-        "max_steps": 1,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        **overrides,
-    }
-    return transformers.TrainingArguments(**settings)
+    settings = {"per_device_eval_batch_size": 2, "learning_rate": 1e-2, "max_steps": 1, **overrides}
+    return training_args(tmp_path, **settings)
 
 
 def _stacked(examples, side):

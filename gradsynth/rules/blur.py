@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.rules.base import Rule
-from gradsynth.rules.pcgrad import _local_inner_products as local_inner_products
-from gradsynth.rules.reductions import settled
+from gradsynth.rules.pcgrad import scope_inner_products
 from gradsynth.rules.weighted_sum import weighted_sum
 
 
@@ -54,14 +53,8 @@ class Blur(Rule):
         """Return ``C = <R, f> / ||f||^2`` over the scope."""
         if not forget:
             return None
-        device = forget[0].device
-        total = None
-        for f, r, weight in zip(forget, retain, alpha, strict=True):
-            # (<r, f>, ||f||^2) from one read: the PCGrad pair with the roles swapped.
-            rf, ff = (term.to(device) for term in local_inner_products(r, f))
-            term = torch.stack([weight * rf, ff])
-            total = term if total is None else total + term  # out of place: DTensor partial sums
-        total = settled(total)
+        # (<r, f>, ||f||^2): PCGrad's scope sums with the roles swapped, weighted by alpha.
+        total = scope_inner_products(retain, forget, alpha)
         return blur_coefficient(total[0], total[1])
 
     def combine(

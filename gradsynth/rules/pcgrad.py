@@ -74,6 +74,22 @@ def pcgrad(
     return weighted_sum(forget, retain, alpha=alpha - gamma * k, gamma=gamma, out=out)
 
 
+def scope_inner_products(xs: Sequence[Tensor], ys: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``[sum_j w_j <x_j, y_j>, sum_j ||y_j||^2]`` over a rule's scope, as one float64 tensor.
+
+    Tensors spread over several devices are reduced on the first one; for sharded tensors the
+    two sums are all-reduced once, together, for the whole scope.
+    """
+    device = ys[0].device
+    total = None
+    for x, y, weight in zip(xs, ys, weights, strict=True):
+        xy, yy = (term.to(device) for term in _local_inner_products(x, y))
+        term = torch.stack([weight * xy, yy])
+        # Out of place: the terms may be DTensor partial sums that a plain tensor cannot absorb.
+        total = term if total is None else total + term
+    return settled(total)
+
+
 class PCGrad(Rule):
     """Rule ``"pcgrad"``: `pcgrad` per parameter tensor."""
 
@@ -101,15 +117,7 @@ class PCGradGlobal(Rule):
         """Return ``K = min(<F, r>, 0) / ||r||^2`` over the scope, ``F`` the gamma-weighted forget."""
         if not retain:
             return None
-        # Tensors spread over several devices are reduced on the first one. Out-of-place adds:
-        # the terms may be tensor subclasses (DTensor partial sums) that a plain tensor cannot absorb.
-        device = retain[0].device
-        total = None
-        for f, r, weight in zip(forget, retain, gamma, strict=True):
-            fr, rr = (term.to(device) for term in _local_inner_products(f, r))
-            term = torch.stack([weight * fr, rr])
-            total = term if total is None else total + term
-        total = settled(total)  # one all-reduce for the whole scope when the gradients are sharded
+        total = scope_inner_products(forget, retain, gamma)
         return projection_coefficient(total[0], total[1])
 
     def combine(
