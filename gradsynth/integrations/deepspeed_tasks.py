@@ -107,8 +107,9 @@ class DeepSpeedTasks:
 
     # ----- reading and writing the engine's gradients --------------------------------------------
 
-    def _read(self, p: Tensor) -> Tensor | None:
-        """The reduced gradient of ``p`` that the last backward left, as a tensor we may keep."""
+    def _read(self, p: Tensor, keep: bool) -> Tensor | None:
+        """The reduced gradient of ``p`` that the last backward left; a tensor we own if ``keep``
+        (else it may be the engine's own buffer, to be read before the engine is cleared)."""
         from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
         if self.stage == 0:
@@ -116,9 +117,11 @@ class DeepSpeedTasks:
             return grad
         if self.stage in (1, 2):
             grad = safe_get_full_grad(p)
-            return grad.clone() if grad is not None and grad is p.grad else grad
-        grad = safe_get_local_grad(p)
-        return None if grad is None else grad.clone()
+            borrowed = grad is not None and grad is p.grad
+        else:
+            grad = safe_get_local_grad(p)
+            borrowed = grad is not None
+        return grad.clone() if keep and borrowed else grad
 
     def _clear(self, params: list[Tensor]) -> None:
         """Zero the engine's gradients so the next backward starts from nothing."""
@@ -187,7 +190,8 @@ class DeepSpeedTasks:
         sums = self._sums[task]
         with torch.no_grad():
             for p in params:
-                grad = self._read(p)
+                # Later micro-batches are added into the task's sum: no copy of the engine's buffer.
+                grad = self._read(p, keep=p not in sums)
                 if grad is None:
                     continue
                 if p in sums:
