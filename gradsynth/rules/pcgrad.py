@@ -81,6 +81,14 @@ def scope_inner_products(xs: Sequence[Tensor], ys: Sequence[Tensor], weights: Se
     two sums are all-reduced once, together, for the whole scope.
     """
     device = ys[0].device
+    if all(type(t) is Tensor and t.device.type == "cpu" for t in (*xs, *ys)):
+        # Python floats are float64, summed in the same order: the same values, without four
+        # tiny tensor operations per parameter (more than a small parameter's kernel costs).
+        xy_sum = yy_sum = 0.0
+        for x, y, weight in zip(xs, ys, weights, strict=True):
+            xy, yy = fused.host_dots(x, y)
+            xy_sum, yy_sum = xy_sum + weight * xy, yy_sum + yy
+        return torch.tensor([xy_sum, yy_sum], dtype=torch.float64)
     total = None
     for x, y, weight in zip(xs, ys, weights, strict=True):
         xy, yy = (term.to(device) for term in _local_inner_products(x, y))
