@@ -17,8 +17,17 @@ import time
 import torch
 
 from gradsynth import SynthesizingOptimizer
+from gradsynth.rules import fused
 
-VARIANTS = [("sago", False), ("sago", True), ("pcgrad", False), ("sum", False)]
+# (rule, streaming, backend). Under "auto" a model this small runs the eager rules
+# (`fused.for_step`); the "compiled" row shows what the fused kernels would give it.
+VARIANTS = [
+    ("sago", False, "auto"),
+    ("sago", False, "compiled"),
+    ("sago", True, "auto"),
+    ("pcgrad", False, "auto"),
+    ("sum", False, "auto"),
+]
 
 
 def _model(hidden: int, layers: int, vocab: int) -> torch.nn.Module:
@@ -61,17 +70,19 @@ def measure(
         naive.step()
 
     steps = {"naive": naive_step}
-    for rule, streaming in VARIANTS:
+    for rule, streaming, backend in VARIANTS:
         opt = SynthesizingOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-6), rule, streaming=streaming)
 
-        def wrapped_step(opt=opt):
-            opt.zero_grad()
-            lf, lr = losses()
-            opt.backward_forget(lf)
-            opt.backward_retain(lr)
-            opt.step()
+        def wrapped_step(opt=opt, backend=backend):
+            with fused.use_backend(backend):
+                opt.zero_grad()
+                lf, lr = losses()
+                opt.backward_forget(lf)
+                opt.backward_retain(lr)
+                opt.step()
 
-        steps[f"{rule}{' streaming' if streaming else ''}"] = wrapped_step
+        name = f"{rule}{' streaming' if streaming else ''}{' compiled' if backend == 'compiled' else ''}"
+        steps[name] = wrapped_step
     warmup = {}
     for name, step in steps.items():
         start = time.perf_counter()

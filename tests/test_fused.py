@@ -258,3 +258,34 @@ def test_compiles_under_warnings_as_errors(monkeypatch):
         warnings.simplefilter("error")
         sago(f, r, out=r)
     assert fused.status() == {"sago_into_retain[float32, cpu]": "compiled"}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_auto_synthesizes_a_small_step_eagerly_and_a_large_one_fused(monkeypatch, streaming):
+    from helpers import small_model, task_losses
+
+    calls = []
+    real = fused._run
+    monkeypatch.setattr(fused, "_run", lambda name, *a, **kw: calls.append(name) or real(name, *a, **kw))
+
+    def run(backend, **sizes):
+        calls.clear()
+        model = small_model()
+        opt = gradsynth.SynthesizingOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), rule="sago", alpha=0.7, streaming=streaming
+        )
+        with fused.use_backend(backend, min_numel=0, **sizes):
+            for seed in range(2):
+                forget, retain = task_losses(model, seed)
+                opt.zero_grad()
+                opt.backward_forget(forget)
+                opt.backward_retain(retain)
+                opt.step()
+        return list(calls), [p.detach().clone() for p in model.parameters()]
+
+    small_calls, small = run("auto")  # a few thousand elements: below MIN_STEP_NUMEL
+    assert small_calls == []
+    _, eager = run("eager")
+    assert all(torch.equal(a, b) for a, b in zip(small, eager, strict=True))  # the eager path exactly
+    assert run("auto", min_step_numel=0)[0]  # a step at the threshold compiles
+    assert run("compiled")[0]  # an explicit choice is kept whatever the size

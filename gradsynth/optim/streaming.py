@@ -31,6 +31,7 @@ from torch import Tensor
 from gradsynth.optim.combine import combine_one
 from gradsynth.optim.geometry import GeometryAccumulator
 from gradsynth.optim.task_gradients import RETAIN, TaskGradients, other_task
+from gradsynth.rules import fused
 from gradsynth.rules.base import Rule
 
 
@@ -82,6 +83,7 @@ class StreamingBackward:
         self._task = task
         self._first = other_task(task)
         self._settings = settings
+        self._numel = sum(p.numel() for p in settings)  # the step's size decides the path (`for_step`)
         self._geometry = geometry
         self._handles: list[Any] = []
         self.done: list[Tensor] = []
@@ -103,5 +105,6 @@ class StreamingBackward:
         rule, alpha, gamma = self._settings[param]
         grad = param.grad
         forget, retain = (first, grad) if self._task == RETAIN else (grad, first)
-        param.grad = combine_one(rule, forget, retain, alpha=alpha, gamma=gamma, geometry=self._geometry)
+        with fused.for_step(self._numel):
+            param.grad = combine_one(rule, forget, retain, alpha=alpha, gamma=gamma, geometry=self._geometry)
         self.done.append(param)

@@ -61,6 +61,10 @@ from gradsynth.rules.reductions import dot64
 BACKENDS = ("auto", "compiled", "eager")
 #: Below this many elements the eager rules are as fast as a compiled call (~25 us overhead).
 MIN_NUMEL = 1 << 15
+#: Below this many elements in one step's synthesis, ``"auto"`` runs the eager rules (see
+#: `for_step`): compiling costs seconds once, up to tens on a cold cache, and at this size the
+#: eager rules cost a few milliseconds more per step, so a short run never wins it back.
+MIN_STEP_NUMEL = 1 << 24
 #: Largest weight the CPU kernels take as a float (computing in the gradients' precision);
 #: beyond it (PCGrad with a vanishing retain gradient) the eager float64 path runs.
 MAX_HOST_WEIGHT = 2.0**64
@@ -96,21 +100,28 @@ def _initial_backend() -> str | None:
         return None
 
 
-_state: dict[str, Any] = {"backend": _initial_backend(), "min_numel": MIN_NUMEL}
+_state: dict[str, Any] = {
+    "backend": _initial_backend(),
+    "min_numel": MIN_NUMEL,
+    "min_step_numel": MIN_STEP_NUMEL,
+}
 _compiled: dict[str, Callable[..., Any]] = {}
 # (kernel, dtype, device type): compiled and run once (True) or failed to compile (False).
 _status: dict[tuple[str, torch.dtype, str], bool] = {}
 
 
-def set_backend(name: str, *, min_numel: int | None = None) -> None:
+def set_backend(name: str, *, min_numel: int | None = None, min_step_numel: int | None = None) -> None:
     """Choose how the rules run: ``"auto"`` (fused where possible), ``"compiled"`` or ``"eager"``.
 
     ``"compiled"`` uses the fused kernels wherever a tensor qualifies and raises if compilation
-    fails. ``min_numel`` changes the size below which tensors stay on the eager path.
+    fails. ``min_numel`` changes the size below which tensors stay on the eager path, and
+    ``min_step_numel`` the size of a whole step below which ``"auto"`` stays eager (`for_step`).
     """
     _state["backend"] = _check_backend(name)
     if min_numel is not None:
         _state["min_numel"] = int(min_numel)
+    if min_step_numel is not None:
+        _state["min_step_numel"] = int(min_step_numel)
 
 
 def get_backend() -> str:
@@ -119,14 +130,34 @@ def get_backend() -> str:
 
 
 @contextmanager
-def use_backend(name: str, *, min_numel: int | None = None) -> Iterator[None]:
-    """Run a block with another backend (and size threshold), restoring the previous ones."""
+def use_backend(
+    name: str, *, min_numel: int | None = None, min_step_numel: int | None = None
+) -> Iterator[None]:
+    """Run a block with another backend (and size thresholds), restoring the previous ones."""
     saved = dict(_state)
-    set_backend(name, min_numel=min_numel)
+    set_backend(name, min_numel=min_numel, min_step_numel=min_step_numel)
     try:
         yield
     finally:
         _state.update(saved)
+
+
+@contextmanager
+def for_step(numel: int) -> Iterator[None]:
+    """Run one step's synthesis over ``numel`` elements in all: eagerly under ``"auto"`` if small.
+
+    The choice depends on the model's size alone, so it is the same on every step, run and
+    machine (a resumed run takes the path the uninterrupted one took). ``"compiled"`` and
+    ``"eager"`` are left as they are.
+    """
+    if _state["backend"] != "auto" or numel >= _state["min_step_numel"]:
+        yield
+        return
+    _state["backend"] = "eager"
+    try:
+        yield
+    finally:
+        _state["backend"] = "auto"
 
 
 def status() -> dict[str, str]:
