@@ -260,7 +260,8 @@ def trainer_reference():
 
 
 def trainer_case(rank: int, world: int, output_dir: str) -> None:
-    """SynthesizingTrainer with deepspeed=config at each stage equals the hand-written whole-batch loop."""
+    """SynthesizingTrainer with deepspeed=config at each stage equals the hand-written whole-batch loop,
+    and a run resumed from its checkpoint equals the run not stopped."""
     import hf_helpers
 
     from gradsynth.integrations.hf_trainer import SynthesizingTrainer
@@ -282,3 +283,43 @@ def trainer_case(rank: int, world: int, output_dir: str) -> None:
                 a, b, rtol=cases.RTOL, atol=cases.ATOL, msg=lambda m, w=where: f"{w}: {m}"
             )
         cases.assert_same_on_every_rank(got, where)
+        _check_resume(stage, output_dir)
+
+
+RESUME_STEPS = 4  # a checkpoint at step 2, so the resumed run takes two steps of its own
+
+
+def _check_resume(stage: int, output_dir: str) -> None:
+    """A Trainer run under DeepSpeed, stopped at its step-2 checkpoint and resumed, ends bit for bit
+    where the run not stopped ends (same ranks and order of every sum, so no rounding differs).
+    AdamW, so its moments must come back from the checkpoint; pcgrad given to the first trainer
+    only, so the resumed one must take its rule from the checkpoint (the default is sago)."""
+    import hf_helpers
+
+    from gradsynth.integrations.hf_trainer import SynthesizingTrainer
+
+    where, run_dir = f"Trainer ZeRO-{stage} resume", f"{output_dir}/resume-{stage}"
+    examples = hf_helpers.paired_examples(RESUME_STEPS * cases.ACCUMULATE * cases.BATCH)
+    args = {"output_dir": run_dir, "max_steps": RESUME_STEPS, "optim": "adamw_torch", "learning_rate": 1e-2}
+    _fresh_accelerate_state()
+    full = SynthesizingTrainer(
+        hf_helpers.tiny_llama(),
+        _trainer_args(stage=stage, save_strategy="steps", save_steps=2, **args),
+        train_dataset=examples,
+        rule="pcgrad",
+    )
+    full.train()
+    want = full_parameters(full.model_wrapped)
+    _fresh_accelerate_state()
+    # Other initial weights: all that the resumed run ends with must come from the checkpoint.
+    resumed = SynthesizingTrainer(
+        hf_helpers.tiny_llama(seed=123), _trainer_args(stage=stage, **args), train_dataset=examples
+    )
+    resumed.train(resume_from_checkpoint=f"{run_dir}/checkpoint-2")
+    assert resumed.state.global_step == RESUME_STEPS, where
+    rule = resumed.synthesizing_optimizer.rule
+    assert rule.name == "pcgrad", f"{where}: the checkpoint's rule was not restored ({rule})"
+    got = full_parameters(resumed.model_wrapped)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b), f"{where}: differs from the run not stopped by {float((a - b).abs().max())}"
+    cases.assert_same_on_every_rank(got, where)

@@ -29,7 +29,8 @@ def test_zero_stages_match_one_process(tmp_path):
 
 
 def test_trainer_with_deepspeed_config_matches_one_process(tmp_path):
-    """SynthesizingTrainer(TrainingArguments(deepspeed=...)), ZeRO-1/2/3, accumulation 2, clipping."""
+    """SynthesizingTrainer(TrainingArguments(deepspeed=...)), ZeRO-1/2/3, accumulation 2, clipping;
+    resumed from a checkpoint bit-identical to the run not stopped (in the same spawn: start-up dominates)."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     case = functools.partial(deepspeed_cases.trainer_case, output_dir=str(tmp_path / "out"))
