@@ -68,6 +68,9 @@ def fsdp2_reference(model: nn.Module, skeleton: nn.Module, *, offload: bool = Fa
         # Buffers (rotary frequencies, ...) are not sharded, and to_empty left them unset.
         for name, buffer in skeleton.named_buffers():
             buffer.copy_(model.get_buffer(name))
+    # FSDP2 leaves the root module's parameters (embeddings, output layer) gathered after its
+    # forward, for the backward that a reference never runs: free them at once.
+    skeleton.register_forward_hook(lambda module, args, output: module.reshard())
     return skeleton.eval()
 
 
