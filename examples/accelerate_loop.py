@@ -11,7 +11,13 @@ the tiny Llama of ``tiny_facts.py``, which first memorises random facts and then
 of them (gradient ascent) while gradient descent on the others keeps them.
 
 The same loop runs unchanged on several processes with ``accelerate launch`` and one of the
-config files in ``examples/accelerate/`` (DDP or FSDP2; see the docs page *Scaling out*).
+config files in ``examples/accelerate/`` (DDP, FSDP2, DeepSpeed ZeRO-2 or ZeRO-3; see the docs
+page *Scaling out*). At the end every process prints a digest of the whole parameters (gathered
+where sharded): the processes agree when the digests are equal.
+
+Under a DeepSpeed config ``--cpu`` does not apply: DeepSpeed picks its own device (its CPU
+accelerator on a machine without GPUs), and on such a machine Accelerate names no process-group
+backend under DeepSpeed (each process would then train alone), so `make_accelerator` names gloo.
 
 Run::
 
@@ -19,21 +25,55 @@ Run::
     python examples/accelerate_loop.py --quick    # a smoke-test variant (seconds)
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/accelerate_loop.py --no-cpu
     accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/accelerate_loop.py --no-cpu
+    accelerate launch --config_file examples/accelerate/zero2.yaml examples/accelerate_loop.py
+    accelerate launch --config_file examples/accelerate/zero3.yaml examples/accelerate_loop.py
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from tiny_facts import accuracy, make_facts, memorise, paired_examples, tiny_llama
+from torch.distributed.tensor import DTensor
 from transformers import get_linear_schedule_with_warmup
 
 from gradsynth import SynthesizingOptimizer
 from gradsynth.integrations.accelerate_tasks import AcceleratedTasks
 from gradsynth.integrations.task_batches import TaskPairCollator
 from gradsynth.integrations.task_losses import gradient_ascent_loss, nll_loss
+
+
+def make_accelerator(cpu: bool, accumulation: int) -> Accelerator:
+    """``Accelerator(cpu=cpu)``; under a DeepSpeed launch on a machine without GPUs, gloo named."""
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        cpu = False  # cpu=True would switch DeepSpeed off; DeepSpeed chooses its device itself
+        if not torch.cuda.is_available():
+            # Accelerate names no backend under DeepSpeed without a GPU and then counts 1 process.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(cpu=cpu, gradient_accumulation_steps=accumulation, kwargs_handlers=handlers)
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """A hash of the whole parameters (FSDP2 shards and ZeRO-3 partitions gathered; a collective)."""
+    params = list(model.parameters())
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_tensor") for p in params):  # ZeRO-3 partitions
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params)
+    digest = hashlib.sha256()
+    with gather:
+        for p in params:
+            whole = p.full_tensor() if isinstance(p, DTensor) else p
+            digest.update(whole.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def main() -> None:
@@ -54,7 +94,7 @@ def main() -> None:
     memorise(model, facts, pretrain_steps, 1e-2)
     print(f"memorised: forget {accuracy(model, forget):.1%}, retain {accuracy(model, retain):.1%}")
 
-    accelerator = Accelerator(cpu=args.cpu, gradient_accumulation_steps=accumulation)
+    accelerator = make_accelerator(args.cpu, accumulation)
     accelerator.print(f"engine: {accelerator.distributed_type.name}, {accelerator.num_processes} process(es)")
     opt = SynthesizingOptimizer(
         torch.optim.AdamW(model.parameters(), lr=2e-3), args.rule, track_geometry=True
@@ -84,6 +124,8 @@ def main() -> None:
         f"forget {accuracy(model, forget):.1%}, retain {accuracy(model, retain):.1%}, "
         f"mean cos(g, r) {sum(cos_gr) / len(cos_gr):.3f}"
     )
+    digest = parameter_digest(model)
+    print(f"process {accelerator.process_index}: parameters {digest}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """The Accelerate config files in examples/accelerate/, launched as their comments say (quick mode).
 
-``accelerate launch --config_file FILE examples/accelerate_loop.py --quick`` on 2 CPU processes.
-Accelerate takes its FSDP path only on accelerators, so the FSDP2 launch goes through
-``tests/cpu_fsdp_launch.py``, which lifts that one gate in each process and runs the example.
+``accelerate launch --config_file FILE examples/accelerate_loop.py --quick`` on 2 CPU processes:
+the engine Accelerate reports, the run's end, and every process's digest of the whole parameters
+(gathered where sharded) the same. The FSDP2 and DeepSpeed launches go through
+``tests/cpu_launch.py``, which lifts two CPU-only gates in each process (Accelerate's FSDP path is
+for accelerators only; DeepSpeed's CPU backend compiles a shared-memory all-reduce with g++).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIM = (str(ROOT / "tests" / "cpu_launch.py"),)
 
 
 def _launch(config: str, *script: str) -> str:
@@ -35,10 +39,20 @@ def _launch(config: str, *script: str) -> str:
 
 @pytest.mark.parametrize(
     ("config", "shim", "engine"),
-    [("ddp.yaml", (), "MULTI_CPU"), ("fsdp2.yaml", (str(ROOT / "tests" / "cpu_fsdp_launch.py"),), "FSDP")],
-    ids=["ddp", "fsdp2"],
+    [
+        ("ddp.yaml", (), "MULTI_CPU"),
+        ("fsdp2.yaml", SHIM, "FSDP"),
+        ("zero2.yaml", SHIM, "DEEPSPEED"),
+        ("zero3.yaml", SHIM, "DEEPSPEED"),
+    ],
+    ids=["ddp", "fsdp2", "zero2", "zero3"],
 )
 def test_config_file_launches_the_example(config, shim, engine):
+    if engine == "DEEPSPEED":
+        pytest.importorskip("deepspeed")
     out = _launch(config, *shim)
     assert f"engine: {engine}, 2 process(es)" in out, out
     assert "after 2 optimizer steps" in out and "rule sago" in out, out
+    digests = dict(re.findall(r"process (\d): parameters ([0-9a-f]{16})", out))
+    assert sorted(digests) == ["0", "1"], out
+    assert digests["0"] == digests["1"], f"the processes end with different parameters: {digests}"

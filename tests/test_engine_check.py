@@ -119,3 +119,21 @@ def test_real_deepspeed_engine_passes(tmp_path, monkeypatch):
             DeepSpeedTasks(plain)
     finally:
         dist.destroy_process_group()
+
+
+def test_deepspeed_larger_than_accelerate_counts_is_refused(monkeypatch):
+    """Accelerate counting fewer processes than DeepSpeed joined (no backend named on a machine
+    without GPUs) is refused with the fix, before every process trains alone on all the data."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from gradsynth.integrations.accelerate_tasks import AcceleratedTasks
+
+    model = torch.nn.Linear(4, 2)
+    opt = SynthesizingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    accelerator = SimpleNamespace(deepspeed_engine_wrapped=SimpleNamespace(engine=object()), num_processes=1)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match=r"joined 2 processes but Accelerate counts 1.*backend=\"gloo\""):
+        AcceleratedTasks(accelerator, opt)

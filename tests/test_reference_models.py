@@ -108,3 +108,24 @@ def test_peft_reference_is_the_model_with_adapters_disabled():
 def test_adapters_disabled_needs_a_peft_model():
     with pytest.raises(TypeError, match="no disable_adapter"):
         AdaptersDisabled(torch.nn.Linear(2, 2))
+
+
+def test_kl_reference_sharded_like_the_model(tmp_path):
+    """FSDP2 (also CPU-offloaded) and ZeRO-3: unlearning with the KL reference sharded like the
+    model ends bit-identical to the run with a replicated full copy, on 2 processes; the
+    reference holds half of the parameters per rank and does not move."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    import distributed_cases
+    import reference_cases
+
+    distributed_cases.spawn(reference_cases.sharded_reference_case, tmp_path, timeout=300)
+
+
+def test_fsdp2_reference_refuses_an_unsharded_model():
+    from gradsynth.integrations.sharded_reference import fsdp2_reference
+
+    with pytest.raises(TypeError, match="not sharded by fully_shard"):
+        fsdp2_reference(tiny_llama(), tiny_llama())
