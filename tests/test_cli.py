@@ -95,9 +95,8 @@ def test_compare_writes_tables_and_pareto_plot(world_cache, tmp_path, capsys):
     }
     assert [e["seeds"] for e in results["aggregate"]] == [[0, 1], [0, 1]]
     markdown = (out / "results.md").read_text()
-    assert (
-        "| ga | sago | 0.001 |" in markdown and "cos(g,r)" in markdown and "At comparable forgetting" in markdown
-    )
+    assert "| ga | sago | 0.001 |" in markdown and "cos(g,r)" in markdown
+    assert "At comparable forgetting" in markdown
     assert markdown in capsys.readouterr().out
 
 
