@@ -162,7 +162,7 @@ BAD_INPUTS = {
         "unsupported",
     ),
     "unknown rule": (["--rule", "sagoo"], "unknown rule 'sagoo'"),
-    "unknown forget loss": (["--forget-loss", "rmu"], "invalid choice: 'rmu'"),
+    "unknown forget loss": (["--forget-loss", "unlearn"], "invalid choice: 'unlearn'"),
     "unknown retain loss": (["--retain-loss", "ce"], "invalid choice: 'ce'"),
     "not a causal LM": (
         ["--model", "{not_a_model}", "--forget", "{good}", "--retain", "{good}"],

@@ -119,7 +119,7 @@ def run_unlearning(
     check_learnable(forget, "forget", task.max_length)
     check_learnable(retain, "retain", task.max_length)
     lrs = ladder if (ladder and target is not None) else [settings.lr]
-    runs: list[tuple[Any, list[StepRecord], list[dict[str, Any]], float]] = []
+    runs: list[tuple[list[dict[str, Any]], float]] = []  # per rung: its curve and loop time (no model)
 
     def rung(lr: float) -> tuple[Any, list[StepRecord]]:
         # Every rung starts from the original model; only a single plain run may use it in place.
@@ -131,7 +131,7 @@ def run_unlearning(
         records = _loop(
             task, model, replace(settings, lr=lr), device, forget, retain, eval_batches, plan, curve, progress
         )
-        runs.append((model, records, curve, time.perf_counter() - start))
+        runs.append((curve, time.perf_counter() - start))
         return model, records
 
     if target is None:
@@ -139,8 +139,8 @@ def run_unlearning(
         rungs: list[Rung] = []
     else:
         model, records, rungs = climb(rung, lrs, target)
-    seconds = sum(r[3] for r in runs)
-    curve = runs[-1][2]
+    seconds = sum(r[1] for r in runs)
+    curve = runs[-1][0]
     after = evaluate(model, eval_batches, task)
     if plan.tasks:
         benchmarks["after"] = plan.run(model, task.tokenizer)
