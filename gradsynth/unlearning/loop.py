@@ -149,8 +149,7 @@ def unlearn(
     device = next(model.parameters()).device
     ref_table, ref_model = _references(model, forget, pad_id, settings, reference, precompute_reference)
     was_trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    rmu = rmu_for(model, settings)
-    params = rmu.trained_parameters() if rmu is not None else list(model.parameters())
+    params, forget_of, retain_of = _objective(model, settings, ref_table, ref_model)
     base = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     optimizer = SynthesizingOptimizer(
         base, settings.rule, alpha=settings.alpha, gamma=settings.gamma, track_geometry=True
@@ -175,17 +174,9 @@ def unlearn(
                     k: v.to(device)
                     for k, v in collate(retain_cycle.take(settings.batch_size), pad_id).items()
                 }
-                if rmu is not None:
-                    lf = rmu.forget_loss(fb)
-                else:
-                    ref_logprob = ref_table.lookup(forget_items, device) if ref_table is not None else None
-                    lf = forget_loss(model, fb, settings.losses, ref_model, ref_logprob)
+                lf = forget_of(fb, forget_items)
                 optimizer.backward_forget(lf / settings.grad_accum)
-                lr_ = (
-                    rmu.retain_loss(rb)
-                    if rmu is not None
-                    else retain_loss(model, rb, settings.losses, ref_model)
-                )
+                lr_ = retain_of(rb)
                 optimizer.backward_retain(lr_ / settings.grad_accum)
                 forget_total += float(lf.detach()) / settings.grad_accum
                 retain_total += float(lr_.detach()) / settings.grad_accum
@@ -214,6 +205,26 @@ def unlearn(
     _check_finite_weights(model)
     model.eval()
     return records
+
+
+def _objective(
+    model: Any, settings: UnlearnSettings, ref_table: ReferenceLogprobs | None, ref_model: Any
+) -> tuple[list[torch.nn.Parameter], Callable[..., Any], Callable[..., Any]]:
+    """The parameters to train, ``forget(batch, items) -> L_f`` and ``retain(batch) -> L_r``."""
+    rmu = rmu_for(model, settings)
+    if rmu is not None:
+        return rmu.trained_parameters(), lambda batch, _items: rmu.forget_loss(batch), rmu.retain_loss
+    device = next(model.parameters()).device
+
+    def forget_of(batch: dict[str, Any], items: list[Encoded]) -> Any:
+        ref_logprob = ref_table.lookup(items, device) if ref_table is not None else None
+        return forget_loss(model, batch, settings.losses, ref_model, ref_logprob)
+
+    return (
+        list(model.parameters()),
+        forget_of,
+        lambda batch: retain_loss(model, batch, settings.losses, ref_model),
+    )
 
 
 def rmu_for(model: Any, settings: UnlearnSettings) -> RMU | None:
