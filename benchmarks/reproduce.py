@@ -86,14 +86,15 @@ def main() -> int:
 
     from gradsynth.cli import main as gradsynth_main
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     code = gradsynth_main(argv)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if code != 0:
         return code
     info = {
         "command": "gradsynth " + shlex.join(argv),
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),  # this process's CPU time: comparable on a loaded machine
         "size": args.size,
         "seeds": args.seeds,
         "threads": args.threads,
@@ -106,7 +107,7 @@ def main() -> int:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (args.out / "reproduce.json").write_text(json.dumps(info, indent=2))
-    print(f"reproduce: {seconds:.0f}s in all; wrote {args.out}/reproduce.json")
+    print(f"reproduce: {seconds:.0f}s wall, {cpu_seconds:.0f} CPU-seconds; wrote {args.out}/reproduce.json")
     return 0
 
 

@@ -160,3 +160,18 @@ def test_a_forget_target_on_plain_text_forget_data_is_one_line(cache, tmp_path, 
     assert main([*argv, "--forget-target", "0.1", "--steps", "1", "--out", str(tmp_path / "o")]) == 2
     _one_line_error(capsys, "--forget-target needs question/answer forget data")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_documented_one_command_run_is_what_reproduce_runs():
+    import importlib.util
+    import shlex
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("reproduce", root / "benchmarks" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    argv = reproduce.compare_argv("default", 5, Path("runs/reproduce"), 1)
+    args = build_parser().parse_args(argv)  # the flags exist and parse
+    assert args.forget_target == 0.1 and args.forget_loss == "ga,npo,simnpo,rmu" and args.seeds == "0,1,2,3,4"
+    docs = (root / "docs" / "reproducing.md").read_text().replace("\\\n", " ")
+    assert " ".join(("gradsynth " + shlex.join(argv)).split()) in " ".join(docs.split())
