@@ -115,7 +115,7 @@ def test_compare_ranks_by_a_metric_and_draws_the_tradeoff(world_cache, tmp_path,
     results = (out / "results.md").read_text()
     assert "Ranked by forget.mc_acc (lower is better)" in results
     ranked = [
-        line.split("|")[2].strip() for line in results.split("Ranked by")[1].splitlines() if "| 0.003" in line
+        line.split("|")[3].strip() for line in results.split("Ranked by")[1].splitlines() if "| 0.003" in line
     ]
     runs = json.loads((out / "results.json").read_text())["runs"]
     by_rule = {r["rule"]: r["after"]["forget"]["mc_acc"] for r in runs}

@@ -139,7 +139,10 @@ def test_task_losses_dispatch_to_the_formulas():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"forget": "rmu"}, "unknown forget loss"),
+        ({"forget": "unlearn"}, "unknown forget loss"),
+        ({"forget": "rmu", "retain": "nll"}, "does not go with the 'rmu' forget loss"),
+        ({"forget": "ga", "retain": "activation"}, "'activation' needs RMU"),
+        ({"forget": "rmu", "rmu_steering": float("inf")}, "rmu_steering"),
         ({"retain": "ce"}, "unknown retain loss"),
         ({"beta": 0}, "beta"),
     ],

@@ -1,4 +1,5 @@
-"""``gradsynth compare``: several rules over a learning-rate grid and seeds, on the same model and data.
+"""``gradsynth compare``: rules x forget objectives over a learning-rate grid (or to a forget target,
+with a learning-rate ladder) and seeds, on the same model and data.
 
 Writes ``results.md`` (the table with spread over seeds, the comparison at comparable
 forgetting and the gradient-geometry table), ``results.json`` (every run and the aggregate),
@@ -6,36 +7,94 @@ forgetting and the gradient-geometry table), ``results.json`` (every run and the
 the share of the utility split's score kept, one curve per rule). ``--rank-by`` adds a ranking by
 any evaluated metric, ``--eval-tasks`` scores every run on lm-eval tasks too. ``--quick`` uses
 the CI-sized world (unless ``--model`` is given), two learning rates and 30 steps.
+
+``--forget-loss ga,npo,simnpo,rmu`` runs the objective matrix (each objective with its paper
+weights unless ``--alpha`` etc. are given). With ``--forget-target`` every run follows the
+comparable-forgetting protocol of `gradsynth.unlearning.protocol`: each ``--lrs`` value is the
+first rung of a ladder (default one ladder from 1e-3), and the table reports the steps and
+learning rate each (objective, rule) needed.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.compare_ranking import rank, ranking_markdown, tradeoff_plot, utility_kept
 from gradsynth.cli.compare_results import aggregate, markdown_report, pareto_plot
 from gradsynth.cli.output_folder import check_output_folder, staged_output
-from gradsynth.cli.parser import COMPARE_LRS, check_positive_finite, check_rules, parse_list
+from gradsynth.cli.parser import (
+    COMPARE_LRS,
+    DEFAULT_LR,
+    LADDER_FACTOR,
+    LADDER_RUNGS,
+    check_objectives,
+    check_positive_finite,
+    check_protocol,
+    check_rules,
+    parse_list,
+)
 from gradsynth.cli.run_one import evaluate, evaluation_batches, run_unlearning
 from gradsynth.cli.sources import load_task
-from gradsynth.cli.unlearn_command import default_out, resolve_device, settings_for
+from gradsynth.cli.unlearn_command import (
+    check_rmu,
+    default_out,
+    ladder_for,
+    protocol_summary,
+    resolve_device,
+    settings_for,
+    weights_for,
+)
 from gradsynth.unlearning.report import dump_json, mean_geometry
 
 QUICK_LRS = "3e-4,1e-3"
 QUICK_STEPS = 30
 
 
+def _run_record(
+    seed: int, objective: str, rule: str, start_lr: float, settings: Any, task: Any, outcome: Any
+) -> dict[str, Any]:
+    """One run of the comparison as results.json lists it."""
+    protocol = protocol_summary(settings, outcome)
+    record = {
+        "seed": seed,
+        "objective": objective,
+        "rule": rule,
+        "lr": start_lr,
+        "lr_used": outcome.lr,
+        "weights": {"alpha": settings.alpha, "gamma": settings.gamma, **settings.losses.__dict__},
+        "targets": task.description.get("targets"),
+        "forget_target": settings.forget_target,
+        "step_cap": settings.steps,
+        "steps": len(outcome.records),
+        "reached": protocol.get("reached"),
+        "rungs": protocol.get("rungs", []),
+        "seconds": round(outcome.seconds, 2),
+        "before": outcome.before,
+        "after": outcome.after,
+        "geometry": mean_geometry(outcome.records),
+        "benchmarks": outcome.benchmarks,
+    }
+    record["utility_kept"] = utility_kept(record)
+    return record
+
+
 def run(args: argparse.Namespace) -> int:
     rules = parse_list(args.rules, str, "--rules")
     check_rules(rules, "--rules")
+    objectives = parse_list(args.forget_loss, str, "--forget-loss")
+    check_objectives(objectives, "--forget-loss")
+    check_protocol(args, objectives)
     if args.quick:
         args.world = "ci" if args.world == "default" else args.world
-        args.lrs = QUICK_LRS if args.lrs == COMPARE_LRS else args.lrs
+        args.lrs = args.lrs or (None if args.forget_target is not None else QUICK_LRS)
         args.steps = args.steps or (None if args.epochs else QUICK_STEPS)
-    lrs = parse_list(args.lrs, float, "--lrs")
-    check_positive_finite(lrs, "--lrs", args.lrs)
+    default_lrs = f"{DEFAULT_LR:g}" if args.forget_target is not None else COMPARE_LRS
+    lrs_text = args.lrs or default_lrs
+    lrs = parse_list(lrs_text, float, "--lrs")
+    check_positive_finite(lrs, "--lrs", lrs_text)
     seeds = parse_list(args.seeds, int, "--seeds")
     out = args.out or default_out("compare")
     check_output_folder(out, args.overwrite)
@@ -46,12 +105,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(seeds) * len(rules) * len(lrs), desc="compare", unit="run")
+        total = len(seeds) * len(objectives) * len(rules) * len(lrs)
+        bar = tqdm(total=total, desc="compare", unit="run")
     try:
         for seed in seeds:
             task = load_task(args, seed, log=print if bar is None else bar.write)
             if args.max_length:
                 task.max_length = args.max_length
+            for objective in objectives:
+                check_rmu(task, settings_for(args, rules[0], lrs[0], seed, len(task.forget), objective))
             batches = evaluation_batches(task)
             task.model.to(device)
             before = evaluate(task.model, batches, task)
@@ -62,55 +124,60 @@ def run(args: argparse.Namespace) -> int:
                     [{"rule": "", "lr": 0.0, "after": before, "benchmarks": {"after": bench_before}}],
                     args.rank_by,
                 )
-            for rule in rules:
-                for lr in lrs:
-                    settings = settings_for(args, rule, lr, seed, len(task.forget))
-                    if bar is not None:
-                        bar.set_postfix(seed=seed, rule=rule, lr=f"{lr:g}")
-                    _, outcome = run_unlearning(
-                        task,
-                        settings,
-                        device,
-                        eval_batches=batches,
-                        before=before,
-                        plan=plan,
-                        benchmarks_before=bench_before,
-                    )
-                    runs.append(
-                        {
-                            "seed": seed,
-                            "rule": rule,
-                            "lr": lr,
-                            "targets": task.description.get("targets"),
-                            "steps": settings.steps,
-                            "seconds": round(outcome.seconds, 2),
-                            "before": before,
-                            "after": outcome.after,
-                            "geometry": mean_geometry(outcome.records),
-                            "benchmarks": outcome.benchmarks,
-                        }
-                    )
-                    runs[-1]["utility_kept"] = utility_kept(runs[-1])
-                    if bar is not None:
-                        bar.update(1)
+            for objective in objectives:
+                for rule in rules:
+                    for lr in lrs:
+                        settings = settings_for(args, rule, lr, seed, len(task.forget), objective)
+                        if bar is not None:
+                            bar.set_postfix(seed=seed, objective=objective, rule=rule, lr=f"{lr:g}")
+                        _, outcome = run_unlearning(
+                            task,
+                            settings,
+                            device,
+                            eval_batches=batches,
+                            before=before,
+                            plan=plan,
+                            benchmarks_before=bench_before,
+                            ladder=ladder_for(args, lr),
+                        )
+                        runs.append(_run_record(seed, objective, rule, lr, settings, task, outcome))
+                        if bar is not None:
+                            bar.update(1)
     finally:
         if bar is not None:
             bar.close()
     splits = list(task.splits)
     as_pct = all(before[s]["recall"] is not None for s in splits)
     table = aggregate(runs, splits)
-    report = markdown_report(table, splits, as_pct, len(seeds), runs[0]["steps"])
+    first = settings_for(args, rules[0], lrs[0], seeds[0], len(task.forget), objectives[0])
+    protocol = None
+    if args.forget_target is not None:
+        protocol = {
+            "forget_target": args.forget_target,
+            "step_cap": first.steps,
+            "ladder_factor": args.ladder_factor or LADDER_FACTOR,
+            "ladder_rungs": args.ladder_rungs or LADDER_RUNGS,
+        }
+    report = markdown_report(table, splits, as_pct, len(seeds), first.steps, protocol)
     if args.rank_by:
         report += "\n" + ranking_markdown(runs, args.rank_by)
-    settings = {
-        **settings_for(args, rules[0], lrs[0], seeds[0], len(task.forget)).as_dict(),
-        "device": device,
-    }
+    settings = {**first.as_dict(), "device": device}
     task_info = {k: v for k, v in task.description.items() if k not in ("targets", "neighbours")}
-    settings.update(rule=None, lr=None, seed=None, rules=rules, lrs=lrs, seeds=seeds, task=task_info)
+    settings.update(
+        rule=None,
+        lr=None,
+        seed=None,
+        rules=rules,
+        objectives=objectives,
+        weights={o: weights_for(args, o).__dict__ for o in objectives},
+        lrs=lrs,
+        seeds=seeds,
+        protocol=protocol,
+        task=task_info,
+    )
     with staged_output(out, args.overwrite) as staging:
         (staging / "results.md").write_text(report)
-        payload = {"settings": settings, "before": before, "aggregate": table, "runs": runs}
+        payload = {"settings": settings, "splits": splits, "before": before, "aggregate": table, "runs": runs}
         dump_json(staging / "results.json", payload)
         pareto_plot(staging / "pareto.png", table, splits, as_pct)
         tradeoff_plot(staging / "tradeoff.png", runs)

@@ -2,7 +2,7 @@
 
 Every run's metrics after unlearning are flattened to ``NAME.METRIC`` keys: ``forget.mc_acc``,
 ``general.recall``, ``retain.nll`` for the splits, ``TASK.METRIC`` (``mmlu.acc``) for lm-eval
-tasks. ``--rank-by KEY`` orders the (rule, lr) entries by the mean over seeds: ascending for the
+tasks. ``--rank-by KEY`` orders the (objective, rule, lr) entries by the mean over seeds: ascending for the
 forget split's scores (less is more forgotten) and for NLL elsewhere, descending otherwise.
 
 Utility kept is the share of the original score of the utility split kept: ``general`` when the
@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from gradsynth.cli.compare_results import label
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.tables import markdown_table, num
 
@@ -62,22 +63,23 @@ def lower_is_better(key: str) -> bool:
 
 
 def rank(runs: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    """(rule, lr) entries with the mean and spread of ``key`` over seeds, best first."""
-    groups: dict[tuple[str, float], list[float]] = {}
+    """(objective, rule, lr) entries with the mean and spread of ``key`` over seeds, best first."""
+    groups: dict[tuple[str, str, float], list[float]] = {}
     for run in runs:
         metrics = flat_metrics(run)
         if key not in metrics:
             known = ", ".join(sorted(metrics))
             raise CliError(f"--rank-by {key!r}: not a metric of these runs; choose one of {known}")
-        groups.setdefault((run["rule"], run["lr"]), []).append(metrics[key])
+        groups.setdefault((run.get("objective", ""), run["rule"], run["lr"]), []).append(metrics[key])
     entries = [
         {
+            "objective": objective,
             "rule": rule,
             "lr": lr,
             "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         }
-        for (rule, lr), values in groups.items()
+        for (objective, rule, lr), values in groups.items()
     ]
     return sorted(entries, key=lambda e: e["mean"], reverse=not lower_is_better(key))
 
@@ -86,18 +88,18 @@ def ranking_markdown(runs: list[dict[str, Any]], key: str) -> str:
     entries = rank(runs, key)
     direction = "lower" if lower_is_better(key) else "higher"
     rows = [
-        [i + 1, e["rule"], f"{e['lr']:g}", f"{num(e['mean'], 4)} ± {num(e['std'], 4)}"]
+        [i + 1, e["objective"], e["rule"], f"{e['lr']:g}", f"{num(e['mean'], 4)} ± {num(e['std'], 4)}"]
         for i, e in enumerate(entries)
     ]
     return (
         f"Ranked by {key} ({direction} is better), mean ± standard deviation over seeds:\n\n"
-        + markdown_table(["rank", "rule", "lr", key], rows)
+        + markdown_table(["rank", "objective", "rule", "lr", key], rows)
         + "\n"
     )
 
 
 def tradeoff_plot(path: Path, runs: list[dict[str, Any]]) -> None:
-    """Forget score (x) against utility kept (y), one line per rule through its learning rates."""
+    """Forget score (x) against utility kept (y), one line per objective+rule through its learning rates."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,16 +107,16 @@ def tradeoff_plot(path: Path, runs: list[dict[str, Any]]) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 4))
     key = forget_score(runs[0])[0]
-    for rule in dict.fromkeys(r["rule"] for r in runs):
+    for name in dict.fromkeys(label(r) for r in runs):
         points: dict[float, list[tuple[float, float]]] = {}
         for run in runs:
             kept = utility_kept(run)
-            if run["rule"] == rule and kept is not None:
+            if label(run) == name and kept is not None:
                 points.setdefault(run["lr"], []).append((forget_score(run)[1], kept))
         lrs = sorted(points)
         xs = [statistics.fmean(p[0] for p in points[lr]) for lr in lrs]
         ys = [statistics.fmean(p[1] for p in points[lr]) for lr in lrs]
-        ax.plot(xs, ys, marker="o", label=rule)
+        ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel(f"forget {key} ({'higher' if key == 'nll' else 'lower'} is more forgotten)")
     ax.set_ylabel("utility kept (share of the original)")
     ax.axhline(1.0, color="grey", linewidth=0.5)

@@ -1,14 +1,21 @@
 """Aggregating `gradsynth compare` runs over seeds, and the tables and Pareto plot made from them.
 
 A run's score on a split is its greedy recall (or its NLL for plain-text data, which has no
-answers). Per (rule, lr) the mean and the sample standard deviation over seeds are reported.
-"At comparable forgetting" picks, per rule, the learning rate whose mean forget recall is at
-most the threshold and whose mean recall over the kept splits is highest.
+answers). Runs are grouped by (objective, rule, learning rate) — with a forget target the rate
+is the ladder's first rung — and every number is summarised over seeds as mean, sample standard
+deviation, median, minimum and maximum. The splits are whatever the task has (the embedded
+world's, or a user's forget and retain sets): tables and JSON list them by name.
+
+Without a forget target, "at comparable forgetting" picks, per (objective, rule), the learning
+rate whose mean forget recall is at most 10% and whose mean score over the kept splits is
+highest. With one, every run already stopped at comparable forgetting, and the table reports how
+many seeds reached the target, the steps taken and the learning rate used.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,108 +29,190 @@ def score(metrics: dict[str, Any]) -> float:
     return metrics["recall"] if metrics["recall"] is not None else metrics["nll"]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def summary(values: list[float]) -> dict[str, float] | None:
+    """Mean, sample standard deviation (0 for one value), median, min and max; None without values."""
+    if not values:
+        return None
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def label(entry: dict[str, Any]) -> str:
+    """``objective+rule`` (``ga+sago``), the name of a curve or row."""
+    return f"{entry['objective']}+{entry['rule']}"
 
 
 def aggregate(runs: list[dict[str, Any]], splits: list[str]) -> list[dict[str, Any]]:
-    """One entry per (rule, lr), in the order first seen: mean/std of each split and of the geometry."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    """One entry per (objective, rule, lr), in the order first seen: a `summary` of each split's
+    score, of the steps taken, of the learning rate used and of each geometry mean."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault((run["rule"], run["lr"]), []).append(run)
+        groups.setdefault((run["objective"], run["rule"], run["lr"]), []).append(run)
     table = []
-    for (rule, lr), group in groups.items():
-        entry: dict[str, Any] = {"rule": rule, "lr": lr, "seeds": [g["seed"] for g in group]}
+    for (objective, rule, lr), group in groups.items():
+        entry: dict[str, Any] = {
+            "objective": objective,
+            "rule": rule,
+            "lr": lr,
+            "seeds": [g["seed"] for g in group],
+            "steps": summary([g["steps"] for g in group]),
+            "lr_used": summary([g["lr_used"] for g in group]),
+            "lrs_used": sorted(Counter(g["lr_used"] for g in group).items()),
+            "reached": None if group[0]["reached"] is None else sum(1 for g in group if g["reached"]),
+        }
         for split in splits:
-            entry[split] = _mean_std([score(g["after"][split]) for g in group])
+            entry[split] = summary([score(g["after"][split]) for g in group])
         for key in GEOMETRY:
-            values = [g["geometry"][key] for g in group if g["geometry"][key] is not None]
-            entry[key] = statistics.fmean(values) if values else None
+            entry[key] = summary([g["geometry"][key] for g in group if g["geometry"][key] is not None])
         table.append(entry)
     return table
 
 
 def kept(entry: dict[str, Any], splits: list[str]) -> float:
-    return statistics.fmean(entry[s][0] for s in splits if s != "forget")
+    return statistics.fmean(entry[s]["mean"] for s in splits if s != "forget")
 
 
 def at_comparable_forgetting(table: list[dict[str, Any]], splits: list[str]) -> dict[str, dict | None]:
+    """Per ``objective+rule``, the entry with mean forget recall <= 10% that keeps the most (or None)."""
     best: dict[str, dict | None] = {}
     for entry in table:
-        best.setdefault(entry["rule"], None)
-        if entry["forget"][0] > FORGET_THRESHOLD:
+        best.setdefault(label(entry), None)
+        if entry["forget"]["mean"] > FORGET_THRESHOLD:
             continue
-        current = best[entry["rule"]]
+        current = best[label(entry)]
         if current is None or kept(entry, splits) > kept(current, splits):
-            best[entry["rule"]] = entry
+            best[label(entry)] = entry
     return best
 
 
-def _cell(pair: tuple[float, float], as_pct: bool) -> str:
-    mean, std = pair
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if as_pct else f"{mean:.3f} ± {std:.3f}"
+def cell(stats: dict[str, float] | None, scale: float = 1.0, digits: int = 1, median: bool = True) -> str:
+    """``mean ± std (median)`` scaled (100 for percentages); without the median for one seed."""
+    if stats is None:
+        return "-"
+    text = f"{scale * stats['mean']:.{digits}f} ± {scale * stats['std']:.{digits}f}"
+    if median and stats["std"] > 0:
+        text += f" ({scale * stats['median']:.{digits}f})"
+    return text
+
+
+def _lrs_cell(entry: dict[str, Any]) -> str:
+    used = entry["lrs_used"]
+    if len(used) == 1:
+        return f"{used[0][0]:g}"
+    return ", ".join(f"{lr:g} (x{count})" for lr, count in used)
+
+
+def _split_cells(entry: dict[str, Any], splits: list[str], as_pct: bool) -> list[str]:
+    return [cell(entry[s], 100.0, 1) if as_pct else cell(entry[s], 1.0, 3) for s in splits]
+
+
+def _geometry_cells(entry: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    return [cell(entry[k], 1.0, 2, median=False) for k in keys]
 
 
 def markdown_report(
-    table: list[dict[str, Any]], splits: list[str], as_pct: bool, n_seeds: int, steps: int
+    table: list[dict[str, Any]],
+    splits: list[str],
+    as_pct: bool,
+    n_seeds: int,
+    steps: int,
+    protocol: dict[str, Any] | None = None,
 ) -> str:
+    """results.md: the main table, "at comparable forgetting" (grid runs only) and the geometry table."""
     unit = "recall %" if as_pct else "NLL"
     arrows = {s: ("↓" if s == "forget" else "↑") if as_pct else "" for s in splits}
-    head = (
-        ["rule", "lr"] + [f"{s} {arrows[s]}".strip() for s in splits] + ["cos(f,r)", "cos(g,r)", "cos(g,f)"]
+    split_head = [f"{s} {arrows[s]}".strip() for s in splits]
+    cos_head = ["cos(f,r)", "cos(g,r)", "cos(g,f)"]
+    spread = (
+        f"mean ± standard deviation (median) over {n_seeds} seeds"
+        if n_seeds > 1
+        else "one seed (no spread: pass --seeds with 5 or more)"
     )
-    rows = [
-        [e["rule"], f"{e['lr']:g}"]
-        + [_cell(e[s], as_pct) for s in splits]
-        + [num(e["cos_fr"], 2), num(e["cos_gr"], 2), num(e["cos_gf"], 2)]
-        for e in table
-    ]
-    parts = [
-        f"After {steps} steps, {unit} per split, mean ± standard deviation over {n_seeds} seed(s); "
-        "cosines are means over steps and seeds.",
-        "",
-        markdown_table(head, rows),
-    ]
-    if as_pct:
+    if protocol is None:
+        intro = (
+            f"After {steps} steps, {unit} per split, {spread}; cosines are means over the steps, "
+            "then over seeds."
+        )
+        head = ["objective", "rule", "lr", *split_head, *cos_head]
+        rows = [
+            [
+                e["objective"],
+                e["rule"],
+                f"{e['lr']:g}",
+                *_split_cells(e, splits, as_pct),
+                *_geometry_cells(e, GEOMETRY[:3]),
+            ]
+            for e in table
+        ]
+    else:
+        intro = (
+            f"Comparable forgetting: each run stopped after the first step with forget recall ≤ "
+            f"{100 * protocol['forget_target']:g}% (checked every step), cap {steps} steps; a run that did "
+            f"not get there restarted from the original model at {protocol['ladder_factor']:g} times the "
+            f"learning rate, at most {protocol['ladder_rungs']} rates from the one in the lr column. "
+            f"{unit} per split, {spread}; cosines are means over the steps taken, then over seeds."
+        )
+        head = ["objective", "rule", "lr", "reached", "steps", "lr used", *split_head, *cos_head]
+        rows = [
+            [
+                e["objective"],
+                e["rule"],
+                f"{e['lr']:g}",
+                f"{e['reached']}/{len(e['seeds'])}",
+                cell(e["steps"], 1.0, 0),
+                _lrs_cell(e),
+                *_split_cells(e, splits, as_pct),
+                *_geometry_cells(e, GEOMETRY[:3]),
+            ]
+            for e in table
+        ]
+    parts = [intro, "", markdown_table(head, rows)]
+    if as_pct and protocol is None:
         best = at_comparable_forgetting(table, splits)
         rows = [
-            [rule, "-", "did not reach it"] + ["-"] * (len(splits) - 1)
+            [name, "-", "did not reach it"] + ["-"] * (len(splits) - 1)
             if entry is None
-            else [rule, f"{entry['lr']:g}"] + [_cell(entry[s], True) for s in splits]
-            for rule, entry in best.items()
+            else [name, f"{entry['lr']:g}", *_split_cells(entry, splits, True)]
+            for name, entry in best.items()
         ]
         parts += [
             "",
-            f"At comparable forgetting: per rule, the learning rate with mean forget recall ≤ "
-            f"{100 * FORGET_THRESHOLD:g}% that keeps the most (mean of the other splits).",
+            f"At comparable forgetting: per objective and rule, the learning rate with mean forget "
+            f"recall ≤ {100 * FORGET_THRESHOLD:g}% that keeps the most (mean of the other splits).",
             "",
-            markdown_table(["rule", "lr", *[f"{s} {arrows[s]}" for s in splits]], rows),
+            markdown_table(["objective+rule", "lr", *split_head], rows),
         ]
     geometry_rows = []
-    for rule in dict.fromkeys(e["rule"] for e in table):
-        entries = [e for e in table if e["rule"] == rule]
+    for name in dict.fromkeys(label(e) for e in table):
+        entries = [e for e in table if label(e) == name]
         geometry_rows.append(
-            [rule]
+            [name]
             + [
-                num(statistics.fmean(e[k] for e in entries if e[k] is not None), 3)
+                num(statistics.fmean(e[k]["mean"] for e in entries if e[k] is not None), 3)
                 if any(e[k] is not None for e in entries)
                 else "-"
                 for k in GEOMETRY
             ]
         )
+    taken = "steps taken" if protocol is not None else "steps"
     parts += [
         "",
-        "Gradient geometry, mean over steps, learning rates and seeds:",
+        f"Gradient geometry, mean over the {taken}, learning rates and seeds:",
         "",
         markdown_table(
-            ["rule", "cos(f,r)", "cos(g,r)", "cos(g,f)", "conflicting coordinates"], geometry_rows
+            ["objective+rule", "cos(f,r)", "cos(g,r)", "cos(g,f)", "conflicting coordinates"], geometry_rows
         ),
     ]
     return "\n".join(parts) + "\n"
 
 
 def pareto_plot(path: Path, table: list[dict[str, Any]], splits: list[str], as_pct: bool) -> None:
-    """Forget score (x) against each kept split (y), one line per rule through its learning rates."""
+    """Forget score (x) against each kept split (y), one line per objective+rule through its rates."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,16 +221,16 @@ def pareto_plot(path: Path, table: list[dict[str, Any]], splits: list[str], as_p
     kept_splits = [s for s in splits if s != "forget"]
     fig, axes = plt.subplots(1, len(kept_splits), figsize=(4.2 * len(kept_splits), 3.8), squeeze=False)
     for ax, split in zip(axes[0], kept_splits, strict=True):
-        for rule in dict.fromkeys(e["rule"] for e in table):
-            entries = sorted((e for e in table if e["rule"] == rule), key=lambda e: e["lr"])
+        for name in dict.fromkeys(label(e) for e in table):
+            entries = sorted((e for e in table if label(e) == name), key=lambda e: e["lr"])
             ax.errorbar(
-                [e["forget"][0] for e in entries],
-                [e[split][0] for e in entries],
-                xerr=[e["forget"][1] for e in entries],
-                yerr=[e[split][1] for e in entries],
+                [e["forget"]["mean"] for e in entries],
+                [e[split]["mean"] for e in entries],
+                xerr=[e["forget"]["std"] for e in entries],
+                yerr=[e[split]["std"] for e in entries],
                 marker="o",
                 capsize=2,
-                label=rule,
+                label=name,
             )
         ax.set_xlabel("forget recall (lower is better)" if as_pct else "forget NLL (higher is better)")
         ax.set_ylabel(f"{split} recall" if as_pct else f"{split} NLL")

@@ -20,6 +20,16 @@ DEFAULT_LR = 1e-3
 DEFAULT_STEPS = 60
 COMPARE_RULES = "sum,pcgrad,sago,sago_prefer_retain"
 COMPARE_LRS = "3e-4,1e-3,2e-3"
+LADDER_FACTOR = 2.0
+LADDER_RUNGS = 4
+PROTOCOL_HELP = (
+    "Comparable forgetting: with --forget-target R a run stops after the first step at which the "
+    "forget set's greedy recall is <= R (checked every step, on the forget set only); --steps (or "
+    "--epochs) is then the cap. A run that does not reach R within the cap is restarted from the "
+    "original model, with the same batches, at lr * F, then lr * F^2, ... (F = --ladder-factor, "
+    f"default {LADDER_FACTOR:g}; at most --ladder-rungs rates in all, default {LADDER_RUNGS}); the "
+    "first rate that reaches R is used, else the last is reported as not reached."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,7 +75,21 @@ def _positive(text: str) -> float:
     return value
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _recall_target(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a recall in [0, 1), got {text}")
+    return value
+
+
+def _above_one(text: str) -> float:
+    value = _finite(text)
+    if not value > 1:
+        raise argparse.ArgumentTypeError(f"must be > 1 (each rung raises the learning rate), got {text}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> None:
     src = p.add_argument_group("model and data (default: the embedded world)")
     src.add_argument("--model", help="local folder or Hub id of a causal LM (needs --forget and --retain)")
     src.add_argument(
@@ -73,13 +97,44 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     src.add_argument("--retain", type=Path, help="retain set, same formats as --forget")
     src.add_argument("--world", choices=sorted(SIZES), default="default", help="embedded world size")
-    obj = p.add_argument_group("objectives")
-    obj.add_argument("--forget-loss", choices=FORGET_LOSSES, default="ga", help="ga, npo or simnpo")
-    obj.add_argument("--retain-loss", choices=RETAIN_LOSSES, default="nll", help="nll (GD) or kl")
-    obj.add_argument("--alpha", type=_non_negative, default=1.0, help="retain weight")
-    obj.add_argument("--gamma", type=_non_negative, default=1.0, help="forget weight")
-    obj.add_argument("--beta", type=_positive, default=0.1, help="NPO/SimNPO inverse temperature")
-    obj.add_argument("--delta", type=_finite, default=0.0, help="SimNPO margin")
+    obj = p.add_argument_group(
+        "objectives",
+        "--alpha, --gamma, --beta and --delta default to each objective's weights in the paper's "
+        "configs: ga 1/1/-/-, npo 1/1/1e-3/-, simnpo 0.1/1/0.1/0.1, rmu 1/1/-/-; a value given applies "
+        "to every objective.",
+    )
+    if many_objectives:
+        obj.add_argument(
+            "--forget-loss",
+            default="ga",
+            help=f"comma-separated forget objectives, each run with every rule ({','.join(FORGET_LOSSES)})",
+        )
+    else:
+        obj.add_argument("--forget-loss", choices=FORGET_LOSSES, default="ga", help="ga, npo, simnpo or rmu")
+    obj.add_argument(
+        "--retain-loss",
+        choices=RETAIN_LOSSES,
+        help="nll (GD; the default) or kl; rmu brings its own (activation: keep the hidden states)",
+    )
+    obj.add_argument("--alpha", type=_non_negative, help="retain weight")
+    obj.add_argument("--gamma", type=_non_negative, help="forget weight")
+    obj.add_argument("--beta", type=_positive, help="NPO/SimNPO inverse temperature")
+    obj.add_argument("--delta", type=_finite, help="SimNPO margin")
+    obj.add_argument(
+        "--rmu-layer",
+        type=int,
+        help="RMU: the decoder layer steered (default: depth // 4); it and the "
+        "two below it train their mlp.down_proj",
+    )
+    obj.add_argument("--rmu-steering", type=_positive, default=20.0, help="RMU: control vector norm (20)")
+    target = p.add_argument_group("comparable forgetting", PROTOCOL_HELP)
+    target.add_argument("--forget-target", type=_recall_target, help="stop at forget recall <= this (0.1)")
+    target.add_argument(
+        "--ladder-factor", type=_above_one, help=f"learning-rate factor per rung (default {LADDER_FACTOR:g})"
+    )
+    target.add_argument(
+        "--ladder-rungs", type=_positive_int, help=f"learning rates tried at most (default {LADDER_RUNGS})"
+    )
     run = p.add_argument_group("training")
     length = run.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, help=f"optimizer steps (default {DEFAULT_STEPS})")
@@ -134,14 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare = commands.add_parser(
         "compare",
-        help="compare rules over a learning-rate grid",
-        description="Run several rules over a learning-rate grid and seeds; writes results.md, "
-        "results.json and pareto.png to --out.",
+        help="compare rules (and objectives) over a learning-rate grid or at a forget target",
+        description="Run several rules (x forget objectives) over a learning-rate grid, or to a forget "
+        "target with a learning-rate ladder, and seeds; writes results.md, results.json, pareto.png and "
+        "tradeoff.png to --out.",
     )
-    _add_common(compare)
+    _add_common(compare, many_objectives=True)
     compare.add_argument("--rules", default=COMPARE_RULES, help=f"comma-separated (default {COMPARE_RULES})")
-    compare.add_argument("--lrs", default=COMPARE_LRS, help=f"comma-separated learning rates ({COMPARE_LRS})")
-    compare.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    compare.add_argument(
+        "--lrs",
+        help=f"comma-separated learning rates (default {COMPARE_LRS}); with --forget-target each is the "
+        f"first rung of a ladder (default {DEFAULT_LR:g})",
+    )
+    compare.add_argument(
+        "--seeds", default="0", help="comma-separated seeds (default 0); 5 or more for spread"
+    )
     compare.add_argument(
         "--rank-by",
         help="rank rules by a metric: SPLIT.METRIC (forget.mc_acc, general.recall) or TASK.METRIC",
@@ -182,6 +244,31 @@ def parse_list(text: str, kind: type, flag: str) -> list:
     if not values:
         raise CliError(f"{flag} is empty; give at least one value")
     return values
+
+
+def check_objectives(objectives: list[str], flag: str) -> None:
+    unknown = [o for o in objectives if o not in FORGET_LOSSES]
+    if unknown:
+        raise CliError(f"{flag}: unknown forget loss {unknown[0]!r}; choose from {', '.join(FORGET_LOSSES)}")
+
+
+def check_protocol(args: argparse.Namespace, objectives: list[str]) -> None:
+    """Refuse flags that do not fit together: ladder flags without a target, RMU with another retain loss."""
+    if args.forget_target is None:
+        given = [
+            f
+            for f, v in (("--ladder-factor", args.ladder_factor), ("--ladder-rungs", args.ladder_rungs))
+            if v
+        ]
+        if given:
+            raise CliError(f"{given[0]} needs --forget-target (the ladder is climbed only to reach a target)")
+    if "rmu" in objectives and args.retain_loss not in (None, "activation"):
+        raise CliError(
+            "--forget-loss rmu brings its own retain loss (activation); "
+            f"drop --retain-loss {args.retain_loss}"
+        )
+    if args.retain_loss == "activation" and any(o != "rmu" for o in objectives):
+        raise CliError("--retain-loss activation goes with --forget-loss rmu only; use nll or kl")
 
 
 def check_rules(rules: list[str], flag: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.generation import rouge_l_of
 from gradsynth.unlearning.loop import Diverged, StepRecord, UnlearnSettings, unlearn
 from gradsynth.unlearning.multiple_choice import mc_accuracy
+from gradsynth.unlearning.protocol import Rung, climb
 from gradsynth.unlearning.reference import is_peft_model
 
 EVAL_BATCH = 64
@@ -34,6 +35,8 @@ class RunOutcome:
     seconds: float
     benchmarks: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # before/after
     curve: list[dict[str, Any]] = field(default_factory=list)  # every split's metrics over steps
+    lr: float = 0.0  # the learning rate of the run the outcome is from (the last rung climbed)
+    rungs: list[Rung] = field(default_factory=list)  # the ladder climbed (with a forget target)
 
 
 def evaluation_batches(task: Task) -> dict[str, tuple[list[dict[str, Tensor]], bool]]:
@@ -86,41 +89,101 @@ def run_unlearning(
     before: dict | None = None,
     plan: BenchmarkPlan | None = None,
     benchmarks_before: dict | None = None,
+    ladder: list[float] | None = None,
 ) -> tuple[Any, RunOutcome]:
     """Unlearn on a copy of ``task.model`` (or on it, ``in_place``); returns the model and the outcome.
 
     With a ``plan``, its lm-eval tasks are run before and after, and with ``plan.every`` the
-    split metrics (and tasks) every that many steps, on the model in memory."""
+    split metrics (and tasks) every that many steps, on the model in memory. With
+    ``settings.forget_target``, the learning rates of ``ladder`` (default ``[settings.lr]``) are
+    climbed as `gradsynth.unlearning.protocol.climb` says, each rung from the original model."""
     plan = plan or BenchmarkPlan()
-    torch.manual_seed(settings.seed)
-    model = task.model if in_place else copy.deepcopy(task.model)
-    model.to(device)
+    target = settings.forget_target
+    if target is not None and any(e.answer is None for e in task.forget):
+        raise CliError(
+            "--forget-target needs question/answer forget data (recall is measured on the answers); "
+            "this forget set is plain text"
+        )
     eval_batches = eval_batches if eval_batches is not None else evaluation_batches(task)
-    before = before if before is not None else evaluate(model, eval_batches, task)
+    if before is None:
+        task.model.to(device)
+        before = evaluate(task.model, eval_batches, task)
+    benchmarks = {}
     if plan.tasks:
-        benchmarks = {
-            "before": benchmarks_before if benchmarks_before is not None else plan.run(model, task.tokenizer)
-        }
-    else:
-        benchmarks = {}
-    curve = [{"step": 0, "splits": before, "benchmarks": benchmarks.get("before", {})}] if plan.every else []
-    reference = None
-    if settings.losses.needs_reference and not is_peft_model(model):
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        task.model.to(device)
+        benchmarks["before"] = (
+            benchmarks_before if benchmarks_before is not None else plan.run(task.model, task.tokenizer)
+        )
     forget = [encode(task.tokenizer, e, task.max_length) for e in task.forget]
     retain = [encode(task.tokenizer, e, task.max_length) for e in task.retain]
     check_learnable(forget, "forget", task.max_length)
     check_learnable(retain, "retain", task.max_length)
+    lrs = ladder if (ladder and target is not None) else [settings.lr]
+    runs: list[tuple[list[dict[str, Any]], float]] = []  # per rung: its curve and loop time (no model)
+
+    def rung(lr: float) -> tuple[Any, list[StepRecord]]:
+        # Every rung starts from the original model; only a single plain run may use it in place.
+        model = task.model if in_place and len(lrs) == 1 else copy.deepcopy(task.model)
+        curve = (
+            [{"step": 0, "splits": before, "benchmarks": benchmarks.get("before", {})}] if plan.every else []
+        )
+        start = time.perf_counter()
+        records = _loop(
+            task, model, replace(settings, lr=lr), device, forget, retain, eval_batches, plan, curve, progress
+        )
+        runs.append((curve, time.perf_counter() - start))
+        return model, records
+
+    if target is None:
+        model, records = rung(lrs[0])
+        rungs: list[Rung] = []
+    else:
+        model, records, rungs = climb(rung, lrs, target)
+    seconds = sum(r[1] for r in runs)
+    curve = runs[-1][0]
+    after = evaluate(model, eval_batches, task)
+    if plan.tasks:
+        benchmarks["after"] = plan.run(model, task.tokenizer)
+    if plan.every:
+        curve.append({"step": len(records), "splits": after, "benchmarks": benchmarks.get("after", {})})
+    lr = rungs[-1].lr if rungs else settings.lr
+    return model, RunOutcome(before, after, records, seconds, benchmarks, curve, lr, rungs)
+
+
+def _loop(
+    task: Task,
+    model: Any,
+    settings: UnlearnSettings,
+    device: str,
+    forget: list,
+    retain: list,
+    eval_batches: dict,
+    plan: BenchmarkPlan,
+    curve: list[dict[str, Any]],
+    progress: bool,
+) -> list[StepRecord]:
+    """One run of the loop on ``model`` with a progress bar and the evaluation curve."""
+    torch.manual_seed(settings.seed)
+    model.to(device)
+    reference = None
+    if settings.losses.needs_reference and not is_peft_model(model):
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=settings.steps, desc=f"unlearning ({settings.rule})", file=sys.stderr, leave=True)
+        bar = tqdm(
+            total=settings.steps,
+            desc=f"unlearning ({settings.rule}, lr {settings.lr:g})",
+            file=sys.stderr,
+            leave=True,
+        )
 
     def on_step(record: StepRecord) -> None:
         if bar is not None:
+            extra = {} if record.forget_recall is None else {"recall": f"{record.forget_recall:.2f}"}
             bar.set_postfix(
-                forget=f"{record.forget_loss:.3f}", retain=f"{record.retain_loss:.3f}", refresh=False
+                forget=f"{record.forget_loss:.3f}", retain=f"{record.retain_loss:.3f}", **extra, refresh=False
             )
             bar.update(1)
         if plan.every and record.step % plan.every == 0 and record.step < settings.steps:
@@ -129,18 +192,10 @@ def run_unlearning(
                 {"step": record.step, "splits": splits, "benchmarks": plan.run(model, task.tokenizer)}
             )
 
-    start = time.perf_counter()
     try:
-        records = unlearn(model, forget, retain, pad_id_of(task.tokenizer), settings, reference, on_step)
+        return unlearn(model, forget, retain, pad_id_of(task.tokenizer), settings, reference, on_step)
     except Diverged as err:
         raise CliError(f"rule {settings.rule}, lr {settings.lr:g}, seed {settings.seed}: {err}") from err
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - start
-    after = evaluate(model, eval_batches, task)
-    if plan.tasks:
-        benchmarks["after"] = plan.run(model, task.tokenizer)
-    if plan.every:
-        curve.append({"step": settings.steps, "splits": after, "benchmarks": benchmarks.get("after", {})})
-    return model, RunOutcome(before, after, records, seconds, benchmarks, curve)

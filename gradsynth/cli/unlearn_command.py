@@ -10,17 +10,27 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.output_folder import check_output_folder, staged_output
-from gradsynth.cli.parser import DEFAULT_STEPS, check_rules
+from gradsynth.cli.parser import (
+    DEFAULT_STEPS,
+    LADDER_FACTOR,
+    LADDER_RUNGS,
+    check_objectives,
+    check_protocol,
+    check_rules,
+)
 from gradsynth.cli.run_one import RunOutcome, run_unlearning
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.tables import before_after_table, benchmark_table, num
-from gradsynth.unlearning.loop import UnlearnSettings, steps_for_epochs
+from gradsynth.unlearning.loop import UnlearnSettings, rmu_for, steps_for_epochs
+from gradsynth.unlearning.paper_weights import PAPER_WEIGHTS, ObjectiveWeights
+from gradsynth.unlearning.protocol import ladder
 from gradsynth.unlearning.report import general_kept, mean_geometry, plot_curves, write_report
 from gradsynth.unlearning.task_losses import LossSettings
 
@@ -43,25 +53,89 @@ def default_out(command: str) -> Path:
     return Path("gradsynth-runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def loss_settings(args: argparse.Namespace) -> LossSettings:
-    return LossSettings(forget=args.forget_loss, retain=args.retain_loss, beta=args.beta, delta=args.delta)
+def weights_for(args: argparse.Namespace, objective: str) -> ObjectiveWeights:
+    """The flags given, else the objective's weights in the paper's configs."""
+    paper = PAPER_WEIGHTS[objective]
+    return ObjectiveWeights(
+        **{
+            key: getattr(paper, key) if getattr(args, key) is None else getattr(args, key)
+            for key in ("alpha", "gamma", "beta", "delta")
+        }
+    )
 
 
-def settings_for(args: argparse.Namespace, rule: str, lr: float, seed: int, n_forget: int) -> UnlearnSettings:
+def loss_settings(args: argparse.Namespace, objective: str) -> LossSettings:
+    weights = weights_for(args, objective)
+    return LossSettings(
+        forget=objective,
+        retain=args.retain_loss,
+        beta=weights.beta,
+        delta=weights.delta,
+        rmu_layer=args.rmu_layer,
+        rmu_steering=args.rmu_steering,
+    )
+
+
+def settings_for(
+    args: argparse.Namespace, rule: str, lr: float, seed: int, n_forget: int, objective: str | None = None
+) -> UnlearnSettings:
+    objective = objective or args.forget_loss
     steps = args.steps or DEFAULT_STEPS
     if args.epochs is not None:
         steps = steps_for_epochs(args.epochs, n_forget, args.batch_size, args.grad_accum)
+    weights = weights_for(args, objective)
     return UnlearnSettings(
         rule=rule,
-        alpha=args.alpha,
-        gamma=args.gamma,
+        alpha=weights.alpha,
+        gamma=weights.gamma,
         lr=lr,
         steps=steps,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         seed=seed,
-        losses=loss_settings(args),
+        losses=loss_settings(args, objective),
+        forget_target=args.forget_target,
     )
+
+
+def ladder_for(args: argparse.Namespace, start: float) -> list[float]:
+    """The learning rates a run climbs to reach ``--forget-target`` (just ``start`` without one)."""
+    if args.forget_target is None:
+        return [start]
+    return ladder(start, args.ladder_factor or LADDER_FACTOR, args.ladder_rungs or LADDER_RUNGS)
+
+
+def protocol_summary(settings: UnlearnSettings, outcome: RunOutcome) -> dict[str, Any]:
+    """What the comparable-forgetting protocol did in a run (``{}`` without a forget target)."""
+    if settings.forget_target is None:
+        return {}
+    return {
+        "forget_target": settings.forget_target,
+        "step_cap": settings.steps,
+        "reached": outcome.rungs[-1].reached,
+        "steps_taken": len(outcome.records),
+        "lr_used": outcome.lr,
+        "rungs": [r.as_dict() for r in outcome.rungs],
+    }
+
+
+def protocol_line(protocol: dict[str, Any], rates: list[float]) -> str:
+    """``Forget target 10% reached at step 12 with lr 0.002`` (or not reached, and where it was tried)."""
+    head = f"Forget target {100 * protocol['forget_target']:g}%"
+    if protocol["reached"]:
+        return f"{head} reached at step {protocol['steps_taken']} with lr {protocol['lr_used']:g}"
+    tried = ", ".join(f"{r:g}" for r in rates)
+    return f"{head} not reached within {protocol['step_cap']} steps at any of lr {tried}"
+
+
+def check_rmu(task: Any, settings: UnlearnSettings) -> None:
+    """Refuse an RMU layer the model does not have, or a model RMU cannot tap, before any work."""
+    if settings.losses.forget != "rmu":
+        return
+    try:
+        rmu_for(task.model, settings)
+    except ValueError as err:
+        raise CliError(f"--forget-loss rmu: {err}") from err
 
 
 def print_kept(outcome: RunOutcome) -> None:
@@ -79,6 +153,8 @@ def print_kept(outcome: RunOutcome) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_rules([args.rule], "--rule")
+    check_objectives([args.forget_loss], "--forget-loss")
+    check_protocol(args, [args.forget_loss])
     out = args.out or default_out("unlearn")
     check_output_folder(out, args.overwrite)
     device = resolve_device(args.device)
@@ -86,16 +162,27 @@ def run(args: argparse.Namespace) -> int:
     if args.max_length:
         task.max_length = args.max_length
     settings = settings_for(args, args.rule, args.lr, args.seed, len(task.forget))
+    check_rmu(task, settings)
     plan = plan_from_args(args, task)
+    rates = ladder_for(args, args.lr)
+    length = f"{settings.steps} steps"
+    if settings.forget_target is not None:
+        length = (
+            f"until forget recall <= {100 * settings.forget_target:g}% (cap {settings.steps} steps, "
+            f"learning rates {', '.join(f'{r:g}' for r in rates)} in turn)"
+        )
     print(
         f"Unlearning {len(task.forget)} forget examples, retaining {len(task.retain)} "
         f"({task.description['source']}); rule {settings.rule}, forget loss {settings.losses.forget}, "
-        f"retain loss {settings.losses.retain}, lr {settings.lr:g}, {settings.steps} steps, device {device}"
+        f"retain loss {settings.losses.retain}, lr {settings.lr:g}, {length}, device {device}"
     )
     with staged_output(out, args.overwrite) as staging:
         model, outcome = run_unlearning(
-            task, settings, device, in_place=True, progress=not args.no_progress, plan=plan
+            task, settings, device, in_place=True, progress=not args.no_progress, plan=plan, ladder=rates
         )
+        protocol = protocol_summary(settings, outcome)
+        if protocol:
+            print(f"\n{protocol_line(protocol, rates)}")
         sizes = {name: len(examples) for name, examples in task.splits.items()}
         print()
         print(before_after_table(outcome.before, outcome.after, sizes))
@@ -112,8 +199,10 @@ def run(args: argparse.Namespace) -> int:
         report_settings = {
             "command": "unlearn",
             **settings.as_dict(),
+            "lr": outcome.lr,
             "device": device,
             "task": task.description,
+            "protocol": protocol,
         }
         write_report(
             staging / "report.json",
@@ -125,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             outcome.curve,
         )
         plot_curves(
-            staging / "curves.png", outcome.records, f"{settings.rule}, lr {settings.lr:g}", outcome.curve
+            staging / "curves.png", outcome.records, f"{settings.rule}, lr {outcome.lr:g}", outcome.curve
         )
     print(f"Wrote {out}/ (model, report.json, curves.png)")
     return 0

@@ -1,4 +1,7 @@
-"""The unlearning toolkit: objectives (GA, NPO, SimNPO; NLL and KL retain), data, evaluation, the loop.
+"""The unlearning toolkit: objectives (GA, NPO, SimNPO, RMU; NLL and KL retain), data, evaluation, the loop.
+
+The comparable-forgetting protocol (stop at a forget target, learning-rate ladder) is in
+`gradsynth.unlearning.protocol`, the paper's per-objective weights in `PAPER_WEIGHTS`.
 
 Evaluation: per-split recall and NLL (`evaluate_splits`), multiple-choice accuracy scored like
 lm-eval (`mc_accuracy`), and any lm-eval task on the model in memory (`evaluate_tasks`, needs the
@@ -23,9 +26,18 @@ from gradsynth.unlearning.objectives import (
     sequence_logprob,
     simnpo_loss,
 )
+from gradsynth.unlearning.paper_weights import PAPER_WEIGHTS, ObjectiveWeights
+from gradsynth.unlearning.protocol import Rung, climb, ladder
+from gradsynth.unlearning.rmu import RMU
 from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss
 
 __all__ = [
+    "PAPER_WEIGHTS",
+    "RMU",
+    "ObjectiveWeights",
+    "Rung",
+    "climb",
+    "ladder",
     "Choice",
     "EvalExtraMissing",
     "evaluate_tasks",

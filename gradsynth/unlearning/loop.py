@@ -12,6 +12,13 @@ model itself unless a ``reference`` is given) and looked up per batch; a PEFT mo
 reference is the model with its adapters disabled (`AdaptersDisabled`). Only the KL retain loss
 of a model without adapters still needs ``reference=`` (a frozen copy, or a sharded one under
 FSDP2).
+
+RMU (``losses.forget == "rmu"``) trains only its chosen MLP weights: the optimizer and the
+synthesis see those alone, and every other parameter is frozen for the run (restored after).
+
+With ``forget_target`` the run stops after the first step at which the forget set's greedy
+recall (exact match, one teacher-forced pass over the forget examples only, no generation) is
+at most the target; ``steps`` is then the cap. Each record carries that recall.
 """
 
 from __future__ import annotations
@@ -27,10 +34,13 @@ import torch
 
 from gradsynth.optim import SynthesizingOptimizer
 from gradsynth.unlearning.encoding import collate
+from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.reference import AdaptersDisabled, ReferenceLogprobs, is_peft_model
+from gradsynth.unlearning.rmu import RMU, decoder_layers
 from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss
 
 Encoded = tuple[list[int], list[int]]
+TARGET_BATCH = 64  # forget examples per forward of the stopping check
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,11 @@ class UnlearnSettings:
     grad_accum: int = 1
     seed: int = 0
     losses: LossSettings = field(default_factory=LossSettings)
+    forget_target: float | None = None  # stop at forget recall <= this; `steps` is then the cap
+
+    def __post_init__(self) -> None:
+        if self.forget_target is not None and not 0 <= self.forget_target < 1:
+            raise ValueError(f"forget_target must be in [0, 1); got {self.forget_target}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +77,7 @@ class StepRecord:
     cos_gr: float | None
     cos_gf: float | None
     conflict_fraction: float | None
+    forget_recall: float | None = None  # measured only with a forget target
 
 
 class _Cycle:
@@ -132,46 +148,92 @@ def unlearn(
     """
     device = next(model.parameters()).device
     ref_table, ref_model = _references(model, forget, pad_id, settings, reference, precompute_reference)
-    base = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    was_trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    params, forget_of, retain_of = _objective(model, settings, ref_table, ref_model)
+    base = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     optimizer = SynthesizingOptimizer(
         base, settings.rule, alpha=settings.alpha, gamma=settings.gamma, track_geometry=True
     )
     forget_cycle = _Cycle(forget, f"forget-{settings.seed}")
     retain_cycle = _Cycle(retain, f"retain-{settings.seed}")
+    target_batches = (
+        [collate(forget[i : i + TARGET_BATCH], pad_id) for i in range(0, len(forget), TARGET_BATCH)]
+        if settings.forget_target is not None
+        else []
+    )
     records: list[StepRecord] = []
     model.train()
-    for step in range(1, settings.steps + 1):
-        optimizer.zero_grad()
-        forget_total = retain_total = 0.0
-        for _ in range(settings.grad_accum):
-            forget_items = forget_cycle.take(settings.batch_size)
-            fb = {k: v.to(device) for k, v in collate(forget_items, pad_id).items()}
-            rb = {k: v.to(device) for k, v in collate(retain_cycle.take(settings.batch_size), pad_id).items()}
-            ref_logprob = ref_table.lookup(forget_items, device) if ref_table is not None else None
-            lf = forget_loss(model, fb, settings.losses, ref_model, ref_logprob)
-            optimizer.backward_forget(lf / settings.grad_accum)
-            lr_ = retain_loss(model, rb, settings.losses, ref_model)
-            optimizer.backward_retain(lr_ / settings.grad_accum)
-            forget_total += float(lf.detach()) / settings.grad_accum
-            retain_total += float(lr_.detach()) / settings.grad_accum
-            _check_finite_loss(step, forget_total, retain_total)
-        optimizer.step()
-        geometry = optimizer.geometry
-        record = StepRecord(
-            step=step,
-            forget_loss=forget_total,
-            retain_loss=retain_total,
-            cos_fr=_finite(geometry.cos_fr) if geometry else None,
-            cos_gr=_finite(geometry.cos_gr) if geometry else None,
-            cos_gf=_finite(geometry.cos_gf) if geometry else None,
-            conflict_fraction=_finite(geometry.conflict_fraction) if geometry else None,
-        )
-        records.append(record)
-        if on_step is not None:
-            on_step(record)
+    try:
+        for step in range(1, settings.steps + 1):
+            optimizer.zero_grad()
+            forget_total = retain_total = 0.0
+            for _ in range(settings.grad_accum):
+                forget_items = forget_cycle.take(settings.batch_size)
+                fb = {k: v.to(device) for k, v in collate(forget_items, pad_id).items()}
+                rb = {
+                    k: v.to(device)
+                    for k, v in collate(retain_cycle.take(settings.batch_size), pad_id).items()
+                }
+                lf = forget_of(fb, forget_items)
+                optimizer.backward_forget(lf / settings.grad_accum)
+                lr_ = retain_of(rb)
+                optimizer.backward_retain(lr_ / settings.grad_accum)
+                forget_total += float(lf.detach()) / settings.grad_accum
+                retain_total += float(lr_.detach()) / settings.grad_accum
+                _check_finite_loss(step, forget_total, retain_total)
+            optimizer.step()
+            geometry = optimizer.geometry
+            record = StepRecord(
+                step=step,
+                forget_loss=forget_total,
+                retain_loss=retain_total,
+                cos_fr=_finite(geometry.cos_fr) if geometry else None,
+                cos_gr=_finite(geometry.cos_gr) if geometry else None,
+                cos_gf=_finite(geometry.cos_gf) if geometry else None,
+                conflict_fraction=_finite(geometry.conflict_fraction) if geometry else None,
+            )
+            if target_batches:
+                record.forget_recall = split_metrics(model, target_batches)["recall"]
+            records.append(record)
+            if on_step is not None:
+                on_step(record)
+            if record.forget_recall is not None and record.forget_recall <= settings.forget_target:
+                break
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(was_trainable[name])
     _check_finite_weights(model)
     model.eval()
     return records
+
+
+def _objective(
+    model: Any, settings: UnlearnSettings, ref_table: ReferenceLogprobs | None, ref_model: Any
+) -> tuple[list[torch.nn.Parameter], Callable[..., Any], Callable[..., Any]]:
+    """The parameters to train, ``forget(batch, items) -> L_f`` and ``retain(batch) -> L_r``."""
+    rmu = rmu_for(model, settings)
+    if rmu is not None:
+        return rmu.trained_parameters(), lambda batch, _items: rmu.forget_loss(batch), rmu.retain_loss
+    device = next(model.parameters()).device
+
+    def forget_of(batch: dict[str, Any], items: list[Encoded]) -> Any:
+        ref_logprob = ref_table.lookup(items, device) if ref_table is not None else None
+        return forget_loss(model, batch, settings.losses, ref_model, ref_logprob)
+
+    return (
+        list(model.parameters()),
+        forget_of,
+        lambda batch: retain_loss(model, batch, settings.losses, ref_model),
+    )
+
+
+def rmu_for(model: Any, settings: UnlearnSettings) -> RMU | None:
+    """RMU's state on ``model`` when it is the forget objective (its layer defaults to depth // 4)."""
+    losses = settings.losses
+    if losses.forget != "rmu":
+        return None
+    layer = losses.rmu_layer if losses.rmu_layer is not None else len(decoder_layers(model)) // 4
+    return RMU(model, layer=layer, steering=losses.rmu_steering, seed=settings.seed)
 
 
 def _references(

@@ -20,6 +20,10 @@ Retain losses (to minimise):
 
 These are the formulas of the open-unlearning framework as restated in the paper (arXiv
 2604.14808). NPO needs a frozen reference model; SimNPO does not.
+
+The fourth forget objective, RMU, works on hidden states rather than on these log-likelihoods
+and brings its own retain loss (``activation``: keep the hidden states of the model before
+unlearning); its formulas are in `gradsynth.unlearning.rmu`.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from torch import Tensor
 
 from gradsynth.unlearning.encoding import IGNORE_INDEX
 
-FORGET_LOSSES = ("ga", "npo", "simnpo")
-RETAIN_LOSSES = ("nll", "kl")
+FORGET_LOSSES = ("ga", "npo", "simnpo", "rmu")
+RETAIN_LOSSES = ("nll", "kl", "activation")
 
 
 def _shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,177 @@
+"""``--forget-target`` (comparable forgetting), the objective matrix and RMU through the command line,
+on the CI world with a handful of steps; every bad combination is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+pytest.importorskip("matplotlib")
+
+from gradsynth.cli import main
+from gradsynth.cli.parser import build_parser
+from gradsynth.cli.unlearn_command import settings_for
+
+
+@pytest.fixture
+def cache(ci_world_master, tmp_path, monkeypatch):
+    """A private copy of the trained CI world cache, used through GRADSYNTH_CACHE."""
+    root = tmp_path / "cache"
+    shutil.copytree(ci_world_master, root / Path(ci_world_master).name)
+    monkeypatch.setenv("GRADSYNTH_CACHE", str(root))
+    return root
+
+
+def _one_line_error(capsys, part: str) -> None:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gradsynth: error: ") and part in err, err
+
+
+def test_unlearn_stops_at_the_forget_target_and_reports_it(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["unlearn", "--world", "ci", "--forget-target", "0.25", "--steps", "40", "--lr", "2e-3"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    protocol, steps = report["settings"]["protocol"], report["steps"]
+    assert protocol["reached"] and protocol["forget_target"] == 0.25 and protocol["step_cap"] == 40
+    assert protocol["steps_taken"] == len(steps) < 40 and protocol["lr_used"] == 2e-3
+    recalls = [s["forget_recall"] for s in steps]
+    assert recalls[-1] <= 0.25 and all(r > 0.25 for r in recalls[:-1])  # the first step at/below it
+    assert report["metrics"]["after"]["forget"]["recall"] == recalls[-1]  # the check is the real recall
+    cos = [s["cos_fr"] for s in steps if s["cos_fr"] is not None]
+    assert report["geometry_mean"]["cos_fr"] == pytest.approx(sum(cos) / len(cos))  # over steps taken
+    assert f"Forget target 25% reached at step {len(steps)} with lr 0.002" in printed
+
+
+def test_unlearn_climbs_the_ladder_when_the_cap_is_too_short(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["unlearn", "--world", "ci", "--forget-target", "0", "--steps", "2", "--lr", "1e-5"]
+    argv += ["--ladder-factor", "3", "--ladder-rungs", "2", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    protocol = json.loads((out / "report.json").read_text())["settings"]["protocol"]
+    assert [(r["lr"], r["steps"], r["reached"]) for r in protocol["rungs"]] == [
+        (1e-5, 2, False),
+        (pytest.approx(3e-5), 2, False),
+    ]
+    assert not protocol["reached"] and protocol["lr_used"] == pytest.approx(3e-5)
+    assert "Forget target 0% not reached within 2 steps at any of lr 1e-05, 3e-05" in capsys.readouterr().out
+
+
+def test_compare_runs_the_objective_matrix_to_the_target(cache, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--world", "ci", "--rules", "sum,sago", "--forget-loss", "simnpo,rmu"]
+    argv += ["--forget-target", "0.5", "--steps", "3", "--ladder-rungs", "2", "--seeds", "0,1"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs, table, splits = results["runs"], results["aggregate"], results["splits"]
+    assert splits == list(results["before"]) and "forget" in splits  # whatever splits the world has
+    assert len(runs) == 2 * 2 * 2 and len(table) == 2 * 2
+    for run in runs:
+        assert 1 <= run["steps"] <= 3
+        assert run["lr"] == 1e-3 and run["lr_used"] == run["rungs"][-1]["lr"]
+        assert run["reached"] == run["rungs"][-1]["reached"] and len(run["rungs"]) <= 2
+        assert run["forget_target"] == 0.5 and run["step_cap"] == 3
+    simnpo = next(r for r in runs if r["objective"] == "simnpo")["weights"]
+    assert (simnpo["alpha"], simnpo["gamma"], simnpo["beta"], simnpo["delta"]) == (0.1, 1.0, 0.1, 0.1)
+    rmu = next(r for r in runs if r["objective"] == "rmu")["weights"]
+    assert rmu["retain"] == "activation"
+    entry = table[0]
+    assert {"objective", "rule", "lr", "seeds", "steps", "lr_used", "reached", *splits} <= set(entry)
+    assert set(entry["forget"]) == {"mean", "std", "median", "min", "max"}
+    assert entry["reached"] == sum(r["reached"] for r in runs[:1] + runs[4:5])  # seeds 0, 1 of simnpo+sum
+    assert entry["steps"]["max"] == max(r["steps"] for r in runs[:1] + runs[4:5])
+    assert set(results["settings"]["weights"]) == {"simnpo", "rmu"}
+    markdown = (out / "results.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| objective | rule |"))
+    assert "| reached | steps | lr used |" in header and all(f"| {s} " in header for s in splits)
+    assert "| rmu | sago | 0.001 |" in markdown and "rmu+sago" in markdown
+    assert "At comparable forgetting" not in markdown  # every row already is
+
+
+def test_unlearn_with_rmu_trains_only_the_chosen_weights(cache, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    argv = ["unlearn", "--world", "ci", "--forget-loss", "rmu", "--steps", "2", "--lr", "1e-2"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["losses"]["forget"] == "rmu"
+    assert report["settings"]["losses"]["retain"] == "activation"
+    before = load_file(next(cache.iterdir()) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    changed = {name for name in before if not (before[name] == after[name]).all()}
+    assert changed == {"model.layers.0.mlp.down_proj.weight"}  # 2 layers: layer 2 // 4 = 0
+
+
+def test_paper_weights_are_the_defaults_and_flags_override_them():
+    parse = build_parser().parse_args
+    simnpo = settings_for(parse(["unlearn", "--forget-loss", "simnpo"]), "sago", 1e-3, 0, 10)
+    assert (simnpo.alpha, simnpo.gamma, simnpo.losses.beta, simnpo.losses.delta) == (0.1, 1.0, 0.1, 0.1)
+    npo = settings_for(parse(["unlearn", "--forget-loss", "npo"]), "sago", 1e-3, 0, 10)
+    assert (npo.alpha, npo.losses.beta) == (1.0, 1e-3)
+    given = settings_for(
+        parse(["unlearn", "--forget-loss", "simnpo", "--alpha", "1", "--beta", "2"]), "sum", 1, 0, 1
+    )
+    assert (given.alpha, given.gamma, given.losses.beta, given.losses.delta) == (1.0, 1.0, 2.0, 0.1)
+
+
+BAD = {
+    "ladder without target": (["--ladder-rungs", "3"], "--ladder-rungs needs --forget-target"),
+    "factor without target": (["--ladder-factor", "3"], "--ladder-factor needs --forget-target"),
+    "target 1": (["--forget-target", "1"], "--forget-target: must be a recall in [0, 1)"),
+    "target nan": (["--forget-target", "nan"], "--forget-target: must be a finite number"),
+    "factor 1": (["--forget-target", "0.1", "--ladder-factor", "1"], "--ladder-factor: must be > 1"),
+    "rungs 0": (["--forget-target", "0.1", "--ladder-rungs", "0"], "--ladder-rungs: must be at least 1"),
+    "rmu with nll": (["--forget-loss", "rmu", "--retain-loss", "nll"], "drop --retain-loss nll"),
+    "activation with ga": (["--retain-loss", "activation"], "goes with --forget-loss rmu only"),
+    "rmu layer": (
+        ["--forget-loss", "rmu", "--rmu-layer", "7"],
+        "--forget-loss rmu: RMU layer 7 is out of range",
+    ),
+    "steering": (["--forget-loss", "rmu", "--rmu-steering", "inf"], "--rmu-steering: must be a finite"),
+    "compare bad objective": (
+        ["compare", "--forget-loss", "ga,gd"],
+        "--forget-loss: unknown forget loss 'gd'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_protocol_and_objective_flags_are_one_line(cache, tmp_path, capsys, case):
+    args, message = BAD[case]
+    argv = ["compare", *args[1:]] if args[0] == "compare" else ["unlearn", *args]
+    assert main([*argv, "--world", "ci", "--steps", "1", "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_forget_target_on_plain_text_forget_data_is_one_line(cache, tmp_path, capsys):
+    forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
+    forget.write_text("some text to forget\n")
+    retain.write_text("some text to keep\n")
+    model = str(next(cache.iterdir()))
+    argv = ["unlearn", "--model", model, "--forget", str(forget), "--retain", str(retain)]
+    assert main([*argv, "--forget-target", "0.1", "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "--forget-target needs question/answer forget data")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_documented_one_command_run_is_what_reproduce_runs():
+    import importlib.util
+    import shlex
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("reproduce", root / "benchmarks" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    argv = reproduce.compare_argv("default", 5, Path("runs/reproduce"), 1)
+    args = build_parser().parse_args(argv)  # the flags exist and parse
+    assert args.forget_target == 0.1 and args.forget_loss == "ga,npo,simnpo,rmu" and args.seeds == "0,1,2,3,4"
+    docs = (root / "docs" / "reproducing.md").read_text().replace("\\\n", " ")
+    assert " ".join(("gradsynth " + shlex.join(argv)).split()) in " ".join(docs.split())
