@@ -42,3 +42,13 @@ def ci_world_master(tmp_path_factory):
         else:
             os.environ["GRADSYNTH_CACHE"] = old
     return info["path"]
+
+
+def copy_world_cache(tmp_path_factory, master: str):
+    """A private cache folder holding a copy of the trained CI world entry (no retraining)."""
+    import shutil
+    from pathlib import Path
+
+    cache = tmp_path_factory.mktemp("gradsynth-cache")
+    shutil.copytree(master, cache / Path(master).name)
+    return cache

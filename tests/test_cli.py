@@ -14,25 +14,21 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("matplotlib")
 
+from conftest import copy_world_cache
+
 from gradsynth.cli import main
+from gradsynth.world.splits import SPLIT_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def world_cache(tmp_path_factory):
-    """A private cache with the CI world model, trained once for this module."""
-    cache = tmp_path_factory.mktemp("gradsynth-cache")
+def world_cache(tmp_path_factory, ci_world_master):
+    """A private cache with a copy of the session's CI world model."""
+    cache = copy_world_cache(tmp_path_factory, ci_world_master)
     old = os.environ.get("GRADSYNTH_CACHE")
     os.environ["GRADSYNTH_CACHE"] = str(cache)
-    import torch
-
-    from gradsynth.world.cache import load_world_model
-
-    torch.set_num_threads(1)  # module fixtures run before conftest's per-test setting
-    *_, info = load_world_model("ci", log=lambda _: None)
-    assert info["recall"] == 1.0 and not info["cached"]
-    yield Path(info["path"])
+    yield cache / Path(ci_world_master).name
     if old is None:
         del os.environ["GRADSYNTH_CACHE"]
     else:
@@ -60,7 +56,8 @@ def test_unlearn_writes_model_report_and_plot_and_forgets(world_cache, tmp_path,
     assert len(report["steps"]) == 30
     assert all(-1 <= s["cos_gr"] <= 1 for s in report["steps"] if s["cos_gr"] is not None)
     before, after = report["metrics"]["before"], report["metrics"]["after"]
-    assert set(before) == {"forget", "retain", "neighbour", "general"}
+    assert list(before) == list(SPLIT_NAMES)
+    assert report["settings"]["task"]["loss_scope"] == "full"  # the world's default
     assert before["forget"]["recall"] == 1.0
     assert after["forget"]["recall"] <= 0.25  # forgetting happened
     assert after["forget"]["nll"] > 10 * before["forget"]["nll"]

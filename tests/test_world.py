@@ -13,9 +13,11 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from gradsynth.unlearning.encoding import IGNORE_INDEX, Example, encode
+from gradsynth.unlearning.encoding import IGNORE_INDEX, Example, encode, with_loss_scope
 from gradsynth.world import SIZES, build_world, split_world
 from gradsynth.world.cache import cache_key, world_examples
+from gradsynth.world.facts import RELATIONS
+from gradsynth.world.splits import SPLIT_NAMES
 from gradsynth.world.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +28,8 @@ def test_world_is_identical_across_processes_with_different_hash_seeds():
     code = (
         "from gradsynth.world import SIZES, build_world, split_world\n"
         "w = build_world(SIZES['ci'], 0); s = split_world(w, SIZES['ci'], 3)\n"
-        "print(repr([(f.question, f.answer) for f in w.people + w.sums]), s.targets, s.neighbours)"
+        "print(repr([(f.question, f.answer) for f in w.pretraining + w.reading_heldout]),"
+        " [f.question for f in s.forget + s.sibling], s.targets, s.neighbours)"
     )
     # This process runs with a random hash seed; the child with a fixed, different one.
     output = subprocess.run(
@@ -39,8 +42,9 @@ def test_world_is_identical_across_processes_with_different_hash_seeds():
     ).stdout
     world = build_world(SIZE, 0)
     splits = split_world(world, SIZE, 3)
-    facts = [(f.question, f.answer) for f in world.people + world.sums]
-    assert output.strip() == f"{facts!r} {splits.targets} {splits.neighbours}"
+    facts = [(f.question, f.answer) for f in world.pretraining + world.reading_heldout]
+    chosen = [f.question for f in splits.forget + splits.sibling]
+    assert output.strip() == f"{facts!r} {chosen} {splits.targets} {splits.neighbours}"
 
 
 def test_world_has_the_configured_size_and_distinct_people():
@@ -52,23 +56,59 @@ def test_world_has_the_configured_size_and_distinct_people():
         int(f.answer) == sum(int(t) for t in f.question.rstrip("?").split() if t.isdigit())
         for f in world.sums
     )
+    assert len(world.reading) == SIZE.n_reading and len(world.reading_heldout) == SIZE.n_reading_heldout
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_splits_partition_the_people_and_neighbours_share_values_with_targets(seed):
+def test_reading_passages_state_their_answer_and_the_held_out_ones_are_never_pretrained():
     world = build_world(SIZE, 0)
-    splits = split_world(world, SIZE, seed)
-    groups = [{f.subject for f in facts} for facts in (splits.forget, splits.retain, splits.neighbour)]
-    assert sum(len(g) for g in groups) == SIZE.n_people
-    assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
-    assert groups[0] == set(splits.targets) and len(splits.targets) == SIZE.n_forget_people
+    templates = {relation: template for relation, template, _, _ in RELATIONS}
+    for fact in (*world.reading, *world.reading_heldout):
+        passage, question = fact.question.rsplit(". ", 1)
+        # The question is a people fact's own template, and the passage states the answer.
+        assert question == templates[fact.relation].format(fact.subject)
+        assert fact.answer in passage and fact.subject in passage
+    pretrained_names = {f.subject for f in world.pretraining}
+    heldout_names = {f.subject for f in world.reading_heldout}
+    assert not heldout_names & pretrained_names
+    assert not {f.question for f in world.reading_heldout} & {f.question for f in world.pretraining}
+    # Same surface: the held-out answers come from the pools the people's answers come from.
+    pools = {relation: set(pool) for relation, _, _, pool in RELATIONS}
+    assert all(f.answer in pools[f.relation] for f in world.reading_heldout)
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_splits_are_tofu_like_and_neighbours_share_values_with_targets(name, seed):
+    size = SIZES[name]
+    world = build_world(size, 0)
+    splits = split_world(world, size, seed)
+    assert list(splits.by_name()) == list(SPLIT_NAMES)
+    targets = set(splits.targets)
+    assert len(targets) == size.n_forget_people
+    # Per target: n_forget_relations forgotten, one sibling held out, the rest retained.
+    for name_ in targets:
+        forget = [f for f in splits.forget if f.subject == name_]
+        sibling = [f for f in splits.sibling if f.subject == name_]
+        kept = [f for f in splits.retain if f.subject == name_]
+        assert len(forget) == size.n_forget_relations and len(sibling) == 1
+        assert len(forget) + len(sibling) + len(kept) == size.n_relations
+        assert {f.relation for f in forget + sibling + kept} == {f.relation for f in world.facts_of({name_})}
+    # Every people fact is in exactly one of forget, retain, sibling, neighbour.
+    people = [splits.forget, splits.retain, splits.sibling, splits.neighbour]
+    questions = [f.question for facts in people for f in facts]
+    assert sorted(questions) == sorted(f.question for f in world.people)
+    neighbours = {f.subject for f in splits.neighbour}
+    assert neighbours == set(splits.neighbours) and not neighbours & targets
+    assert not neighbours & {f.subject for f in splits.retain}
     target_values = {(f.relation, f.answer) for f in splits.forget}
 
     def shared(facts):
         return sum((f.relation, f.answer) in target_values for f in facts) / len(facts)
 
-    assert shared(splits.neighbour) >= shared(splits.retain)
-    assert splits.general == list(world.sums)
+    others = [f for f in splits.retain if f.subject not in targets]
+    assert shared(splits.neighbour) >= shared(others)
+    assert splits.general == list(world.reading_heldout)
+    assert splits.additions == list(world.sums)
 
 
 def test_different_split_seeds_pick_different_targets():
@@ -93,6 +133,8 @@ def test_answers_and_eos_are_labelled_prompt_is_not():
     assert answer[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(answer[:-1]).strip() == example.answer
     assert labels[: len(labels) - len(answer)] == [IGNORE_INDEX] * (len(labels) - len(answer))
+    full_ids, full_labels = encode(tokenizer, with_loss_scope([example], "full")[0], 48)
+    assert full_ids == full_labels == encode(tokenizer, example, 48)[0]  # same tokens, all labelled
     text_ids, text_labels = encode(tokenizer, Example("plain text here"), 48)
     assert text_ids == text_labels
     short_ids, short_labels = encode(tokenizer, replace(example, prompt=example.prompt * 10), 12)

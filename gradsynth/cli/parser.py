@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from gradsynth.cli.errors import CliError
 from gradsynth.rules import available_rules
+from gradsynth.unlearning.encoding import LOSS_SCOPES
 from gradsynth.unlearning.objectives import FORGET_LOSSES, RETAIN_LOSSES
 from gradsynth.world.sizes import SIZES
 
@@ -116,6 +117,11 @@ def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> No
         choices=RETAIN_LOSSES,
         help="nll (GD; the default) or kl; rmu brings its own (activation: keep the hidden states)",
     )
+    obj.add_argument(
+        "--loss-scope",
+        choices=LOSS_SCOPES,
+        help="tokens that carry the loss: full (every token; the world's default) or answer (--model's)",
+    )
     obj.add_argument("--alpha", type=_non_negative, help="retain weight")
     obj.add_argument("--gamma", type=_non_negative, help="forget weight")
     obj.add_argument("--beta", type=_positive, help="NPO/SimNPO inverse temperature")
@@ -141,7 +147,7 @@ def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> No
     length.add_argument("--epochs", type=_positive, help="passes over the forget set instead of --steps")
     run.add_argument("--batch-size", type=_positive_int, default=16, help="examples per task per micro-batch")
     run.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step")
-    run.add_argument("--max-length", type=_positive_int, help="tokens per example (default 256; world 48)")
+    run.add_argument("--max-length", type=_positive_int, help="tokens per example (default 256; world 64)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     run.add_argument("--threads", type=_thread_count, default=1, help="CPU threads for torch (default 1)")

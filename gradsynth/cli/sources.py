@@ -1,7 +1,13 @@
 """Where the model and the data come from: the embedded world, or ``--model`` with ``--forget``/``--retain``.
 
 Both give a `Task`: the model and tokenizer, the forget and retain examples the run trains on,
-and the evaluation splits (the world's four; for a user's model, its forget and retain sets).
+and the evaluation splits (every split of the world's `Splits.by_name`; for a user's model, its
+forget and retain sets).
+
+``--loss-scope`` says which tokens of the training examples carry the loss: ``full`` (every
+token) is the world's default, since the world model was pretrained with a loss on every token and
+the answer-only loss made the forget gradient 10 to 10^4 times the retain one; ``answer`` is the
+default for ``--model`` question/answer files, the TOFU / open-unlearning convention.
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ import torch
 
 from gradsynth.cli.errors import CliError
 from gradsynth.unlearning.data import DataError, load_examples
-from gradsynth.unlearning.encoding import Example, prompt_of
+from gradsynth.unlearning.encoding import Example, prompt_of, with_loss_scope
 from gradsynth.unlearning.multiple_choice import Choice, make_choices
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WORLD_MAX_LENGTH = 48
+WORLD_LOSS_SCOPE = "full"
+MODEL_LOSS_SCOPE = "answer"
 
 
 @dataclass
@@ -40,7 +47,7 @@ class Task:
 def world_choices(world: Any, splits: dict[str, list[Any]]) -> dict[str, list[Choice]]:
     """Each split's facts as 4-option questions; distractors are the relation's other values in the world."""
     values: dict[str, list[str]] = {}
-    for fact in (*world.people, *world.sums):
+    for fact in world.pretraining:
         values.setdefault(fact.relation, []).append(fact.answer)
     return {
         name: make_choices([(f.question, f.answer, f.relation) for f in facts], values)
@@ -51,6 +58,7 @@ def world_choices(world: Any, splits: dict[str, list[Any]]) -> dict[str, list[Ch
 def world_task(size: str, seed: int, log: Any = print) -> Task:
     """The embedded world of ``size`` with the forget targets chosen by ``seed``."""
     from gradsynth.world import SIZES, load_world_model, split_world
+    from gradsynth.world.pretrain import MAX_LENGTH
 
     model, tokenizer, world, info = load_world_model(size, log=log)
     splits = split_world(world, SIZES[size], seed)
@@ -64,7 +72,7 @@ def world_task(size: str, seed: int, log: Any = print) -> Task:
         forget=examples["forget"],
         retain=examples["retain"],
         splits=examples,
-        max_length=WORLD_MAX_LENGTH,
+        max_length=MAX_LENGTH,
         choices=world_choices(world, splits.by_name()),
         description={
             "source": f"embedded world ({size})",
@@ -72,6 +80,7 @@ def world_task(size: str, seed: int, log: Any = print) -> Task:
             "model_path": info["path"],
             "targets": splits.targets,
             "neighbours": splits.neighbours,
+            "loss_scope": WORLD_LOSS_SCOPE,
             "sizes": {name: len(facts) for name, facts in examples.items()},
         },
     )
@@ -168,6 +177,7 @@ def model_task(args: argparse.Namespace) -> Task:
             "source": args.model,
             "forget_file": str(args.forget),
             "retain_file": str(args.retain),
+            "loss_scope": MODEL_LOSS_SCOPE,
             "sizes": {"forget": len(forget), "retain": len(retain)},
         },
     )
@@ -193,5 +203,12 @@ def load_task(args: argparse.Namespace, seed: int, log: Any = print) -> Task:
     if args.model is None:
         if args.forget or args.retain:
             raise CliError("--forget/--retain go with --model; without --model the embedded world is used")
-        return world_task(args.world, seed, log)
-    return model_task(args)
+        task = world_task(args.world, seed, log)
+    else:
+        task = model_task(args)
+    scope = getattr(args, "loss_scope", None)
+    if scope is not None:
+        task.description["loss_scope"] = scope
+    scope = task.description["loss_scope"]
+    task.forget, task.retain = with_loss_scope(task.forget, scope), with_loss_scope(task.retain, scope)
+    return task

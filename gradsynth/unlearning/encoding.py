@@ -4,17 +4,26 @@ A question/answer example becomes ``prompt = question + " Answer:"`` followed by
 ``" " + answer + eos``; only the answer tokens and the end-of-sentence token carry labels
 (the rest is ``-100``), so a model trained on it learns to stop after the answer. A plain
 ``text`` example is labelled on every token. Batches are right-padded; padding is ``-100``.
+
+The *loss scope* of a question/answer example says which tokens carry the loss:
+
+- ``"answer"``: the answer and end-of-sentence tokens only (the TOFU / open-unlearning setting);
+- ``"full"``: every token, question included, the same token ids as ``"answer"``: a
+  language-model loss on the whole text. On the embedded world the answer-only forget gradient
+  was measured 10 to 10^4 times the retain gradient's norm during gradient ascent, the full-text
+  one 2 to 8 times, with the paper's ordering of cos(g, r) (sum < PCGrad < SAGO).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+LOSS_SCOPES = ("answer", "full")
 
 
 @dataclass(frozen=True)
@@ -23,10 +32,18 @@ class Example:
 
     prompt: str
     answer: str | None = None
+    full_text: bool = False  # label the prompt's tokens too (loss scope "full")
 
 
 def prompt_of(question: str) -> str:
     return f"{question} Answer:"
+
+
+def with_loss_scope(examples: list[Example], scope: str) -> list[Example]:
+    """``examples`` with the loss on the answer only (``"answer"``) or on every token (``"full"``)."""
+    if scope not in LOSS_SCOPES:
+        raise ValueError(f"unknown loss scope {scope!r}; choose one of {', '.join(LOSS_SCOPES)}")
+    return [replace(e, full_text=scope == "full") for e in examples]
 
 
 def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]]:
@@ -40,7 +57,8 @@ def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int]
     answer = tokenizer(" " + example.answer, add_special_tokens=False)["input_ids"] + eos
     answer = answer[:max_length]
     prompt = prompt[-(max_length - len(answer)) :] if max_length > len(answer) else []
-    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+    ids = prompt + answer
+    return ids, list(ids) if example.full_text else [IGNORE_INDEX] * len(prompt) + answer
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:

@@ -42,7 +42,7 @@ from gradsynth.world.pretrain import pretrain
 from gradsynth.world.sizes import SIZES
 from gradsynth.world.tokenizer import train_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the TOFU/RWKU-style world, full-text loss, fixed pretraining steps
 WORLD_SEED = 0
 # What a complete entry holds besides the manifest; a manifest that omits one is refused.
 REQUIRED_FILES = (
@@ -60,8 +60,8 @@ def cache_dir() -> Path:
 
 
 def world_examples(world: World) -> list[Example]:
-    """Every fact of the world as a question/answer example."""
-    return [Example(prompt_of(f.question), f.answer) for f in (*world.people, *world.sums)]
+    """Every pretraining fact of the world as a question/answer example (held-out reading excluded)."""
+    return [Example(prompt_of(f.question), f.answer) for f in world.pretraining]
 
 
 def cache_key(size_name: str, world: World) -> str:
@@ -69,7 +69,7 @@ def cache_key(size_name: str, world: World) -> str:
         "version": FORMAT_VERSION,
         "size": SIZES[size_name].as_dict(),
         "seed": world.seed,
-        "facts": [(f.question, f.answer) for f in (*world.people, *world.sums)],
+        "facts": [(f.question, f.answer) for f in (*world.pretraining, *world.reading_heldout)],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

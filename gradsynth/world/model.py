@@ -19,7 +19,7 @@ def build_model(size: WorldSize, tokenizer: Any, seed: int) -> LlamaForCausalLM:
         num_hidden_layers=size.n_layers,
         num_attention_heads=size.n_heads,
         num_key_value_heads=size.n_heads,
-        max_position_embeddings=64,
+        max_position_embeddings=128,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -1,10 +1,14 @@
-"""Memorising the world: AdamW with linear warmup and cosine decay until every fact is recalled.
+"""Teaching the world model: AdamW, linear warmup and cosine decay, a fixed number of steps.
 
-Every fact (all people and all additions) is trained with the answer-only loss of
-`gradsynth.unlearning.encoding` (the end-of-sentence token is labelled, so greedy decoding
-stops after the answer). Every 25 steps greedy exact-match over all facts is checked; training
-stops once it is 100%, or after ``pretrain_max_steps``. A constant learning rate was measured to
-plateau below 100%, hence the schedule.
+Every pretraining item (people facts, reading passages, additions) is trained with the
+full-text loss of `gradsynth.unlearning.encoding` (every token labelled, the end-of-sentence token
+included, so greedy decoding stops after the answer). A language-model loss on the whole text is
+what a pretrained model has seen, and what the full-text unlearning loss continues.
+
+The run is ``size.pretrain_steps`` steps on every machine: no stop "once recall is 100%", which
+made the step count depend on rounding (225 steps on one machine, 325 on another). The batch
+order comes from ``random.Random(seed)``; the weights from ``torch.manual_seed(seed)``. A
+constant learning rate was measured to plateau below 100% recall, hence the schedule.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ from typing import Any
 
 import torch
 
-from gradsynth.unlearning.encoding import collate, encode, pad_id_of
+from gradsynth.unlearning.encoding import collate, encode, pad_id_of, with_loss_scope
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.objectives import nll_loss
 from gradsynth.world.sizes import WorldSize
 
-CHECK_EVERY = 25
-MAX_LENGTH = 48
+CHECK_EVERY = 100
+MAX_LENGTH = 64
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -30,6 +34,14 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def recall_of(model: Any, tokenizer: Any, examples: list) -> float:
+    """Greedy exact-match recall of the answers (answer-only labels, whatever the training scope)."""
+    encoded = [encode(tokenizer, e, MAX_LENGTH) for e in with_loss_scope(examples, "answer")]
+    pad = pad_id_of(tokenizer)
+    batches = [collate(encoded[i : i + 256], pad) for i in range(0, len(encoded), 256)]
+    return split_metrics(model, batches)["recall"]
 
 
 def pretrain(
@@ -40,19 +52,17 @@ def pretrain(
     seed: int,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place to memorise ``examples``; returns the final recall and step count."""
-    encoded = [encode(tokenizer, example, MAX_LENGTH) for example in examples]
+    """Train ``model`` in place on ``examples`` (full-text loss); returns the final recall and step count."""
+    encoded = [encode(tokenizer, example, MAX_LENGTH) for example in with_loss_scope(examples, "full")]
     pad = pad_id_of(tokenizer)
-    everything = [collate(encoded[i : i + 256], pad) for i in range(0, len(encoded), 256)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=size.pretrain_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, size.warmup_steps, size.pretrain_max_steps)
+        optimizer, lambda s: _lr_factor(s, size.warmup_steps, size.pretrain_steps)
     )
     rng = random.Random(seed)
     order: list[int] = []
-    recall, step = 0.0, 0
     model.train()
-    for step in range(1, size.pretrain_max_steps + 1):
+    for step in range(1, size.pretrain_steps + 1):
         if len(order) < size.batch_size:
             order += rng.sample(range(len(encoded)), len(encoded))
         chosen, order = order[: size.batch_size], order[size.batch_size :]
@@ -63,11 +73,7 @@ def pretrain(
         loss.backward()
         optimizer.step()
         schedule.step()
-        if step % CHECK_EVERY == 0:
-            recall = split_metrics(model, everything)["recall"]
-            if progress is not None:
-                progress(step, recall)
-            if recall == 1.0:
-                break
+        if progress is not None and step % CHECK_EVERY == 0 and step < size.pretrain_steps:
+            progress(step, recall_of(model, tokenizer, examples))
     model.eval()
-    return {"recall": recall, "steps": step}
+    return {"recall": recall_of(model, tokenizer, examples), "steps": size.pretrain_steps}
