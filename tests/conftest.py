@@ -52,3 +52,15 @@ def copy_world_cache(tmp_path_factory, master: str):
     cache = tmp_path_factory.mktemp("gradsynth-cache")
     shutil.copytree(master, cache / Path(master).name)
     return cache
+
+
+@pytest.fixture
+def cache(ci_world_master, tmp_path, monkeypatch):
+    """A private copy of the trained CI world cache, used through GRADSYNTH_CACHE."""
+    import shutil
+    from pathlib import Path
+
+    root = tmp_path / "cache"
+    shutil.copytree(ci_world_master, root / Path(ci_world_master).name)
+    monkeypatch.setenv("GRADSYNTH_CACHE", str(root))
+    return root

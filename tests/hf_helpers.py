@@ -47,6 +47,21 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def four_layer_llama(seed: int = 0) -> torch.nn.Module:
+    """A 4-layer, 16-wide LlamaForCausalLM (vocabulary 40): deep enough for RMU's layers L-2..L."""
+    config = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
 def paired_examples(n: int, length: int = 8, seed: int = 1) -> list[dict]:
     """``n`` examples ``{"forget": {...}, "retain": {...}}`` of random token sequences, labels = inputs."""
     g = torch.Generator().manual_seed(seed)

@@ -32,15 +32,6 @@ FAST = ["--world", "ci", "--steps", "2", "--no-progress"]
 
 
 @pytest.fixture
-def cache(ci_world_master, tmp_path, monkeypatch):
-    """A private copy of the trained CI world cache, used through GRADSYNTH_CACHE."""
-    root = tmp_path / "cache"
-    shutil.copytree(ci_world_master, root / Path(ci_world_master).name)
-    monkeypatch.setenv("GRADSYNTH_CACHE", str(root))
-    return root
-
-
-@pytest.fixture
 def tmpfs(tmp_path):
     """Mount a small tmpfs (``mount(options)``), skipped where mounting is not allowed."""
     mounted = []

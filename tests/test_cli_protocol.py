@@ -4,7 +4,6 @@ on the CI world with a handful of steps; every bad combination is one line and e
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ pytest.importorskip("matplotlib")
 from gradsynth.cli import main
 from gradsynth.cli.parser import build_parser
 from gradsynth.cli.unlearn_command import settings_for
-
-
-@pytest.fixture
-def cache(ci_world_master, tmp_path, monkeypatch):
-    """A private copy of the trained CI world cache, used through GRADSYNTH_CACHE."""
-    root = tmp_path / "cache"
-    shutil.copytree(ci_world_master, root / Path(ci_world_master).name)
-    monkeypatch.setenv("GRADSYNTH_CACHE", str(root))
-    return root
 
 
 def _one_line_error(capsys, part: str) -> None:

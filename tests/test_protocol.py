@@ -11,25 +11,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_helpers import four_layer_llama  # noqa: E402
+
 import gradsynth.unlearning.loop as loop_module  # noqa: E402
 from gradsynth.unlearning.loop import StepRecord, UnlearnSettings, unlearn  # noqa: E402
 from gradsynth.unlearning.paper_weights import PAPER_WEIGHTS  # noqa: E402
 from gradsynth.unlearning.protocol import Rung, climb, ladder, reached  # noqa: E402
 from gradsynth.unlearning.task_losses import LossSettings  # noqa: E402
 
-
-def _model():
-    config = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
+_model = four_layer_llama
 
 
 def _examples(n: int, seed: int) -> list[tuple[list[int], list[int]]]:

@@ -10,22 +10,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_helpers import four_layer_llama  # noqa: E402
+
 from gradsynth import SynthesizingOptimizer  # noqa: E402
 from gradsynth.unlearning.rmu import RMU, activation_loss, control_vector  # noqa: E402
 
-
-def _model(seed: int = 0):
-    config = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config)
+_model = four_layer_llama
 
 
 def _batch(seed: int):
