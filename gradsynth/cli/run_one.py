@@ -193,7 +193,19 @@ def _loop(
             )
 
     try:
-        return unlearn(model, forget, retain, pad_id_of(task.tokenizer), settings, reference, on_step)
+        # The target is checked on the evaluation's answer-only forget batches: the training
+        # encoding may label every token (--loss-scope full).
+        recall_batches = eval_batches["forget"][0] if "forget" in eval_batches else None
+        return unlearn(
+            model,
+            forget,
+            retain,
+            pad_id_of(task.tokenizer),
+            settings,
+            reference,
+            on_step,
+            recall_batches=recall_batches,
+        )
     except Diverged as err:
         raise CliError(f"rule {settings.rule}, lr {settings.lr:g}, seed {settings.seed}: {err}") from err
     finally:

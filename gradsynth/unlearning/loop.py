@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from gradsynth.optim import SynthesizingOptimizer
 from gradsynth.unlearning.encoding import collate
@@ -136,12 +137,16 @@ def unlearn(
     on_step: Callable[[StepRecord], None] | None = None,
     *,
     precompute_reference: bool = True,
+    recall_batches: list[dict[str, Tensor]] | None = None,
 ) -> list[StepRecord]:
     """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step.
 
     ``reference``: the frozen model from before unlearning, or a `ReferenceLogprobs` (NPO). Needed
     only by the KL retain loss of a model without PEFT adapters. ``precompute_reference=False``
     runs NPO's reference forward on every batch instead (the full-copy path; needs ``reference``).
+    ``recall_batches``: what the forget target is checked on (default: ``forget`` as trained). A
+    run that trains on full text must pass answer-only batches, or "recall" would ask for the
+    whole sentence and fall long before the answers are forgotten.
 
     Raises `Diverged` at the first non-finite loss, or if a weight is non-finite at the end
     (a non-finite weight makes the next loss non-finite, so this covers every step).
@@ -156,11 +161,11 @@ def unlearn(
     )
     forget_cycle = _Cycle(forget, f"forget-{settings.seed}")
     retain_cycle = _Cycle(retain, f"retain-{settings.seed}")
-    target_batches = (
-        [collate(forget[i : i + TARGET_BATCH], pad_id) for i in range(0, len(forget), TARGET_BATCH)]
-        if settings.forget_target is not None
-        else []
-    )
+    target_batches: list[dict[str, Tensor]] = []
+    if settings.forget_target is not None:
+        target_batches = recall_batches or [
+            collate(forget[i : i + TARGET_BATCH], pad_id) for i in range(0, len(forget), TARGET_BATCH)
+        ]
     records: list[StepRecord] = []
     model.train()
     try:
