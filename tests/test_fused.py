@@ -289,3 +289,16 @@ def test_auto_synthesizes_a_small_step_eagerly_and_a_large_one_fused(monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(small, eager, strict=True))  # the eager path exactly
     assert run("auto", min_step_numel=0)[0]  # a step at the threshold compiles
     assert run("compiled")[0]  # an explicit choice is kept whatever the size
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mismatched_shapes_are_named_and_leave_the_kernels_on(threads):
+    torch.set_num_threads(threads)  # the C inner products (one thread) and the compiled ones
+    f, r = torch.randn(40_000), torch.randn(50_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no compilation attempted on mismatched tensors
+        with pytest.raises(ValueError, match="different shapes"):
+            pcgrad(f, r)
+    g = torch.randn(50_000)
+    torch.testing.assert_close(pcgrad(g, r), oracle.pcgrad(g, r, 1.0, 1.0).float(), rtol=1e-5, atol=1e-5)
+    assert fused.status().get("dots_wide[float32, cpu]") != "failed (eager fallback)"

@@ -553,14 +553,10 @@ def prefer_retain_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: fl
 
 def linear_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float | Tensor, gamma: float) -> bool:
     """Fused ``gamma*f + alpha*r`` (``alpha`` a float or a 0-dim tensor); False where eager must run."""
-    if not eligible(forget, retain, out):
-        return False
-    if isinstance(alpha, Tensor):
-        if retain.device.type != "cpu":
-            # On a device, reading the weight would wait for it: apply it as a tensor, in float64.
-            weight = alpha.detach().to(retain.device, torch.float64)
-            return _into("weighted", forget, retain, out, weight, gamma)
-        alpha = float(alpha)  # a CPU tensor: reading it waits for nothing
+    return eligible(forget, retain, out) and _linear_into(forget, retain, out, alpha, gamma)
+
+
+def _host_linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float) -> bool:
     if not 0 <= alpha < MAX_HOST_WEIGHT:
         return False  # NaN, negative or beyond the range the float kernels are exact for
     # In float32 a weight below its normal range would lose digits or vanish (the float64 kernel
@@ -569,10 +565,24 @@ def linear_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float | T
     return _into("linear_wide" if wide else "linear", forget, retain, out, alpha, gamma)
 
 
+def _linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float | Tensor, gamma: float) -> bool:
+    if isinstance(alpha, Tensor):
+        if retain.device.type != "cpu":
+            # On a device, reading the weight would wait for it: apply it as a tensor, in float64.
+            weight = alpha.detach().to(retain.device, torch.float64)
+            return _into("weighted", forget, retain, out, weight, gamma)
+        alpha = float(alpha)  # a CPU tensor: reading it waits for nothing
+    return _host_linear_into(forget, retain, out, alpha, gamma)
+
+
 def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(<f, r>, ||r||^2)`` as 0-dim float64 tensors in one read, or None where eager must run."""
-    if not eligible(forget, retain):
-        return None
+    # Mismatched shapes go to the eager sums, which name them (a failed compilation would also
+    # switch the kernel off for the rest of the process).
+    return _dots(forget, retain) if forget.shape == retain.shape and eligible(forget, retain) else None
+
+
+def _dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
     if forget.dtype == torch.float32:
         pair = _native_dots(forget, retain)
         if pair is not None:
@@ -638,6 +648,15 @@ def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, ga
     """
     if retain.device.type != "cpu" or not eligible(forget, retain, out):
         return False
-    fr, rr = host_dots(forget, retain)
+    if forget.shape != retain.shape or out.shape != retain.shape:
+        return False  # the eager rule names the mismatch (a kernel would read past the smaller one)
+    # Checked once above: each check costs microseconds, a mid-size tensor's kernel not much more.
+    pair = native.dots_f32(forget, retain) if forget.dtype == torch.float32 else None
+    if pair is None:
+        both = _dots(forget, retain)
+        if both is None:
+            return False  # not compiled: the eager rule runs, nothing was written
+        pair = both[0].item(), both[1].item()
+    fr, rr = pair
     k = fr / max(rr, _TINY64) if fr < 0 else 0.0
-    return linear_into(forget, retain, out, alpha=alpha - gamma * k, gamma=gamma)
+    return _host_linear_into(forget, retain, out, alpha - gamma * k, gamma)
