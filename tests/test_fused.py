@@ -302,3 +302,14 @@ def test_mismatched_shapes_are_named_and_leave_the_kernels_on(threads):
     g = torch.randn(50_000)
     torch.testing.assert_close(pcgrad(g, r), oracle.pcgrad(g, r, 1.0, 1.0).float(), rtol=1e-5, atol=1e-5)
     assert fused.status().get("dots_wide[float32, cpu]") != "failed (eager fallback)"
+
+
+def test_mismatched_shapes_never_reach_a_compiled_kernel():
+    f, r = torch.randn(50_000), torch.randn(50_000)
+    sago(f, r, out=r)  # compiled, so that a later call would take the direct path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="different shapes"):
+            sago(torch.randn(40_000), r, out=r)  # was the compiled kernel's own AssertionError
+    assert not fused.eligible(torch.randn(40_000), r)
+    assert fused.status().get("sago_into_retain[float32, cpu]") == "compiled"

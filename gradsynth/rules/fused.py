@@ -171,18 +171,24 @@ def status() -> dict[str, str]:
 
 
 def eligible(*tensors: Tensor) -> bool:
-    """True when the fused kernels will handle these same-shaped tensors."""
+    """True when the fused kernels will handle these tensors (same shape, dtype and device)."""
     if _state["backend"] == "eager":
         return False
     if _state["backend"] is None:
         backend_from_env()  # raises, naming the variable
     first = tensors[0]
+    # Mismatched shapes go to the eager rules, which name them: a kernel would fail its size
+    # assertion, or its compilation (switching the kernel off for the process).
     return (
         first.numel() >= _state["min_numel"]
         and first.device.type in ("cpu", "cuda")
         and first.dtype in _DTYPES
         and all(
-            type(t) is Tensor and t.is_contiguous() and t.dtype == first.dtype and t.device == first.device
+            type(t) is Tensor
+            and t.shape == first.shape
+            and t.is_contiguous()
+            and t.dtype == first.dtype
+            and t.device == first.device
             for t in tensors
         )
     )
@@ -577,9 +583,7 @@ def _linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float | Ten
 
 def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(<f, r>, ||r||^2)`` as 0-dim float64 tensors in one read, or None where eager must run."""
-    # Mismatched shapes go to the eager sums, which name them (a failed compilation would also
-    # switch the kernel off for the rest of the process).
-    return _dots(forget, retain) if forget.shape == retain.shape and eligible(forget, retain) else None
+    return _dots(forget, retain) if eligible(forget, retain) else None
 
 
 def _dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -612,7 +616,7 @@ def _native_dots(forget: Tensor, retain: Tensor) -> tuple[float, float] | None:
         or not (type(forget) is Tensor and type(retain) is Tensor)
         or retain.dtype != forget.dtype
         or retain.device != forget.device
-        or retain.numel() != forget.numel()
+        or retain.shape != forget.shape
         or not (forget.is_contiguous() and retain.is_contiguous())
     ):
         return None
@@ -648,8 +652,6 @@ def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, ga
     """
     if retain.device.type != "cpu" or not eligible(forget, retain, out):
         return False
-    if forget.shape != retain.shape or out.shape != retain.shape:
-        return False  # the eager rule names the mismatch (a kernel would read past the smaller one)
     # Checked once above: each check costs microseconds, a mid-size tensor's kernel not much more.
     pair = native.dots_f32(forget, retain) if forget.dtype == torch.float32 else None
     if pair is None:
