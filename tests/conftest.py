@@ -14,6 +14,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# The suite trains its own CI world model (tests/test_world_shipped.py compares it with the one the
+# package ships), and the cache tests need training to happen: the shipped models are switched off
+# here, for child processes too, and switched back on only where a test says so.
+os.environ["GRADSYNTH_SHIPPED_WORLD"] = "0"
+
 RULES = ["sago", "sago_prefer_retain", "pcgrad", "pcgrad_global", "sum", "blur"]
 
 

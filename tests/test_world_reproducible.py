@@ -25,11 +25,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from gradsynth.unlearning.encoding import Example, prompt_of
 from gradsynth.world import SIZES, build_world, split_world
 from gradsynth.world.cache import world_examples
 from gradsynth.world.model import build_model
-from gradsynth.world.pretrain import recall_of
+from gradsynth.world.pretrain import recall_counts
 from gradsynth.world.tokenizer import train_tokenizer
 
 # Facts recalled per split (split seed 0) by the cached CI world model: documented in
@@ -71,9 +70,5 @@ def test_the_cached_ci_world_model_has_the_documented_fingerprint(ci_world_maste
 
     model, tokenizer, info = _load_entry(Path(ci_world_master))
     assert info["steps"] == SIZES["ci"].pretrain_steps
-    splits = split_world(build_world(SIZES["ci"], 0), SIZES["ci"], 0)
-    counts = {}
-    for name, facts in splits.by_name().items():
-        recall = recall_of(model, tokenizer, [Example(prompt_of(f.question), f.answer) for f in facts])
-        counts[name] = (round(recall * len(facts)), len(facts))
+    counts = recall_counts(model, tokenizer, split_world(build_world(SIZES["ci"], 0), SIZES["ci"], 0))
     assert counts == CI_FINGERPRINT, json.dumps(counts)

@@ -13,6 +13,9 @@ written under a temporary name (``world-*.tmp-<pid>``) and renamed when complete
 folder of a process that died is removed by the next run. A cache that cannot be written (a
 read-only folder, ``GRADSYNTH_CACHE`` naming a file, a full disk) costs one warning: the freshly
 trained model is used from memory.
+
+Before training, the package's own trained entry for exactly this world is used when there is one
+(`gradsynth.world.shipped`): read in place, verified against its manifest like a cache entry.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gradsynth.unlearning.encoding import Example, prompt_of
@@ -39,6 +44,7 @@ from gradsynth.world.cache_files import (
 from gradsynth.world.facts import World, build_world
 from gradsynth.world.model import build_model
 from gradsynth.world.pretrain import pretrain
+from gradsynth.world.shipped import shipped_enabled, shipped_entry
 from gradsynth.world.sizes import SIZES
 from gradsynth.world.tokenizer import train_tokenizer
 
@@ -130,9 +136,11 @@ def _save_entry(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any]) 
 
 
 def load_world_model(
-    size_name: str = "default", log: Callable[[str], None] = print
+    size_name: str = "default", log: Callable[[str], None] = print, *, shipped: bool | None = None
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, World, dict[str, Any]]:
-    """The world of ``size_name`` and its memorising model: from the cache, else trained and cached."""
+    """The world of ``size_name`` and its memorising model: from the cache, else the entry shipped in
+    the package for exactly this world (`gradsynth.world.shipped`; ``shipped=None`` follows
+    ``GRADSYNTH_SHIPPED_WORLD``), else trained and cached."""
     if size_name not in SIZES:
         raise ValueError(f"unknown world size {size_name!r}; choose one of {', '.join(SIZES)}")
     size = SIZES[size_name]
@@ -146,6 +154,13 @@ def load_world_model(
         except CacheDamaged as err:
             log(f"The cached world model in {folder} is damaged ({err}); rebuilding it")
             _discard(folder)
+    packaged = shipped_entry(folder.name) if (shipped_enabled() if shipped is None else shipped) else None
+    if packaged is not None:
+        try:
+            model, tokenizer, info = _load_entry(packaged)
+            return model, tokenizer, world, {**info, "cached": True, "shipped": True, "path": str(packaged)}
+        except CacheDamaged as err:  # a damaged installation: train, as without it
+            log(f"The world model shipped in {packaged} is damaged ({err}); training it instead")
 
     examples = world_examples(world)
     log(
@@ -164,6 +179,13 @@ def load_world_model(
         "seconds": round(time.perf_counter() - start, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "size": size.as_dict(),
+        # Where it was trained: AVX2 and AVX-512 kernels round differently (gradsynth.world.shipped).
+        "trained_on": {
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
     }
     log(f"  memorised {info['recall']:.1%} of the facts in {info['steps']} steps, {info['seconds']}s")
     try:

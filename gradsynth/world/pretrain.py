@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from gradsynth.unlearning.encoding import collate, encode, pad_id_of, with_loss_scope
+from gradsynth.unlearning.encoding import Example, collate, encode, pad_id_of, prompt_of, with_loss_scope
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.objectives import nll_loss
 from gradsynth.world.sizes import WorldSize
+from gradsynth.world.splits import Splits
 
 CHECK_EVERY = 100
 MAX_LENGTH = 64
@@ -42,6 +43,16 @@ def recall_of(model: Any, tokenizer: Any, examples: list) -> float:
     pad = pad_id_of(tokenizer)
     batches = [collate(encoded[i : i + 256], pad) for i in range(0, len(encoded), 256)]
     return split_metrics(model, batches)["recall"]
+
+
+def recall_counts(model: Any, tokenizer: Any, splits: Splits) -> dict[str, tuple[int, int]]:
+    """The model's fingerprint: per split, (facts recalled greedily, facts). Counts survive a change
+    of float rounding (another processor kind) where a weight hash would not."""
+    counts = {}
+    for name, facts in splits.by_name().items():
+        recall = recall_of(model, tokenizer, [Example(prompt_of(f.question), f.answer) for f in facts])
+        counts[name] = (round(recall * len(facts)), len(facts))
+    return counts
 
 
 def pretrain(
