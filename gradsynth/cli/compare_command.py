@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from gradsynth.cli.benchmark_plan import plan_from_args
+from gradsynth.cli.compare_paired import paired, paired_markdown
 from gradsynth.cli.compare_ranking import rank, ranking_markdown, tradeoff_plot, utility_kept
 from gradsynth.cli.compare_results import aggregate, markdown_report, pareto_plot
 from gradsynth.cli.output_folder import check_output_folder, staged_output
@@ -159,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
             "ladder_rungs": args.ladder_rungs or LADDER_RUNGS,
         }
     report = markdown_report(table, splits, as_pct, len(seeds), first.steps, protocol)
+    pairs = paired(runs, splits, as_pct)
+    if pairs:
+        report += "\n" + paired_markdown(pairs)
     if args.rank_by:
         report += "\n" + ranking_markdown(runs, args.rank_by)
     settings = {**first.as_dict(), "device": device}
@@ -177,7 +181,14 @@ def run(args: argparse.Namespace) -> int:
     )
     with staged_output(out, args.overwrite) as staging:
         (staging / "results.md").write_text(report)
-        payload = {"settings": settings, "splits": splits, "before": before, "aggregate": table, "runs": runs}
+        payload = {
+            "settings": settings,
+            "splits": splits,
+            "before": before,
+            "aggregate": table,
+            "paired": pairs,
+            "runs": runs,
+        }
         dump_json(staging / "results.json", payload)
         pareto_plot(staging / "pareto.png", table, splits, as_pct)
         tradeoff_plot(staging / "tradeoff.png", runs)

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from gradsynth.cli.compare_results import label
+from gradsynth.cli.compare_results import curve_styles, label, legend_below
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.tables import markdown_table, num
 
@@ -107,7 +107,9 @@ def tradeoff_plot(path: Path, runs: list[dict[str, Any]]) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 4))
     key = forget_score(runs[0])[0]
-    for name in dict.fromkeys(label(r) for r in runs):
+    names = list(dict.fromkeys(label(r) for r in runs))
+    styles = curve_styles(names)
+    for name in names:
         points: dict[float, list[tuple[float, float]]] = {}
         for run in runs:
             kept = utility_kept(run)
@@ -116,11 +118,10 @@ def tradeoff_plot(path: Path, runs: list[dict[str, Any]]) -> None:
         lrs = sorted(points)
         xs = [statistics.fmean(p[0] for p in points[lr]) for lr in lrs]
         ys = [statistics.fmean(p[1] for p in points[lr]) for lr in lrs]
-        ax.plot(xs, ys, marker="o", label=name)
+        ax.plot(xs, ys, label=name, **styles[name])
     ax.set_xlabel(f"forget {key} ({'higher' if key == 'nll' else 'lower'} is more forgotten)")
     ax.set_ylabel("utility kept (share of the original)")
     ax.axhline(1.0, color="grey", linewidth=0.5)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    legend_below(fig, ax, names)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -211,6 +211,35 @@ def markdown_report(
     return "\n".join(parts) + "\n"
 
 
+MARKERS = "os^Dv<>pP*X"
+
+
+def curve_styles(names: list[str]) -> dict[str, dict[str, str]]:
+    """Per ``objective+rule``: a colour per rule and a marker per objective. The default colour
+    cycle repeats after ten curves, which made a matrix of 5 rules x 4 objectives unreadable."""
+    pairs = [name.split("+", 1) for name in names]
+    rules = list(dict.fromkeys(r for _, r in pairs))
+    objectives = list(dict.fromkeys(o for o, _ in pairs))
+    colour = {r: f"C{i % 10}" for i, r in enumerate(rules)}
+    marker = {o: MARKERS[i % len(MARKERS)] for i, o in enumerate(objectives)}
+    return {f"{o}+{r}": {"color": colour[r], "marker": marker[o]} for o, r in pairs}
+
+
+def legend_below(fig: Any, ax: Any, names: list[str]) -> None:
+    """One legend under the panels: a column per rule, a row per objective."""
+    handles, labels = ax.get_legend_handles_labels()
+    by_label = dict(zip(labels, handles, strict=True))
+    rules = list(dict.fromkeys(n.split("+", 1)[1] for n in names))
+    ordered = sorted(names, key=lambda n: rules.index(n.split("+", 1)[1]))  # legends fill by column
+    rows = -(-len(names) // len(rules))
+    room = 0.22 * rows + 0.2  # inches for the legend
+    fig.set_figheight(fig.get_figheight() + room)
+    fig.set_figwidth(max(fig.get_figwidth(), 2.3 * len(rules)))  # a column per rule must fit
+    handles = [by_label[n] for n in ordered]
+    fig.legend(handles, ordered, loc="lower center", ncol=len(rules), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, room / fig.get_figheight(), 1, 1))
+
+
 def pareto_plot(path: Path, table: list[dict[str, Any]], splits: list[str], as_pct: bool) -> None:
     """Forget score (x) against each kept split (y), one line per objective+rule through its rates."""
     import matplotlib
@@ -219,23 +248,24 @@ def pareto_plot(path: Path, table: list[dict[str, Any]], splits: list[str], as_p
     import matplotlib.pyplot as plt
 
     kept_splits = [s for s in splits if s != "forget"]
+    names = list(dict.fromkeys(label(e) for e in table))
+    styles = curve_styles(names)
     fig, axes = plt.subplots(1, len(kept_splits), figsize=(4.2 * len(kept_splits), 3.8), squeeze=False)
     for ax, split in zip(axes[0], kept_splits, strict=True):
-        for name in dict.fromkeys(label(e) for e in table):
+        for name in names:
             entries = sorted((e for e in table if label(e) == name), key=lambda e: e["lr"])
             ax.errorbar(
                 [e["forget"]["mean"] for e in entries],
                 [e[split]["mean"] for e in entries],
                 xerr=[e["forget"]["std"] for e in entries],
                 yerr=[e[split]["std"] for e in entries],
-                marker="o",
                 capsize=2,
                 label=name,
+                **styles[name],
             )
         ax.set_xlabel("forget recall (lower is better)" if as_pct else "forget NLL (higher is better)")
         ax.set_ylabel(f"{split} recall" if as_pct else f"{split} NLL")
         ax.set_title(split)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    legend_below(fig, axes[0][0], names)
     fig.savefig(path, dpi=110)
     plt.close(fig)
