@@ -69,3 +69,18 @@ def cache(ci_world_master, tmp_path, monkeypatch):
     shutil.copytree(ci_world_master, root / Path(ci_world_master).name)
     monkeypatch.setenv("GRADSYNTH_CACHE", str(root))
     return root
+
+
+@pytest.fixture
+def retrained(monkeypatch):
+    """Stub the world training (fast); the list records each training, by size name."""
+    import gradsynth.world.cache as cache_module
+
+    calls: list[str] = []
+
+    def quick_pretrain(model, tokenizer, examples, size, seed, progress=None):
+        calls.append(size.name)
+        return {"recall": 0.0, "steps": 0}
+
+    monkeypatch.setattr(cache_module, "pretrain", quick_pretrain)
+    return calls

@@ -29,19 +29,6 @@ def master(ci_world_master):
 
 
 @pytest.fixture
-def retrained(monkeypatch):
-    """Stub the world training (fast); the list records each retraining."""
-    calls: list[str] = []
-
-    def quick_pretrain(model, tokenizer, examples, size, seed, progress=None):
-        calls.append(size.name)
-        return {"recall": 0.0, "steps": 0}
-
-    monkeypatch.setattr(cache_module, "pretrain", quick_pretrain)
-    return calls
-
-
-@pytest.fixture
 def cache(master, tmp_path, monkeypatch, retrained):
     """A private copy of the trained cache; returns the entry folder."""
     root = tmp_path / "cache"

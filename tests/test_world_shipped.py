@@ -46,19 +46,6 @@ def _entry_name(size: str) -> str:
     return f"world-{size}-{cache_key(size, build_world(SIZES[size], WORLD_SEED))}"
 
 
-@pytest.fixture
-def stub_pretrain(monkeypatch):
-    """Training replaced by a stub that records its calls (no test here may need a real one)."""
-    calls: list[str] = []
-
-    def quick(model, tokenizer, examples, size, seed, progress=None):
-        calls.append(size.name)
-        return {"recall": 0.0, "steps": 0}
-
-    monkeypatch.setattr(cache_module, "pretrain", quick)
-    return calls
-
-
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_every_size_ships_the_model_of_the_world_the_code_builds(size):
     name = _entry_name(size)
@@ -99,12 +86,12 @@ def test_the_shipped_ci_model_is_what_training_gives(ci_world_master):
         assert shipped_model.state_dict().keys() == trained.keys()
 
 
-def test_a_fresh_install_loads_the_shipped_default_model_untrained(tmp_path, monkeypatch, stub_pretrain):
+def test_a_fresh_install_loads_the_shipped_default_model_untrained(tmp_path, monkeypatch, retrained):
     monkeypatch.setenv("GRADSYNTH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(shipped_module.ENV, "1")
     lines: list[str] = []
     model, tokenizer, world, info = load_world_model("default", log=lines.append)
-    assert stub_pretrain == [] and lines == []
+    assert retrained == [] and lines == []
     assert info["shipped"] and Path(info["path"]).parent == shipped_module.SHIPPED_DIR
     assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
     splits = split_world(world, SIZES["default"], 0)
@@ -112,22 +99,22 @@ def test_a_fresh_install_loads_the_shipped_default_model_untrained(tmp_path, mon
     assert counts == DEFAULT_FINGERPRINT, json.dumps(counts)
 
 
-def test_a_cached_model_comes_before_the_shipped_one(cache, monkeypatch, stub_pretrain):
+def test_a_cached_model_comes_before_the_shipped_one(cache, monkeypatch, retrained):
     monkeypatch.setenv(shipped_module.ENV, "1")
     *_, info = load_world_model("ci", log=lambda _: None)
     assert info["cached"] and "shipped" not in info and Path(info["path"]).parent == cache
 
 
 @pytest.mark.parametrize("switch", ["env", "argument"])
-def test_the_shipped_model_can_be_switched_off(tmp_path, monkeypatch, stub_pretrain, switch):
+def test_the_shipped_model_can_be_switched_off(tmp_path, monkeypatch, retrained, switch):
     monkeypatch.setenv("GRADSYNTH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(shipped_module.ENV, "0" if switch == "env" else "1")
     argument = {"shipped": False} if switch == "argument" else {}
     *_, info = load_world_model("ci", log=lambda _: None, **argument)
-    assert stub_pretrain == ["ci"] and not info["cached"]
+    assert retrained == ["ci"] and not info["cached"]
 
 
-def test_a_damaged_shipped_model_is_trained_instead_with_one_line(tmp_path, monkeypatch, stub_pretrain):
+def test_a_damaged_shipped_model_is_trained_instead_with_one_line(tmp_path, monkeypatch, retrained):
     package = tmp_path / "shipped"
     name = _entry_name("ci")
     shutil.copytree(shipped_module.SHIPPED_DIR / name, package / name)
@@ -137,5 +124,5 @@ def test_a_damaged_shipped_model_is_trained_instead_with_one_line(tmp_path, monk
     monkeypatch.setenv(shipped_module.ENV, "1")
     lines: list[str] = []
     *_, info = load_world_model("ci", log=lines.append)
-    assert stub_pretrain == ["ci"] and not info["cached"]
+    assert retrained == ["ci"] and not info["cached"]
     assert "shipped in" in lines[0] and "is damaged (model.safetensors has 9 bytes" in lines[0]
