@@ -559,16 +559,38 @@ def prefer_retain_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: fl
 
 def linear_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float | Tensor, gamma: float) -> bool:
     """Fused ``gamma*f + alpha*r`` (``alpha`` a float or a 0-dim tensor); False where eager must run."""
-    return eligible(forget, retain, out) and _linear_into(forget, retain, out, alpha, gamma)
+    if eligible(forget, retain, out):
+        return _linear_into(forget, retain, out, alpha, gamma)
+    # Below `min_numel`, bfloat16 CPU tensors still take the C kernel (a call costs microseconds).
+    return _small_bf16(forget, retain, out) and _native_linear_into(forget, retain, out, float(alpha), gamma)
+
+
+def _small_bf16(*tensors: Tensor) -> bool:
+    return _plain_cpu(torch.bfloat16, *tensors) and native.bf16_available()
+
+
+def _host_weight(alpha: float) -> str | None:
+    """Which linear kernel applies the float weight ``alpha``; None if only eager float64 can."""
+    if not 0 <= alpha < MAX_HOST_WEIGHT:
+        return None  # NaN, negative or beyond the range the float kernels are exact for
+    # In float32 a weight below its normal range would lose digits or vanish (the float64 kernel
+    # takes it); 0 is exact either way, and the common case.
+    return "linear_wide" if 0 < alpha < _FLOAT32_NORMAL else "linear"
+
+
+def _native_linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float) -> bool:
+    # The C kernel computes what the float32 "linear" kernel does (the caller checked the tensors).
+    return _host_weight(alpha) == "linear" and native.linear_bf16(out, forget, retain, alpha, gamma)
 
 
 def _host_linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float) -> bool:
-    if not 0 <= alpha < MAX_HOST_WEIGHT:
-        return False  # NaN, negative or beyond the range the float kernels are exact for
-    # In float32 a weight below its normal range would lose digits or vanish (the float64 kernel
-    # takes it); 0 is exact either way, and the common case.
-    wide = 0 < alpha < _FLOAT32_NORMAL
-    return _into("linear_wide" if wide else "linear", forget, retain, out, alpha, gamma)
+    kernel = _host_weight(alpha)
+    if kernel is None:
+        return False
+    if forget.dtype == torch.bfloat16 and forget.device.type == "cpu":
+        if _native_linear_into(forget, retain, out, alpha, gamma):
+            return True
+    return _into(kernel, forget, retain, out, alpha, gamma)
 
 
 def _linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float | Tensor, gamma: float) -> bool:
@@ -587,7 +609,7 @@ def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def _dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
-    if forget.dtype == torch.float32:
+    if forget.dtype in _NATIVE_DOTS:
         pair = _native_dots(forget, retain)
         if pair is not None:
             both = torch.tensor(pair, dtype=torch.float64)
@@ -606,21 +628,40 @@ def _dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
     return pair[0], pair[1]
 
 
+def _plain_cpu(dtype: torch.dtype, *tensors: Tensor) -> bool:
+    """Plain contiguous CPU tensors of ``dtype`` and one shape, any size: what the C kernels take.
+
+    Not under the "eager" backend, which runs no generated code.
+    """
+    if _state["backend"] is None:
+        backend_from_env()  # raises, naming the variable
+    first = tensors[0]
+    return (
+        _state["backend"] != "eager"
+        and first.dtype == dtype
+        and first.device.type == "cpu"
+        and all(
+            type(t) is Tensor
+            and t.shape == first.shape
+            and t.dtype == dtype
+            and t.device == first.device
+            and t.is_contiguous()
+            for t in tensors
+        )
+    )
+
+
 def _native_dots(forget: Tensor, retain: Tensor) -> tuple[float, float] | None:
     # Any size: a call of the C kernel costs ~2 us, where the eager float64 sums of a small
-    # tensor cost tens. Not under the "eager" backend, which runs no generated code.
-    if (
-        forget.dtype != torch.float32
-        or _state["backend"] == "eager"
-        or forget.device.type != "cpu"
-        or not (type(forget) is Tensor and type(retain) is Tensor)
-        or retain.dtype != forget.dtype
-        or retain.device != forget.device
-        or retain.shape != forget.shape
-        or not (forget.is_contiguous() and retain.is_contiguous())
-    ):
-        return None
-    return native.dots_f32(forget, retain)
+    # tensor cost tens.
+    kernel = _NATIVE_DOTS.get(forget.dtype)
+    return kernel(forget, retain) if kernel is not None and _plain_cpu(forget.dtype, forget, retain) else None
+
+
+_NATIVE_DOTS: dict[torch.dtype, Callable[[Tensor, Tensor], tuple[float, float] | None]] = {
+    torch.float32: lambda f, r: native.dots_f32(f, r),
+    torch.bfloat16: lambda f, r: native.dots_bf16(f, r),
+}
 
 
 def host_dots(forget: Tensor, retain: Tensor) -> tuple[float, float]:
@@ -650,10 +691,14 @@ def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, ga
     operations, NaN and infinity included) without its half-dozen tiny tensor operations per
     parameter. Reading the products waits for nothing on the CPU.
     """
-    if retain.device.type != "cpu" or not eligible(forget, retain, out):
+    if retain.device.type != "cpu":
         return False
-    # Checked once above: each check costs microseconds, a mid-size tensor's kernel not much more.
-    pair = native.dots_f32(forget, retain) if forget.dtype == torch.float32 else None
+    # Checked once: each check costs microseconds, a mid-size tensor's kernel not much more.
+    large = eligible(forget, retain, out)
+    if not (large or _small_bf16(forget, retain, out)):
+        return False  # (a small bfloat16 tensor takes the C kernels: microseconds, not 200 of eager)
+    kernel = _NATIVE_DOTS.get(forget.dtype)
+    pair = kernel(forget, retain) if kernel is not None else None
     if pair is None:
         both = _dots(forget, retain)
         if both is None:
@@ -661,4 +706,7 @@ def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, ga
         pair = both[0].item(), both[1].item()
     fr, rr = pair
     k = fr / max(rr, _TINY64) if fr < 0 else 0.0
-    return _host_linear_into(forget, retain, out, alpha - gamma * k, gamma)
+    weight = alpha - gamma * k
+    if large:
+        return _host_linear_into(forget, retain, out, weight, gamma)
+    return _native_linear_into(forget, retain, out, weight, gamma)
