@@ -530,7 +530,18 @@ def _view(t: Tensor, rows: int | None = None) -> Tensor:
 
 
 def _into(kernel: str, forget: Tensor, retain: Tensor, out: Tensor, *args: Any) -> bool:
-    """Write ``kernel(f, r)`` into ``out``; False (nothing written) if the eager path must run."""
+    """Write ``kernel(f, r)`` into ``out``; False (nothing written) if the eager path must run.
+
+    bfloat16 CPU tensors take the C kernel where one runs (`gradsynth.rules.native.apply_bf16`:
+    the same float32 operations, without the compiled code's slow conversions on AVX2).
+    """
+    if (
+        forget.dtype == torch.bfloat16
+        and forget.device.type == "cpu"
+        and kernel in native.APPLIES
+        and native.apply_bf16(kernel, out, forget, retain, *args)
+    ):
+        return True
     aliased = "forget" if out is forget else "retain" if out is retain else None
     try:
         if aliased == "forget":
@@ -549,12 +560,17 @@ def _into(kernel: str, forget: Tensor, retain: Tensor, out: Tensor, *args: Any) 
 
 def sago_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, gamma: float) -> bool:
     """Fused `gradsynth.rules.sago`; returns False, writing nothing, where eager must run."""
-    return eligible(forget, retain, out) and _into("sago", forget, retain, out, alpha, gamma)
+    return _sized(forget, retain, out) and _into("sago", forget, retain, out, alpha, gamma)
 
 
 def prefer_retain_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, gamma: float) -> bool:
     """Fused `gradsynth.rules.sago_prefer_retain`; False where eager must run."""
-    return eligible(forget, retain, out) and _into("prefer", forget, retain, out, alpha, gamma)
+    return _sized(forget, retain, out) and _into("prefer", forget, retain, out, alpha, gamma)
+
+
+def _sized(*tensors: Tensor) -> bool:
+    # Below `min_numel`, bfloat16 CPU tensors still take the C kernels (a call costs microseconds).
+    return eligible(*tensors) or _small_bf16(*tensors)
 
 
 def linear_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float | Tensor, gamma: float) -> bool:
@@ -580,17 +596,12 @@ def _host_weight(alpha: float) -> str | None:
 
 def _native_linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float) -> bool:
     # The C kernel computes what the float32 "linear" kernel does (the caller checked the tensors).
-    return _host_weight(alpha) == "linear" and native.linear_bf16(out, forget, retain, alpha, gamma)
+    return _host_weight(alpha) == "linear" and native.apply_bf16("linear", out, forget, retain, alpha, gamma)
 
 
 def _host_linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float) -> bool:
     kernel = _host_weight(alpha)
-    if kernel is None:
-        return False
-    if forget.dtype == torch.bfloat16 and forget.device.type == "cpu":
-        if _native_linear_into(forget, retain, out, alpha, gamma):
-            return True
-    return _into(kernel, forget, retain, out, alpha, gamma)
+    return kernel is not None and _into(kernel, forget, retain, out, alpha, gamma)
 
 
 def _linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float | Tensor, gamma: float) -> bool:

@@ -7,8 +7,9 @@ time of ``torch.add`` on AVX2 hosts, and this one at ~0.75x, because it prefetch
 
 For bfloat16 on x86 processors with AVX2 and FMA (``bf16.c``): `dots_bf16`, the same sums with
 every product exact in float64 (tighter than the compiled kernel's float32 block sums), and
-`linear_bf16`, ``out = w*r + g*f`` computed in float32 and rounded once to bfloat16 as the
-compiled linear kernel computes it. The compiled kernels' bfloat16 <-> float32 conversions cost
+`apply_bf16`, the elementwise kernels ``linear`` (``out = w*r + g*f``), ``sago`` and ``prefer``
+(`gradsynth.rules.fused`), computed in float32 with the compiled kernels' operations in their
+order and rounded once to bfloat16. The compiled kernels' bfloat16 <-> float32 conversions cost
 1.0-1.4x ``torch.add`` on cached tensors on AVX2; these kernels widen a bfloat16 value with a
 16-bit shift and run at 0.65-0.7x. They are called only for tensors of any size that are plain,
 contiguous and of one shape (checked by the caller), and only after a load check.
@@ -40,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: The elementwise bfloat16 kernels of ``bf16.c`` (see `apply_bf16`).
+APPLIES = ("linear", "sago", "prefer")
 _SOURCE = Path(__file__).with_name("dots.c")
 _BF16_SOURCE = Path(__file__).with_name("bf16.c")
 # -march=native is not known to every compiler. No fused multiply-add contraction: the bfloat16
@@ -138,11 +141,23 @@ def _check_bf16(library: ctypes.CDLL) -> None:
     # 1 + 2**-8 + 2**-16 and neighbours round up, down and to even; inf - inf gives NaN.
     r = torch.tensor([1.0, 1.0 + 2**-7, -3.0, 2**-133, math.inf, 0.5] * 7, dtype=torch.bfloat16)
     f = torch.tensor([2**-8 + 2**-16, 2**-8, 2**-8, 0.0, -math.inf, math.nan] * 7, dtype=torch.bfloat16)
-    out = torch.empty_like(r)
-    library.gradsynth_linear_bf16(out.data_ptr(), f.data_ptr(), r.data_ptr(), r.numel(), 1.0, 1.0)
-    want = (r.float() + f.float()).bfloat16()
-    if not torch.equal(out.isnan(), want.isnan()) or not torch.equal(out[~want.isnan()], want[~want.isnan()]):
-        raise OSError(f"the built bfloat16 apply gave {out.tolist()} for {want.tolist()}")
+    for name, want in _expected_applies(f.float(), r.float()).items():
+        out = torch.empty_like(r)
+        getattr(library, f"gradsynth_{name}_bf16")(out.data_ptr(), f.data_ptr(), r.data_ptr(), r.numel(), 1.0, 1.0)
+        want = want.bfloat16()
+        nan = want.isnan()
+        if not torch.equal(out.isnan(), nan) or not torch.equal(out[~nan], want[~nan]):
+            raise OSError(f"the built bfloat16 {name} kernel gave {out.tolist()} for {want.tolist()}")
+
+
+def _expected_applies(f: Tensor, r: Tensor) -> dict[str, Tensor]:
+    """The elementwise kernels at ``alpha = gamma = 1`` in float32 eager operations."""
+    conflict = (f * 2.0**117) * (r * 2.0**117) < 0
+    return {
+        "linear": r + f,
+        "sago": torch.where(conflict, r + (f - f), f + (r - r)),
+        "prefer": r + torch.where(conflict, f - f, f),
+    }
 
 
 def library() -> ctypes.CDLL | None:
@@ -169,13 +184,10 @@ def library() -> ctypes.CDLL | None:
         _check(loaded)
         loaded.gradsynth_dots_bf16.argtypes = loaded.gradsynth_dots_f32.argtypes
         loaded.gradsynth_dots_bf16.restype = None
-        loaded.gradsynth_linear_bf16.argtypes = [
-            *[ctypes.c_void_p] * 3,
-            ctypes.c_int64,
-            ctypes.c_float,
-            ctypes.c_float,
-        ]
-        loaded.gradsynth_linear_bf16.restype = None
+        for name in APPLIES:
+            function = getattr(loaded, f"gradsynth_{name}_bf16")
+            function.argtypes = [*[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_float, ctypes.c_float]
+            function.restype = None
         loaded.gradsynth_bf16_supported.restype = ctypes.c_int
         bf16 = _bf16_supported(loaded)
         if bf16:
@@ -217,7 +229,7 @@ def _bf16_library() -> ctypes.CDLL | None:
 
 
 def bf16_available() -> bool:
-    """Whether `dots_bf16` and `linear_bf16` run here (built, checked, AVX2 + FMA, one thread)."""
+    """Whether `dots_bf16` and `apply_bf16` run here (built, checked, AVX2 + FMA, one thread)."""
     return _bf16_library() is not None
 
 
@@ -231,17 +243,17 @@ def dots_bf16(forget: Tensor, retain: Tensor) -> tuple[float, float] | None:
     return out[0], out[1]
 
 
-def linear_bf16(out: Tensor, forget: Tensor, retain: Tensor, weight: float, gamma: float) -> bool:
-    """``out = weight * r + gamma * f`` (float32, rounded once) for contiguous bfloat16 CPU tensors.
+def apply_bf16(kernel: str, out: Tensor, forget: Tensor, retain: Tensor, alpha: float, gamma: float) -> bool:
+    """Kernel ``kernel`` of `APPLIES` on contiguous bfloat16 CPU tensors of one shape, into ``out``.
 
-    ``out`` may be ``forget`` or ``retain`` itself. False, writing nothing, where the caller must
-    compute it. The caller keeps ``weight`` a normal float32 number or 0 (see
-    `gradsynth.rules.fused`), where float32 arithmetic is what the compiled kernel does.
+    ``linear``: ``out = alpha * r + gamma * f``; ``sago`` and ``prefer``: the SAGO rules (see
+    ``bf16.c``). ``out`` may be ``forget`` or ``retain`` itself. False, writing nothing, where the
+    caller must compute it. For ``linear`` the caller keeps ``alpha`` 0 or a normal float32
+    number, where float32 arithmetic is what the compiled kernel does.
     """
     loaded = _bf16_library()
     if loaded is None:
         return False
-    loaded.gradsynth_linear_bf16(
-        out.data_ptr(), forget.data_ptr(), retain.data_ptr(), out.numel(), weight, gamma
-    )
+    function = getattr(loaded, f"gradsynth_{kernel}_bf16")
+    function(out.data_ptr(), forget.data_ptr(), retain.data_ptr(), out.numel(), float(alpha), float(gamma))
     return True

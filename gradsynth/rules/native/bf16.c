@@ -1,5 +1,5 @@
-/* bfloat16 kernels for x86 processors with AVX2 and FMA: the one-read inner products and the
- * linear apply of PCGrad, each one pass over memory.
+/* bfloat16 kernels for x86 processors with AVX2 and FMA: the one-read inner products, the linear
+ * apply (sum, PCGrad) and the two SAGO rules, each one pass over memory.
  *
  * A bfloat16 value is the upper half of a float32, so widening it is a 16-bit shift (here an
  * interleave with zeros). The compiled kernels convert through the generic float32 <-> bfloat16
@@ -13,7 +13,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifndef AHEAD
 #define AHEAD 2048 /* elements: 4 KiB ahead in each stream */
+#endif
 
 static inline float widen(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -90,42 +92,98 @@ TARGET void gradsynth_dots_bf16(const uint16_t *f, const uint16_t *r, int64_t n,
     out[1] = t;
 }
 
-/* 8 bfloat16 values as float32, in order. */
-TARGET static inline __m256 load8(const uint16_t *p) {
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+/* 16 bfloat16 values as two vectors of float32, interleaved within the 128-bit halves (unpack
+ * puts each value above 16 zero bits: the float32 of the same value). `store16` packs them back
+ * in order, so the elementwise kernels need no cross-lane shuffle. */
+TARGET static inline void load16(const uint16_t *p, __m256 *lo, __m256 *hi) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p), zero = _mm256_setzero_si256();
+    *lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, h));
+    *hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, h));
 }
 
-/* 8 float32 values rounded to bfloat16 as torch rounds (nearest even; NaN as 0x7FC0). */
-TARGET static inline void store8(uint16_t *p, __m256 x) {
+/* float32 rounded to bfloat16 as torch rounds (nearest even; NaN as 0x7FC0), in the low 16 bits. */
+TARGET static inline __m256i narrow8(__m256 x) {
     __m256i bits = _mm256_castps_si256(x);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
     __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
     __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
-    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
-    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+    return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
 }
 
-/* out = w * r + g * f in float32 (two products and a sum, each rounded as the compiled kernel
- * rounds them, no fused multiply-add), rounded once to bfloat16. out may be f or r itself. */
-TARGET void gradsynth_linear_bf16(uint16_t *out, const uint16_t *f, const uint16_t *r, int64_t n, float w, float g) {
-    const __m256 wv = _mm256_set1_ps(w), gv = _mm256_set1_ps(g);
+TARGET static inline void store16(uint16_t *p, __m256 lo, __m256 hi) {
+    _mm256_storeu_si256((__m256i *)p, _mm256_packus_epi32(narrow8(lo), narrow8(hi)));
+}
+
+enum kind { LINEAR, SAGO, PREFER };
+
+/* The kernels in float32, the operations of the compiled kernels (gradsynth/rules/fused.py) in
+ * the same order, rounded once to bfloat16, with a = alpha r and b = gamma f:
+ *   linear: a + b
+ *   sago:   c ? a + (b - b) : b + (a - a)        prefer: a + (c ? b - b : b)
+ * where c = (f S)(r S) < 0, S = 2^117: the sign of the product, which never underflows; x - x is
+ * 0, or NaN where x is not finite (the eager rules' 0 * x). No fused multiply-add (the library is
+ * built with -ffp-contract=off). */
+static inline float apply1(enum kind kind, float f, float r, float alpha, float gamma) {
+    const float S = 0x1p117f;
+    float a = r * alpha, b = gamma * f;
+    if (kind == LINEAR) return a + b;
+    int c = (f * S) * (r * S) < 0;
+    if (kind == PREFER) return a + (c ? b - b : b);
+    return c ? a + (b - b) : b + (a - a);
+}
+
+TARGET static inline __m256 apply8(enum kind kind, __m256 f, __m256 r, __m256 alpha, __m256 gamma) {
+    const __m256 S = _mm256_set1_ps(0x1p117f);
+    __m256 a = _mm256_mul_ps(r, alpha), b = _mm256_mul_ps(gamma, f);
+    if (kind == LINEAR) return _mm256_add_ps(a, b);
+    __m256 c = _mm256_cmp_ps(_mm256_mul_ps(_mm256_mul_ps(f, S), _mm256_mul_ps(r, S)), _mm256_setzero_ps(), _CMP_LT_OQ);
+    __m256 db = _mm256_sub_ps(b, b);
+    if (kind == PREFER) return _mm256_add_ps(a, _mm256_blendv_ps(b, db, c));
+    __m256 da = _mm256_sub_ps(a, a);
+    return _mm256_add_ps(_mm256_blendv_ps(b, a, c), _mm256_blendv_ps(da, db, c));
+}
+
+/* out = kernel(f, r); out may be f or r itself (each element is read before it is written). */
+TARGET static inline void apply(enum kind kind, uint16_t *out, const uint16_t *f, const uint16_t *r, int64_t n,
+                                float alpha, float gamma) {
+    const __m256 av = _mm256_set1_ps(alpha), gv = _mm256_set1_ps(gamma);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
+    for (; i + 32 <= n; i += 32) { /* one 64-byte line of each stream */
         _mm_prefetch((const char *)(f + i + AHEAD), _MM_HINT_T0);
         _mm_prefetch((const char *)(r + i + AHEAD), _MM_HINT_T0);
-        __m256 y = _mm256_add_ps(_mm256_mul_ps(load8(r + i), wv), _mm256_mul_ps(load8(f + i), gv));
-        store8(out + i, y);
+        for (int j = 0; j < 32; j += 16) {
+            __m256 f0, f1, r0, r1;
+            load16(f + i + j, &f0, &f1);
+            load16(r + i + j, &r0, &r1);
+            store16(out + i + j, apply8(kind, f0, r0, av, gv), apply8(kind, f1, r1, av, gv));
+        }
     }
-    for (; i < n; ++i) {
-        float a = widen(r[i]) * w, b = widen(f[i]) * g;
-        out[i] = narrow(a + b);
-    }
+    for (; i < n; ++i) out[i] = narrow(apply1(kind, widen(f[i]), widen(r[i]), alpha, gamma));
+}
+
+TARGET void gradsynth_linear_bf16(uint16_t *out, const uint16_t *f, const uint16_t *r, int64_t n, float alpha,
+                                  float gamma) {
+    apply(LINEAR, out, f, r, n, alpha, gamma);
+}
+
+TARGET void gradsynth_sago_bf16(uint16_t *out, const uint16_t *f, const uint16_t *r, int64_t n, float alpha,
+                                float gamma) {
+    apply(SAGO, out, f, r, n, alpha, gamma);
+}
+
+TARGET void gradsynth_prefer_bf16(uint16_t *out, const uint16_t *f, const uint16_t *r, int64_t n, float alpha,
+                                  float gamma) {
+    apply(PREFER, out, f, r, n, alpha, gamma);
 }
 
 #else
 int gradsynth_bf16_supported(void) { return 0; }
+void gradsynth_sago_bf16(uint16_t *out, const uint16_t *f, const uint16_t *r, int64_t n, float alpha, float gamma) {
+    (void)out, (void)f, (void)r, (void)n, (void)alpha, (void)gamma;
+}
+void gradsynth_prefer_bf16(uint16_t *out, const uint16_t *f, const uint16_t *r, int64_t n, float alpha, float gamma) {
+    (void)out, (void)f, (void)r, (void)n, (void)alpha, (void)gamma;
+}
 void gradsynth_dots_bf16(const uint16_t *f, const uint16_t *r, int64_t n, double *out) {
     (void)f, (void)r, (void)n, (void)out;
 }
