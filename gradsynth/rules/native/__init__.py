@@ -138,10 +138,10 @@ def _check_bf16(library: ctypes.CDLL) -> None:
     expected = (math.fsum(a * b for a, b in zip(fs, rs, strict=True)), math.fsum(b * b for b in rs))
     if (sums[0], sums[1]) != expected:
         raise OSError(f"the built bfloat16 kernel gave {tuple(sums)} for {expected}")
-    # 1 + 2**-8 + 2**-16 and neighbours round up, down and to even; inf - inf gives NaN.
+    # 1 + 2**-8 + 2**-15 and neighbours round up, down and to even; inf - inf gives NaN.
     r = torch.tensor([1.0, 1.0 + 2**-7, -3.0, 2**-133, math.inf, 0.5] * 7, dtype=torch.bfloat16)
-    f = torch.tensor([2**-8 + 2**-16, 2**-8, 2**-8, 0.0, -math.inf, math.nan] * 7, dtype=torch.bfloat16)
-    for name, want in _expected_applies(f.float(), r.float()).items():
+    f = torch.tensor([2**-8 + 2**-15, 2**-8, 2**-8, 0.0, -math.inf, math.nan] * 7, dtype=torch.bfloat16)
+    for name, want in expected_applies(f.float(), r.float()).items():
         out = torch.empty_like(r)
         getattr(library, f"gradsynth_{name}_bf16")(out.data_ptr(), f.data_ptr(), r.data_ptr(), r.numel(), 1.0, 1.0)
         want = want.bfloat16()
@@ -150,13 +150,17 @@ def _check_bf16(library: ctypes.CDLL) -> None:
             raise OSError(f"the built bfloat16 {name} kernel gave {out.tolist()} for {want.tolist()}")
 
 
-def _expected_applies(f: Tensor, r: Tensor) -> dict[str, Tensor]:
-    """The elementwise kernels at ``alpha = gamma = 1`` in float32 eager operations."""
+def expected_applies(f: Tensor, r: Tensor, alpha: float = 1.0, gamma: float = 1.0) -> dict[str, Tensor]:
+    """What each kernel of `APPLIES` computes, as float32 eager operations on float32 ``f``, ``r``.
+
+    Round the results to bfloat16 to get the kernels' outputs (NaN payloads aside).
+    """
+    a, b = r * alpha, gamma * f
     conflict = (f * 2.0**117) * (r * 2.0**117) < 0
     return {
-        "linear": r + f,
-        "sago": torch.where(conflict, r + (f - f), f + (r - r)),
-        "prefer": r + torch.where(conflict, f - f, f),
+        "linear": a + b,
+        "sago": torch.where(conflict, a + (b - b), b + (a - a)),
+        "prefer": a + torch.where(conflict, b - b, b),
     }
 
 
@@ -221,11 +225,15 @@ def dots_f32(forget: Tensor, retain: Tensor) -> tuple[float, float] | None:
     return out[0], out[1]
 
 
+def bf16_supported() -> bool:
+    """Whether the bfloat16 kernels are built and checked for this processor (AVX2 + FMA)."""
+    return library() is not None and _state["bf16"]
+
+
 def _bf16_library() -> ctypes.CDLL | None:
-    if torch.get_num_threads() != 1:
+    if torch.get_num_threads() != 1 or not bf16_supported():
         return None
-    loaded = library()
-    return loaded if _state["bf16"] else None
+    return _state["library"]
 
 
 def bf16_available() -> bool:
