@@ -51,7 +51,8 @@ def _assert_within_summation_bound(f: torch.Tensor, r: torch.Tensor) -> None:
 def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
     """Bit for bit, every NaN counting as NaN (the payload is not specified)."""
     nan = want.isnan()
-    return torch.equal(got.isnan(), nan) and torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    bits = got[~nan].view(torch.int16), want[~nan].view(torch.int16)
+    return torch.equal(got.isnan(), nan) and torch.equal(*bits)
 
 
 @given(st.lists(st.tuples(FLOAT32, FLOAT32), max_size=70))
@@ -75,7 +76,12 @@ def test_dots_of_values_whose_products_underflow_float32():
 
 @pytest.mark.parametrize(
     ("values", "expect"),
-    [([math.inf, 1.0], math.inf), ([-math.inf, 1.0], -math.inf), ([math.inf, -math.inf], "nan"), ([math.nan, 1.0], "nan")],
+    [
+        ([math.inf, 1.0], math.inf),
+        ([-math.inf, 1.0], -math.inf),
+        ([math.inf, -math.inf], "nan"),
+        ([math.nan, 1.0], "nan"),
+    ],
 )
 def test_non_finite_values_follow_float64(values, expect):
     f = _bf16(values * 20)
@@ -125,7 +131,8 @@ def _specials(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     for scale in (torch.logspace(-40, 38, n), torch.logspace(38, -40, n)):
         t = (torch.randn(n, generator=generator) * scale).bfloat16()
         where = torch.randint(0, n, (400,), generator=generator)
-        t[where[:100]], t[where[100:200]], t[where[200:300]], t[where[300:]] = math.inf, -math.inf, math.nan, 0.0
+        for i, value in enumerate([math.inf, -math.inf, math.nan, 0.0]):
+            t[where[100 * i : 100 * (i + 1)]] = value
         pair.append(t)
     return pair[0], pair[1]
 
@@ -144,7 +151,8 @@ def test_kernels_equal_the_compiled_kernels_bit_for_bit(monkeypatch, alpha, gamm
                 out = {"new": None, "forget": fc, "retain": rc}[destination]
                 results[path, name, destination] = rule(fc, rc, alpha=alpha, gamma=gamma, out=out)
         # (Moderate values: the compiled kernel's float32 block sums overflow where float64 does not.)
-        results[path, "dots"] = fused.host_dots(*(torch.randn(50_000, generator=torch.Generator().manual_seed(3)).bfloat16() for _ in "fr"))
+        generator = torch.Generator().manual_seed(3)
+        results[path, "dots"] = fused.host_dots(*torch.randn(2, 50_000, generator=generator).bfloat16())
     for key, got in results.items():
         if key[0] == "native" and key[1] != "dots":
             assert _same(got, results[("compiled", *key[1:])]), key

@@ -143,7 +143,8 @@ def _check_bf16(library: ctypes.CDLL) -> None:
     f = torch.tensor([2**-8 + 2**-15, 2**-8, 2**-8, 0.0, -math.inf, math.nan] * 7, dtype=torch.bfloat16)
     for name, want in expected_applies(f.float(), r.float()).items():
         out = torch.empty_like(r)
-        getattr(library, f"gradsynth_{name}_bf16")(out.data_ptr(), f.data_ptr(), r.data_ptr(), r.numel(), 1.0, 1.0)
+        kernel = getattr(library, f"gradsynth_{name}_bf16")
+        kernel(out.data_ptr(), f.data_ptr(), r.data_ptr(), r.numel(), 1.0, 1.0)
         want = want.bfloat16()
         nan = want.isnan()
         if not torch.equal(out.isnan(), nan) or not torch.equal(out[~nan], want[~nan]):
