@@ -197,6 +197,10 @@ def test_rules_use_the_kernels_on_one_thread_at_any_size(spy, n):
     want = f.double() + (1 - min(fr, 0) / rr) * r.double()
     # float32 arithmetic rounded to bfloat16: a few units of bfloat16's last place of the terms.
     assert torch.all((got.double() - want).abs() <= 2**-7 * (f.double().abs() + r.double().abs()) + 1e-30)
+    version = r._version
+    sago(f, r, out=r.clone())
+    sago(f, r, out=r)
+    assert r._version == version + 1  # written in place, and counted so for autograd
 
 
 def test_kernels_are_not_used_with_threads_the_eager_backend_or_float32(spy):

@@ -24,10 +24,16 @@ float64 kernel, and beyond ``2**64`` the eager float64 path applies it. PCGrad's
 read on the CPU (no device to wait for); on a GPU it stays a float64 tensor and the apply
 computes in float64. The dots accumulate in float64. For float32 on the CPU with one thread,
 a small C kernel that prefetches computes them (`gradsynth.rules.native`: ~0.75x ``torch.add``
-where the compiled reduction took 0.9-1.2x on AVX2), falling back to the compiled one. For
-half-precision gradients on the CPU, the products are formed in float32 (exact for float16;
+where the compiled reduction took 0.9-1.2x on AVX2), falling back to the compiled one; for
+bfloat16 likewise on x86 processors with AVX2 and FMA, every product exact in float64. Otherwise,
+for half-precision gradients on the CPU, the products are formed in float32 (exact for float16;
 exact for bfloat16 unless a product is below ``2**-126``) and summed in float32 over blocks of
 4096, then in float64 (relative error ~1e-7).
+
+bfloat16 on the CPU, one thread, AVX2 + FMA: the elementwise kernels (SAGO, prefer-retain,
+linear) run as C kernels of `gradsynth.rules.native` too, at any size: the compiled kernels'
+float32 operations in the same order, bit-identical to them, without the compiled code's
+bfloat16 conversions, which cost it 1.0-1.4x ``torch.add`` on cached tensors on AVX2.
 
 Call overhead. A call through ``torch.compile`` costs tens of microseconds of Python whatever
 the size; after a kernel's first run the compiled graph is called directly (see `_run`).
@@ -695,6 +701,8 @@ _TINY64 = torch.finfo(torch.float64).tiny
 
 def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, gamma: float) -> bool:
     """Fused `gradsynth.rules.pcgrad` on the CPU; False (nothing written) where the caller must run it.
+
+    Tensors that `eligible` takes, and bfloat16 tensors of any size where the C kernels run.
 
     The two inner products come from one read (`dots`); the weight ``alpha - gamma * k`` is then
     formed from them as Python floats, which are float64 like the tensor formula of

@@ -265,4 +265,6 @@ def apply_bf16(kernel: str, out: Tensor, forget: Tensor, retain: Tensor, alpha: 
         return False
     function = getattr(loaded, f"gradsynth_{kernel}_bf16")
     function(out.data_ptr(), forget.data_ptr(), retain.data_ptr(), out.numel(), float(alpha), float(gamma))
+    # Written behind torch's back: count it as an in-place write, as the other paths do.
+    torch.autograd.graph.increment_version(out)
     return True
