@@ -10,19 +10,21 @@ every product exact in float64 (tighter than the compiled kernel's float32 block
 `apply_bf16`, the elementwise kernels ``linear`` (``out = w*r + g*f``), ``sago`` and ``prefer``
 (`gradsynth.rules.fused`), computed in float32 with the compiled kernels' operations in their
 order and rounded once to bfloat16. The compiled kernels' bfloat16 <-> float32 conversions cost
-1.0-1.4x ``torch.add`` on cached tensors on AVX2; these kernels widen a bfloat16 value with a
-16-bit shift and run at 0.65-0.7x. They are called only for tensors of any size that are plain,
-contiguous and of one shape (checked by the caller), and only after a load check.
+1.0-1.4x ``torch.add`` on cached tensors on AVX2; these kernels widen a bfloat16 value by an
+interleave with zeros and ran at 0.6-0.8x over a Llama-shaped gradient list. The callers
+(`gradsynth.rules.fused`) pass only plain contiguous tensors of one shape, of any size.
 
 The shared library is compiled once per source, compiler and processor into
 ``$GRADSYNTH_CACHE/native`` (default ``~/.cache/gradsynth/native``; a private temporary folder if
 that cannot be written), published by an atomic rename so that concurrent processes never load
-a half-written file, and checked against a float64 sum before it is trusted. Without a C
-compiler, on a failed build or check, or with ``GRADSYNTH_NATIVE=0``, `dots_f32` returns None
-and the caller takes the compiled path: nothing but speed depends on this module.
+a half-written file, and checked against exactly rounded sums (and, for bfloat16, torch's own
+rounding) before it is trusted. Without a C compiler, on a failed build or check, or with
+``GRADSYNTH_NATIVE=0`` (and for bfloat16 without AVX2 and FMA), `dots_f32` and `dots_bf16`
+return None and `apply_bf16` False, and the caller takes the compiled path: nothing but speed
+depends on this module.
 
-It runs on one thread; with more than one torch thread the compiled path's parallel reduction
-is used instead (`dots_f32` returns None).
+The kernels run on one thread; with more than one torch thread the compiled kernels' parallel
+loops are used instead (the functions decline as above).
 """
 
 from __future__ import annotations
