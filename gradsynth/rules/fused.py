@@ -24,10 +24,16 @@ float64 kernel, and beyond ``2**64`` the eager float64 path applies it. PCGrad's
 read on the CPU (no device to wait for); on a GPU it stays a float64 tensor and the apply
 computes in float64. The dots accumulate in float64. For float32 on the CPU with one thread,
 a small C kernel that prefetches computes them (`gradsynth.rules.native`: ~0.75x ``torch.add``
-where the compiled reduction took 0.9-1.2x on AVX2), falling back to the compiled one. For
-half-precision gradients on the CPU, the products are formed in float32 (exact for float16;
+where the compiled reduction took 0.9-1.2x on AVX2), falling back to the compiled one; for
+bfloat16 likewise on x86 processors with AVX2 and FMA, every product exact in float64. Otherwise,
+for half-precision gradients on the CPU, the products are formed in float32 (exact for float16;
 exact for bfloat16 unless a product is below ``2**-126``) and summed in float32 over blocks of
 4096, then in float64 (relative error ~1e-7).
+
+bfloat16 on the CPU, one thread, AVX2 + FMA: the elementwise kernels (SAGO, prefer-retain,
+linear) run as C kernels of `gradsynth.rules.native` too, at any size: the compiled kernels'
+float32 operations in the same order, bit-identical to them, without the compiled code's
+bfloat16 conversions, which cost it 1.0-1.4x ``torch.add`` on cached tensors on AVX2.
 
 Call overhead. A call through ``torch.compile`` costs tens of microseconds of Python whatever
 the size; after a kernel's first run the compiled graph is called directly (see `_run`).
@@ -530,7 +536,18 @@ def _view(t: Tensor, rows: int | None = None) -> Tensor:
 
 
 def _into(kernel: str, forget: Tensor, retain: Tensor, out: Tensor, *args: Any) -> bool:
-    """Write ``kernel(f, r)`` into ``out``; False (nothing written) if the eager path must run."""
+    """Write ``kernel(f, r)`` into ``out``; False (nothing written) if the eager path must run.
+
+    bfloat16 CPU tensors take the C kernel where one runs (`gradsynth.rules.native.apply_bf16`:
+    the same float32 operations, without the compiled code's slow conversions on AVX2).
+    """
+    if (
+        forget.dtype == torch.bfloat16
+        and forget.device.type == "cpu"
+        and kernel in native.APPLIES
+        and native.apply_bf16(kernel, out, forget, retain, *args)
+    ):
+        return True
     aliased = "forget" if out is forget else "retain" if out is retain else None
     try:
         if aliased == "forget":
@@ -549,26 +566,48 @@ def _into(kernel: str, forget: Tensor, retain: Tensor, out: Tensor, *args: Any) 
 
 def sago_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, gamma: float) -> bool:
     """Fused `gradsynth.rules.sago`; returns False, writing nothing, where eager must run."""
-    return eligible(forget, retain, out) and _into("sago", forget, retain, out, alpha, gamma)
+    return _sized(forget, retain, out) and _into("sago", forget, retain, out, alpha, gamma)
 
 
 def prefer_retain_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, gamma: float) -> bool:
     """Fused `gradsynth.rules.sago_prefer_retain`; False where eager must run."""
-    return eligible(forget, retain, out) and _into("prefer", forget, retain, out, alpha, gamma)
+    return _sized(forget, retain, out) and _into("prefer", forget, retain, out, alpha, gamma)
+
+
+def _sized(*tensors: Tensor) -> bool:
+    # Below `min_numel`, bfloat16 CPU tensors still take the C kernels (a call costs microseconds).
+    return eligible(*tensors) or _small_bf16(*tensors)
 
 
 def linear_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float | Tensor, gamma: float) -> bool:
     """Fused ``gamma*f + alpha*r`` (``alpha`` a float or a 0-dim tensor); False where eager must run."""
-    return eligible(forget, retain, out) and _linear_into(forget, retain, out, alpha, gamma)
+    if eligible(forget, retain, out):
+        return _linear_into(forget, retain, out, alpha, gamma)
+    # Below `min_numel`, bfloat16 CPU tensors still take the C kernel (a call costs microseconds).
+    return _small_bf16(forget, retain, out) and _native_linear_into(forget, retain, out, float(alpha), gamma)
+
+
+def _small_bf16(*tensors: Tensor) -> bool:
+    return _plain_cpu(torch.bfloat16, *tensors) and native.bf16_available()
+
+
+def _host_weight(alpha: float) -> str | None:
+    """Which linear kernel applies the float weight ``alpha``; None if only eager float64 can."""
+    if not 0 <= alpha < MAX_HOST_WEIGHT:
+        return None  # NaN, negative or beyond the range the float kernels are exact for
+    # In float32 a weight below its normal range would lose digits or vanish (the float64 kernel
+    # takes it); 0 is exact either way, and the common case.
+    return "linear_wide" if 0 < alpha < _FLOAT32_NORMAL else "linear"
+
+
+def _native_linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float) -> bool:
+    # The C kernel computes what the float32 "linear" kernel does (the caller checked the tensors).
+    return _host_weight(alpha) == "linear" and native.apply_bf16("linear", out, forget, retain, alpha, gamma)
 
 
 def _host_linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float) -> bool:
-    if not 0 <= alpha < MAX_HOST_WEIGHT:
-        return False  # NaN, negative or beyond the range the float kernels are exact for
-    # In float32 a weight below its normal range would lose digits or vanish (the float64 kernel
-    # takes it); 0 is exact either way, and the common case.
-    wide = 0 < alpha < _FLOAT32_NORMAL
-    return _into("linear_wide" if wide else "linear", forget, retain, out, alpha, gamma)
+    kernel = _host_weight(alpha)
+    return kernel is not None and _into(kernel, forget, retain, out, alpha, gamma)
 
 
 def _linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float | Tensor, gamma: float) -> bool:
@@ -587,7 +626,7 @@ def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def _dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
-    if forget.dtype == torch.float32:
+    if forget.dtype in _NATIVE_DOTS:
         pair = _native_dots(forget, retain)
         if pair is not None:
             both = torch.tensor(pair, dtype=torch.float64)
@@ -606,21 +645,40 @@ def _dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
     return pair[0], pair[1]
 
 
+def _plain_cpu(dtype: torch.dtype, *tensors: Tensor) -> bool:
+    """Plain contiguous CPU tensors of ``dtype`` and one shape, any size: what the C kernels take.
+
+    Not under the "eager" backend, which runs no generated code.
+    """
+    if _state["backend"] is None:
+        backend_from_env()  # raises, naming the variable
+    first = tensors[0]
+    return (
+        _state["backend"] != "eager"
+        and first.dtype == dtype
+        and first.device.type == "cpu"
+        and all(
+            type(t) is Tensor
+            and t.shape == first.shape
+            and t.dtype == dtype
+            and t.device == first.device
+            and t.is_contiguous()
+            for t in tensors
+        )
+    )
+
+
 def _native_dots(forget: Tensor, retain: Tensor) -> tuple[float, float] | None:
     # Any size: a call of the C kernel costs ~2 us, where the eager float64 sums of a small
-    # tensor cost tens. Not under the "eager" backend, which runs no generated code.
-    if (
-        forget.dtype != torch.float32
-        or _state["backend"] == "eager"
-        or forget.device.type != "cpu"
-        or not (type(forget) is Tensor and type(retain) is Tensor)
-        or retain.dtype != forget.dtype
-        or retain.device != forget.device
-        or retain.shape != forget.shape
-        or not (forget.is_contiguous() and retain.is_contiguous())
-    ):
-        return None
-    return native.dots_f32(forget, retain)
+    # tensor cost tens.
+    kernel = _NATIVE_DOTS.get(forget.dtype)
+    return kernel(forget, retain) if kernel is not None and _plain_cpu(forget.dtype, forget, retain) else None
+
+
+_NATIVE_DOTS: dict[torch.dtype, Callable[[Tensor, Tensor], tuple[float, float] | None]] = {
+    torch.float32: lambda f, r: native.dots_f32(f, r),
+    torch.bfloat16: lambda f, r: native.dots_bf16(f, r),
+}
 
 
 def host_dots(forget: Tensor, retain: Tensor) -> tuple[float, float]:
@@ -644,16 +702,22 @@ _TINY64 = torch.finfo(torch.float64).tiny
 def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, gamma: float) -> bool:
     """Fused `gradsynth.rules.pcgrad` on the CPU; False (nothing written) where the caller must run it.
 
+    Tensors that `eligible` takes, and bfloat16 tensors of any size where the C kernels run.
+
     The two inner products come from one read (`dots`); the weight ``alpha - gamma * k`` is then
     formed from them as Python floats, which are float64 like the tensor formula of
     `gradsynth.rules.pcgrad.projection_coefficient` and give the same value (the same IEEE
     operations, NaN and infinity included) without its half-dozen tiny tensor operations per
     parameter. Reading the products waits for nothing on the CPU.
     """
-    if retain.device.type != "cpu" or not eligible(forget, retain, out):
+    if retain.device.type != "cpu":
         return False
-    # Checked once above: each check costs microseconds, a mid-size tensor's kernel not much more.
-    pair = native.dots_f32(forget, retain) if forget.dtype == torch.float32 else None
+    # Checked once: each check costs microseconds, a mid-size tensor's kernel not much more.
+    large = eligible(forget, retain, out)
+    if not (large or _small_bf16(forget, retain, out)):
+        return False  # (a small bfloat16 tensor takes the C kernels: microseconds, not 200 of eager)
+    kernel = _NATIVE_DOTS.get(forget.dtype)
+    pair = kernel(forget, retain) if kernel is not None else None
     if pair is None:
         both = _dots(forget, retain)
         if both is None:
@@ -661,4 +725,7 @@ def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, ga
         pair = both[0].item(), both[1].item()
     fr, rr = pair
     k = fr / max(rr, _TINY64) if fr < 0 else 0.0
-    return _host_linear_into(forget, retain, out, alpha - gamma * k, gamma)
+    weight = alpha - gamma * k
+    if large:
+        return _host_linear_into(forget, retain, out, weight, gamma)
+    return _native_linear_into(forget, retain, out, weight, gamma)
