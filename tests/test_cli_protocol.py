@@ -160,8 +160,32 @@ def test_the_documented_one_command_run_is_what_reproduce_runs():
     spec = importlib.util.spec_from_file_location("reproduce", root / "benchmarks" / "reproduce.py")
     reproduce = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reproduce)
-    argv = reproduce.compare_argv("default", 5, Path("runs/reproduce"), 1)
+    argv = reproduce.compare_argv("default", 10, Path("runs/reproduce"), 1)
     args = build_parser().parse_args(argv)  # the flags exist and parse
-    assert args.forget_target == 0.1 and args.forget_loss == "ga,npo,simnpo,rmu" and args.seeds == "0,1,2,3,4"
+    assert args.forget_target == 0.1 and args.forget_loss == "ga,npo,simnpo,rmu"
+    assert args.seeds == ",".join(str(s) for s in range(10))
     docs = (root / "docs" / "reproducing.md").read_text().replace("\\\n", " ")
     assert " ".join(("gradsynth " + shlex.join(argv)).split()) in " ".join(docs.split())
+
+
+# The check an installation can run (docs/reproducing.md, "Checking an installation"): its command
+# and results.md are pasted there between these markers, and must regenerate to the digit.
+CHECK_BEGIN, CHECK_END = "<!-- installation-check:begin -->", "<!-- installation-check:end -->"
+
+
+def test_the_documented_installation_check_regenerates_to_the_digit(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    root = Path(__file__).resolve().parent.parent
+    docs = (root / "docs" / "reproducing.md").read_text()
+    block = docs[docs.index(CHECK_BEGIN) + len(CHECK_BEGIN) : docs.index(CHECK_END)]
+    command, expected = block.split("```text\n")[0], block.split("```text\n")[1].split("```")[0]
+    argv = shlex.split(command.split("```bash\n")[1].split("```")[0].replace("\\\n", " "))
+    assert argv[0] == "gradsynth" and "--out" in argv
+    argv[argv.index("--out") + 1] = str(tmp_path / "check")
+    # The shipped model, as on a fresh install: the same weights on every processor kind.
+    monkeypatch.setenv("GRADSYNTH_SHIPPED_WORLD", "1")
+    monkeypatch.setenv("GRADSYNTH_CACHE", str(tmp_path / "cache"))
+    assert main([*argv[1:], "--no-progress"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "check" / "results.md").read_text().strip() == expected.strip()
