@@ -89,15 +89,18 @@ class SynthesizingTrainer(Trainer):
     """A ``transformers.Trainer`` whose optimizer steps follow the synthesized gradient.
 
     Args:
-        model, args: as for ``Trainer``.
+        model: as for ``Trainer``.
+        args: as for ``Trainer`` (``TrainingArguments``).
         forget_loss: ``loss(model, forget_batch) -> Tensor``, a loss to minimise; default
             gradient ascent (``-model(**batch).loss``).
         retain_loss: ``loss(model, retain_batch) -> Tensor``; default ``model(**batch).loss``.
-        rule, alpha, gamma, track_geometry: settings of the `SynthesizingOptimizer` the trainer
-            wraps around the optimizer it builds (or one passed as ``optimizers=(opt, sched)``).
-            Unset: ``"sago"``, 1.0, 1.0 and geometry tracking on. An optimizer that is a
-            `SynthesizingOptimizer` already keeps its own settings, and setting them here too
-            is an error.
+        rule: the synthesis rule of the `SynthesizingOptimizer` the trainer wraps around the
+            optimizer it builds (or one passed as ``optimizers=(opt, sched)``); unset: ``"sago"``.
+        alpha: its retain weight; unset: 1.0.
+        gamma: its forget weight; unset: 1.0.
+        track_geometry: whether it records the gradient geometry; unset: on.
+            An optimizer that is a `SynthesizingOptimizer` already keeps its own settings of
+            these four, and setting them here too is an error.
             Resuming from a checkpoint restores the settings that were not given here; the ones
             given here win over the checkpoint's, with a warning naming both when they differ (a
             `SynthesizingOptimizer` passed in follows its own ``load_state_dict`` instead).
