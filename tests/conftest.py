@@ -84,3 +84,14 @@ def retrained(monkeypatch):
 
     monkeypatch.setattr(cache_module, "pretrain", quick_pretrain)
     return calls
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """An empty build cache for the C kernels, and the loaded library forgotten before and after."""
+    from gradsynth.rules import native
+
+    monkeypatch.setenv("GRADSYNTH_CACHE", str(tmp_path / "cache"))
+    native.reset()
+    yield tmp_path
+    native.reset()

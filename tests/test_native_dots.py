@@ -65,6 +65,17 @@ def test_dots_cancelling_sum_is_exact_to_the_bound():
 
 
 @pytest.mark.parametrize(
+    ("kernel", "dtype"),
+    [
+        ("dots_f32", torch.float32),
+        pytest.param(
+            "dots_bf16",
+            torch.bfloat16,
+            marks=pytest.mark.skipif(not native.bf16_supported(), reason="no bfloat16 kernel here"),
+        ),
+    ],
+)
+@pytest.mark.parametrize(
     ("values", "expect"),
     [
         ([math.inf, 1.0], math.inf),
@@ -73,10 +84,10 @@ def test_dots_cancelling_sum_is_exact_to_the_bound():
         ([math.nan, 1.0], "nan"),
     ],
 )
-def test_non_finite_values_follow_float64(values, expect):
-    f = torch.tensor(values * 20, dtype=torch.float32)
+def test_non_finite_values_follow_float64(kernel, dtype, values, expect):
+    f = torch.tensor(values * 20, dtype=dtype)
     r = torch.ones_like(f)
-    fr, rr = native.dots_f32(f, r)
+    fr, rr = getattr(native, kernel)(f, r)
     expected = float((f.double() * r.double()).sum())
     assert (math.isnan(fr) and expect == "nan") or fr == expect == expected
     assert rr == f.numel()
@@ -113,15 +124,6 @@ def test_kernel_is_not_used_with_threads_eager_backend_or_half_precision(monkeyp
         assert native.dots_f32(f, r) is None  # the compiled reduction runs on every thread
     finally:
         torch.set_num_threads(1)
-
-
-@pytest.fixture
-def fresh_native(monkeypatch, tmp_path):
-    """An empty build cache, and the loaded library forgotten before and after."""
-    monkeypatch.setenv("GRADSYNTH_CACHE", str(tmp_path / "cache"))
-    native.reset()
-    yield tmp_path
-    native.reset()
 
 
 def _global_pcgrad_matches_float64(fs, rs) -> None:

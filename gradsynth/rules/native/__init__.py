@@ -218,13 +218,17 @@ def reset() -> None:
 
 def dots_f32(forget: Tensor, retain: Tensor) -> tuple[float, float] | None:
     """``(<f, r>, ||r||^2)`` of contiguous float32 CPU tensors; None where the caller must compute them."""
-    if torch.get_num_threads() != 1:
-        return None
-    loaded = library()
+    return _dots(library() if torch.get_num_threads() == 1 else None, "gradsynth_dots_f32", forget, retain)
+
+
+def _dots(
+    loaded: ctypes.CDLL | None, symbol: str, forget: Tensor, retain: Tensor
+) -> tuple[float, float] | None:
+    """One inner-product kernel of ``loaded`` (None: not here) on two tensors of one dtype."""
     if loaded is None:
         return None
     out = (ctypes.c_double * 2)()
-    loaded.gradsynth_dots_f32(forget.data_ptr(), retain.data_ptr(), forget.numel(), out)
+    getattr(loaded, symbol)(forget.data_ptr(), retain.data_ptr(), forget.numel(), out)
     return out[0], out[1]
 
 
@@ -246,12 +250,7 @@ def bf16_available() -> bool:
 
 def dots_bf16(forget: Tensor, retain: Tensor) -> tuple[float, float] | None:
     """``(<f, r>, ||r||^2)`` of contiguous bfloat16 CPU tensors; None where the caller must compute them."""
-    loaded = _bf16_library()
-    if loaded is None:
-        return None
-    out = (ctypes.c_double * 2)()
-    loaded.gradsynth_dots_bf16(forget.data_ptr(), retain.data_ptr(), forget.numel(), out)
-    return out[0], out[1]
+    return _dots(_bf16_library(), "gradsynth_dots_bf16", forget, retain)
 
 
 def apply_bf16(kernel: str, out: Tensor, forget: Tensor, retain: Tensor, alpha: float, gamma: float) -> bool:
