@@ -626,11 +626,14 @@ def dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def _dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
-    if forget.dtype in _NATIVE_DOTS:
-        pair = _native_dots(forget, retain)
-        if pair is not None:
-            both = torch.tensor(pair, dtype=torch.float64)
-            return both[0], both[1]
+    pair = _native_dots(forget, retain)
+    if pair is not None:
+        both = torch.tensor(pair, dtype=torch.float64)
+        return both[0], both[1]
+    return _compiled_dots(forget, retain)
+
+
+def _compiled_dots(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor] | None:
     rows = forget.numel() // _BLOCK
     try:
         if forget.dtype in _HALF and forget.device.type == "cpu" and rows > 0:
@@ -688,12 +691,17 @@ def host_dots(forget: Tensor, retain: Tensor) -> tuple[float, float]:
     that would otherwise cost more than a small tensor's kernel.
     """
     pair = _native_dots(forget, retain)
-    if pair is not None:
-        return pair
-    both = dots(forget, retain)
-    if both is None:
-        both = dot64(forget, retain), dot64(retain, retain)
-    return both[0].item(), both[1].item()
+    if pair is None and eligible(forget, retain):
+        pair = _compiled_floats(forget, retain)
+    if pair is None:
+        pair = dot64(forget, retain).item(), dot64(retain, retain).item()
+    return pair
+
+
+def _compiled_floats(forget: Tensor, retain: Tensor) -> tuple[float, float] | None:
+    """The compiled one-read inner products as Python floats (CPU only: reading waits for nothing)."""
+    both = _compiled_dots(forget, retain)
+    return None if both is None else (both[0].item(), both[1].item())
 
 
 _TINY64 = torch.finfo(torch.float64).tiny
@@ -719,10 +727,9 @@ def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, ga
     kernel = _NATIVE_DOTS.get(forget.dtype)
     pair = kernel(forget, retain) if kernel is not None else None
     if pair is None:
-        both = _dots(forget, retain)
-        if both is None:
-            return False  # not compiled: the eager rule runs, nothing was written
-        pair = both[0].item(), both[1].item()
+        pair = _compiled_floats(forget, retain)
+    if pair is None:
+        return False  # not compiled: the eager rule runs, nothing was written
     fr, rr = pair
     k = fr / max(rr, _TINY64) if fr < 0 else 0.0
     weight = alpha - gamma * k
