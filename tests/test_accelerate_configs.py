@@ -24,17 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIM = (str(ROOT / "tests" / "cpu_launch.py"),)
 
 
-def _launch(config: str, *script: str) -> str:
+def _launch(config: str, *script: str, extra: tuple[str, ...] = (), ok: bool = True) -> str:
     example = str(ROOT / "examples" / "accelerate_loop.py")
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "examples" / "accelerate" / config),
-        "--num_cpu_threads_per_process", "1", *script, example, "--quick",
+        "--num_cpu_threads_per_process", "1", *script, example, "--quick", *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    assert (done.returncode == 0) == ok, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout if ok else done.stderr
 
 
 @pytest.mark.parametrize(
@@ -56,3 +56,24 @@ def test_config_file_launches_the_example(config, shim, engine):
     digests = dict(re.findall(r"process (\d): parameters ([0-9a-f]{16})", out))
     assert sorted(digests) == ["0", "1"], out
     assert digests["0"] == digests["1"], f"the processes end with different parameters: {digests}"
+
+
+@pytest.mark.parametrize(
+    ("config", "extra", "names"),
+    [
+        # use_cpu: false on a machine without GPUs: each process counts itself alone.
+        (
+            "fsdp2.yaml",
+            ("--no-cpu",),
+            "started 2 processes (WORLD_SIZE=2) but Accelerate runs each as 1 of 1",
+        ),
+        # distributed_type: FSDP on CPUs: Accelerate runs plain data parallelism instead.
+        ("fsdp2.yaml", (), "names distributed_type: FSDP but Accelerate runs MULTI_CPU"),
+    ],
+    ids=["lone-processes", "fsdp-as-ddp"],
+)
+def test_a_launch_accelerate_would_run_as_something_else_is_refused(config, extra, names):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("the mismatch is that of a machine without GPUs")
+    err = _launch(config, extra=extra, ok=False)
+    assert "LaunchMismatchError: the " in err and names in err, err[-3000:]

@@ -137,3 +137,53 @@ def test_deepspeed_larger_than_accelerate_counts_is_refused(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     with pytest.raises(RuntimeError, match=r"joined 2 processes but Accelerate counts 1.*backend=\"gloo\""):
         AcceleratedTasks(accelerator, opt)
+
+
+def _accelerator(engine: str, processes: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(distributed_type=SimpleNamespace(name=engine), num_processes=processes)
+
+
+@pytest.mark.parametrize(
+    ("env", "engine", "processes", "names"),
+    [
+        ({"WORLD_SIZE": "2"}, "NO", 1, "use_cpu: true"),
+        ({"WORLD_SIZE": "4"}, "MULTI_CPU", 2, "started 4 processes"),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}, "MULTI_CPU", 2, "distributed_type: FSDP"),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, "MULTI_CPU", 2, "DEEPSPEED"),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, "DEEPSPEED", 1, 'backend="gloo"'),
+    ],
+)
+def test_a_launch_run_as_something_else_is_refused_naming_the_setting(
+    monkeypatch, env, engine, processes, names
+):
+    from gradsynth.integrations.launch_check import LaunchMismatchError, refuse_mismatched_launch
+
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LaunchMismatchError) as refused:
+        refuse_mismatched_launch(_accelerator(engine, processes))
+    assert names in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "engine", "processes"),
+    [
+        ({}, "NO", 1),
+        ({"WORLD_SIZE": "1"}, "NO", 1),
+        ({"WORLD_SIZE": "2"}, "MULTI_CPU", 2),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}, "FSDP", 2),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, "DEEPSPEED", 2),
+    ],
+)
+def test_a_launch_that_runs_as_configured_passes(monkeypatch, env, engine, processes):
+    from gradsynth.integrations.launch_check import refuse_mismatched_launch
+
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    refuse_mismatched_launch(_accelerator(engine, processes))

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from gradsynth.integrations.deepspeed_tasks import deepspeed_tasks
 from gradsynth.integrations.distributed import refuse_fsdp1
+from gradsynth.integrations.launch_check import refuse_mismatched_launch
 from gradsynth.integrations.unwrap import require_synthesizing_optimizer
 from gradsynth.optim import SynthesizingOptimizer
 
@@ -69,9 +70,8 @@ class AcceleratedTasks:
         refuse_fsdp1(accelerator, optimizer)
         self.accelerator = accelerator
         self.optimizer: SynthesizingOptimizer = require_synthesizing_optimizer(optimizer)
+        refuse_mismatched_launch(accelerator)
         wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
-        if wrapped is not None:
-            _refuse_lone_deepspeed_process(accelerator)
         # One DeepSpeedTasks per engine: its task sums must outlive this object (a Trainer makes
         # one AcceleratedTasks per micro-batch).
         self._engine_tasks = None if wrapped is None else deepspeed_tasks(wrapped.engine)
@@ -121,28 +121,6 @@ class AcceleratedTasks:
         else:
             self.optimizer.synthesize()
         return True
-
-
-def _refuse_lone_deepspeed_process(accelerator: Any) -> None:
-    """Refuse DeepSpeed's process group being larger than the processes Accelerate counts.
-
-    On a machine without GPUs Accelerate names no process-group backend under DeepSpeed: DeepSpeed
-    still joins all processes, but Accelerate counts one and gives each the whole data set, so
-    every process would train alone on all of it.
-    """
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return
-    world = dist.get_world_size()
-    if world != accelerator.num_processes:
-        raise RuntimeError(
-            f"DeepSpeed joined {world} processes but Accelerate counts {accelerator.num_processes} (without "
-            "a GPU Accelerate names no process-group backend under DeepSpeed): name one, "
-            'Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]); with the Trainer, '
-            'PartialState(backend="gloo") before TrainingArguments(..., accelerator_config='
-            '{"use_configured_state": True})'
-        )
 
 
 def _keep_fsdp2_reducing(accelerator: Any) -> None:

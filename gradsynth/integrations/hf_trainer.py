@@ -38,6 +38,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import find_batch_size
 
 from gradsynth.integrations.accelerate_tasks import AcceleratedTasks
+from gradsynth.integrations.launch_check import refuse_mismatched_launch
 from gradsynth.integrations.model_coverage import check_optimizer_covers_model
 from gradsynth.integrations.step_stats import StepStats
 from gradsynth.integrations.task_batches import (
@@ -134,6 +135,7 @@ class SynthesizingTrainer(Trainer):
         super().__init__(
             model=model, args=args, data_collator=data_collator or TaskPairCollator(), **trainer_kwargs
         )
+        refuse_mismatched_launch(self.accelerator)
         self.forget_loss = forget_loss or gradient_ascent_loss
         self.retain_loss = retain_loss or nll_loss
         settings = {
