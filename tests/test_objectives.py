@@ -13,11 +13,13 @@ pytest.importorskip("transformers")
 from gradsynth.unlearning.evaluate import exact_match  # noqa: E402
 from gradsynth.unlearning.objectives import (  # noqa: E402
     ga_loss,
+    idkdpo_loss,
     kl_loss,
     nll_loss,
     npo_loss,
     sequence_logprob,
     simnpo_loss,
+    undial_loss,
 )
 from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss  # noqa: E402
 
@@ -97,6 +99,39 @@ def test_kl_matches_the_formula_and_is_zero_at_the_reference():
     kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
     assert float(kl_loss(logits, ref, labels)) == pytest.approx(kl / 3)
     assert float(kl_loss(logits, logits, labels)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_idkdpo_matches_the_formula_and_is_two_log_two_over_beta_at_the_reference():
+    # Row 0: the refusal gained 1 nat over the reference and the forget answer lost 0.5: margin 1.5.
+    # Row 1: the refusal lost 2 nats, the forget answer is unchanged: margin -2.
+    idk, ref_idk = torch.tensor([-2.0, -5.0]), torch.tensor([-3.0, -3.0])
+    forget, ref_forget = torch.tensor([-1.5, -4.0]), torch.tensor([-1.0, -4.0])
+    beta = 0.5
+    terms = [math.log(_sigmoid(beta * 1.5)), math.log(_sigmoid(beta * -2.0))]
+    assert float(idkdpo_loss(idk, ref_idk, forget, ref_forget, beta)) == pytest.approx(
+        -(2 / beta) * sum(terms) / 2
+    )
+    assert float(idkdpo_loss(idk, idk, forget, forget, 0.25)) == pytest.approx(2 / 0.25 * math.log(2))
+
+
+def test_undial_is_the_cross_entropy_to_the_adjusted_reference():
+    logits, labels = _batch()
+    ref = torch.zeros_like(logits)  # the reference is uniform over the 2 tokens everywhere
+    strength = math.log(3.0)
+    # Lowering the answer token's logit by log 3 makes q = (1/4 for the answer, 3/4 for the other).
+    # Row 0 position 0 (label 1, model p = (1/2, 1/2)): -(3/4 log 1/2 + 1/4 log 1/2) = log 2.
+    # Row 0 position 1 (label 0, model p = (3/4, 1/4)): -(1/4 log 3/4 + 3/4 log 1/4).
+    # Row 1 position 1 (label 1, model p = (3/4, 1/4)): -(3/4 log 3/4 + 1/4 log 1/4).
+    terms = [
+        math.log(2.0),
+        -(0.25 * math.log(0.75) + 0.75 * math.log(0.25)),
+        -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)),
+    ]
+    assert float(undial_loss(logits, ref, labels, strength)) == pytest.approx(sum(terms) / 3)
+    # Strength 0 on the model's own logits: the entropy, whose gradient is zero (self-distillation).
+    own = logits.clone().requires_grad_(True)
+    undial_loss(own, logits, labels, 0.0).backward()
+    assert own.grad.abs().max() < 1e-7
 
 
 def test_exact_match_needs_every_answer_token():

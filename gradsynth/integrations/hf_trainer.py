@@ -48,7 +48,7 @@ from gradsynth.integrations.task_batches import (
     is_task_pair,
     split_task_pair,
 )
-from gradsynth.integrations.task_losses import gradient_ascent_loss, nll_loss
+from gradsynth.integrations.task_losses import gradient_ascent_loss, nll_loss, task_loss
 from gradsynth.integrations.unwrap import find_synthesizing_optimizer
 from gradsynth.optim import SynthesizingOptimizer
 from gradsynth.optim.synthesizing_optimizer import adopt_settings, optimizer_settings
@@ -92,9 +92,14 @@ class SynthesizingTrainer(Trainer):
     Args:
         model: as for ``Trainer``.
         args: as for ``Trainer`` (``TrainingArguments``).
-        forget_loss: ``loss(model, forget_batch) -> Tensor``, a loss to minimise; default
-            gradient ascent (``-model(**batch).loss``).
-        retain_loss: ``loss(model, retain_batch) -> Tensor``; default ``model(**batch).loss``.
+        forget_loss: ``loss(model, forget_batch) -> Tensor``, a loss to minimise, or its name:
+            ``"ga"`` (the default: gradient ascent, ``-model(**batch).loss``), ``"npo"``,
+            ``"simnpo"``, ``"idkdpo"``, ``"undial"`` (`gradsynth.unlearning.trainer_losses`,
+            with their default settings; pass an object such as ``NPO(beta=0.05)`` for others).
+        retain_loss: ``loss(model, retain_batch) -> Tensor`` or its name: ``"nll"`` (the
+            default, ``model(**batch).loss``) or ``"kl"`` (to the model before unlearning).
+            A loss with a ``prepare(trainer)`` method is prepared when `train` starts, before
+            the first step (NPO's reference log-likelihoods, KL's frozen reference).
         rule: the synthesis rule of the `SynthesizingOptimizer` the trainer wraps around the
             optimizer it builds (or one passed as ``optimizers=(opt, sched)``); unset: ``"sago"``.
         alpha: its retain weight; unset: 1.0.
@@ -121,8 +126,8 @@ class SynthesizingTrainer(Trainer):
         model: nn.Module | None = None,
         args: Any = None,
         *,
-        forget_loss: TaskLoss | None = None,
-        retain_loss: TaskLoss | None = None,
+        forget_loss: TaskLoss | str | None = None,
+        retain_loss: TaskLoss | str | None = None,
         rule: RuleLike | None = None,
         alpha: float | None = None,
         gamma: float | None = None,
@@ -136,8 +141,8 @@ class SynthesizingTrainer(Trainer):
             model=model, args=args, data_collator=data_collator or TaskPairCollator(), **trainer_kwargs
         )
         refuse_mismatched_launch(self.accelerator)
-        self.forget_loss = forget_loss or gradient_ascent_loss
-        self.retain_loss = retain_loss or nll_loss
+        self.forget_loss = _resolve("forget", forget_loss, gradient_ascent_loss)
+        self.retain_loss = _resolve("retain", retain_loss, nll_loss)
         settings = {
             "rule": rule,
             "alpha": alpha,
@@ -163,6 +168,14 @@ class SynthesizingTrainer(Trainer):
         self._step_stats = StepStats()
         self._step_open = False
         self._eval_task_losses: list[Tensor] | None = None
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, after preparing the task losses that need the model before unlearning."""
+        for loss in (self.forget_loss, self.retain_loss):
+            prepare = getattr(loss, "prepare", None)
+            if callable(prepare):
+                prepare(self)
+        return super().train(*args, **kwargs)
 
     def _refuse_streaming_with_accumulation(self) -> None:
         if self.args.gradient_accumulation_steps != 1:
@@ -396,6 +409,18 @@ class SynthesizingTrainer(Trainer):
         if "loss" in logs:
             logs.update(self._step_stats.drain(lambda t: self.accelerator.reduce(t, reduction="mean")))
         super().log(logs, start_time)
+
+
+def _resolve(role: str, loss: TaskLoss | str | None, default: TaskLoss) -> TaskLoss:
+    if loss is None:
+        return default
+    if isinstance(loss, str):
+        return task_loss(role, loss)  # type: ignore[arg-type]
+    if not callable(loss):
+        raise TypeError(
+            f"{role}_loss must be a name or a callable loss(model, batch); got {type(loss).__name__}"
+        )
+    return loss
 
 
 def _call_task_loss(loss: TaskLoss, model: nn.Module, batch: Any, num_items_in_batch: Any) -> Tensor:

@@ -35,41 +35,60 @@ def split_task_pair(batch: Any) -> tuple[Any, Any]:
     return batch[FORGET_KEY], batch[RETAIN_KEY]
 
 
+#: Prefixes of the token sequences a side may carry: the example itself, and the refusal answer of
+#: IdkDPO (``idk_input_ids``, ``idk_labels``, ``idk_attention_mask``).
+SEQUENCE_PREFIXES = ("", "idk_")
+
+
 def pad_and_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
     """Batch one side's examples, right-padding ragged token lists.
 
     Examples of equal lengths go to ``transformers.default_data_collator`` as they are. Ragged
     ones are right-padded to the longest: ``input_ids`` with ``pad_token_id``, ``labels`` with
     -100 (ignored by the loss), ``attention_mask`` with 0 (and one is added, 1 on the real
-    tokens, when the examples carry none). Keys of other lengths are refused, since there is no
-    padding value to guess for them.
+    tokens, when the examples carry none). A second sequence under the ``idk_`` prefix
+    (``idk_input_ids``, ...; IdkDPO's refusal answers) is padded the same way to its own longest.
+    Other keys of a sequence's length are refused, since there is no padding value to guess for them.
     """
     from transformers import default_data_collator
 
-    lengths = {len(example["input_ids"]) for example in examples if "input_ids" in example}
-    if len(lengths) <= 1:
+    prefixes = [p for p in SEQUENCE_PREFIXES if any(f"{p}input_ids" in e for e in examples)]
+    longest = {p: {len(e[f"{p}input_ids"]) for e in examples if f"{p}input_ids" in e} for p in prefixes}
+    if all(len(lengths) <= 1 for lengths in longest.values()):
         return default_data_collator(list(examples))
-    longest = max(lengths)
-    pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0}
     padded = []
     for example in examples:
-        n = len(example["input_ids"])
         row = dict(example)
-        row.setdefault("attention_mask", [1] * n)
-        for key, value in row.items():
-            if key in pad_values:
-                tokens = torch.as_tensor(value)
-                row[key] = torch.cat([tokens, tokens.new_full((longest - n,), pad_values[key])])
-            elif (
-                isinstance(value, (torch.Tensor, Sequence)) and not isinstance(value, str) and len(value) == n
-            ):
-                raise ValueError(
-                    f"cannot pad the per-token entry {key!r} of ragged examples (no padding value is known "
-                    "for it); "
-                    "drop it, or pass TaskPairCollator(collate=...) with a collator that pads it"
-                )
+        for prefix in prefixes:
+            _pad_sequence(row, prefix, max(longest[prefix]), pad_token_id)
         padded.append(row)
     return default_data_collator(padded)
+
+
+def _pad_sequence(row: dict[str, Any], prefix: str, longest: int, pad_token_id: int) -> None:
+    if f"{prefix}input_ids" not in row:
+        return
+    n = len(row[f"{prefix}input_ids"])
+    row.setdefault(f"{prefix}attention_mask", [1] * n)
+    pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+    own = {f"{prefix}{name}" for name in pad_values}
+    others = {f"{p}{name}" for p in SEQUENCE_PREFIXES for name in pad_values} - own
+    for key, value in list(row.items()):
+        if key in own:
+            tokens = torch.as_tensor(value)
+            row[key] = torch.cat([tokens, tokens.new_full((longest - n,), pad_values[key[len(prefix) :]])])
+        elif (
+            prefix == ""
+            and key not in others
+            and isinstance(value, (torch.Tensor, Sequence))
+            and not isinstance(value, str)
+            and len(value) == n
+        ):
+            raise ValueError(
+                f"cannot pad the per-token entry {key!r} of ragged examples (no padding value is known "
+                "for it); "
+                "drop it, or pass TaskPairCollator(collate=...) with a collator that pads it"
+            )
 
 
 class TaskPairCollator:

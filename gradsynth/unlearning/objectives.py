@@ -11,6 +11,12 @@ Forget losses (to minimise; each pushes the forget answers' likelihood down):
     GA      L_f = -NLL,  NLL = mean answer-token cross-entropy over the batch
     NPO     L_f = -(2/beta) * mean_i log sigmoid(-beta * (log pi_theta(y_i|x_i) - log pi_ref(y_i|x_i)))
     SimNPO  L_f = -(2/beta) * mean_i log sigmoid( beta * (NLL_sum_i / |y_i| - delta))
+    IdkDPO  L_f = -(2/beta) * mean_i log sigmoid( beta * (r(w_i) - r(y_i))),
+            r(a) = log pi_theta(a|x_i) - log pi_ref(a|x_i),  w_i an "I don't know" answer (DPO
+            with the refusal preferred over the forget answer)
+    UNDIAL  L_f = mean over answer tokens t of  -sum_v q_t(v) log p_theta(v),
+            q_t = softmax(z_ref,t - strength * onehot(y_t))  (self-distillation on the frozen
+            model's logits z_ref with the answer token's logit lowered by ``strength``)
 
 Retain losses (to minimise):
 
@@ -35,6 +41,9 @@ from torch import Tensor
 from gradsynth.unlearning.encoding import IGNORE_INDEX
 
 FORGET_LOSSES = ("ga", "npo", "simnpo", "rmu")
+#: Forget losses offered to `SynthesizingTrainer` only (they need data or state the CLI's loop
+#: does not build: refusal answers, per-batch reference logits).
+TRAINER_FORGET_LOSSES = ("idkdpo", "undial")
 RETAIN_LOSSES = ("nll", "kl", "activation")
 
 
@@ -87,4 +96,24 @@ def kl_loss(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
     ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
     per_token = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+
+def idkdpo_loss(
+    logprob_idk: Tensor, ref_logprob_idk: Tensor, logprob: Tensor, ref_logprob: Tensor, beta: float
+) -> Tensor:
+    """IdkDPO (DPO preferring a refusal) from summed answer log-likelihoods of the model and the
+    frozen reference, for the refusal answers (``*_idk``) and the forget answers."""
+    margin = (logprob_idk - ref_logprob_idk) - (logprob - ref_logprob)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
+
+
+def undial_loss(logits: Tensor, ref_logits: Tensor, labels: Tensor, strength: float) -> Tensor:
+    """UNDIAL: cross-entropy to the frozen model's distribution with the answer token's logit
+    lowered by ``strength``, averaged over answer tokens."""
+    logits, targets, mask = _shift(logits, labels)
+    ref = ref_logits[:, :-1, :].float()
+    adjusted = ref - strength * F.one_hot(targets, ref.shape[-1]).to(ref.dtype)
+    target = torch.softmax(adjusted, dim=-1)
+    per_token = -(target * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
