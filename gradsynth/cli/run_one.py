@@ -15,12 +15,10 @@ from gradsynth.cli.benchmark_plan import BenchmarkPlan
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.sources import Task
 from gradsynth.unlearning.encoding import IGNORE_INDEX, encode, make_batches, pad_id_of
-from gradsynth.unlearning.evaluate import split_metrics
-from gradsynth.unlearning.generation import rouge_l_of
 from gradsynth.unlearning.loop import Diverged, StepRecord, UnlearnSettings, unlearn
-from gradsynth.unlearning.multiple_choice import mc_accuracy
 from gradsynth.unlearning.protocol import Rung, climb
 from gradsynth.unlearning.reference import is_peft_model
+from gradsynth.unlearning.split_scores import score_splits
 
 EVAL_BATCH = 64
 
@@ -68,14 +66,12 @@ def evaluate(
 ) -> dict[str, dict[str, Any]]:
     """NLL and recall per split; the multiple-choice accuracy of splits that have questions; with a
     task that asks for it (and ``generate``), also ROUGE-L recall of greedy answers."""
-    metrics = {name: split_metrics(model, b, answers) for name, (b, answers) in batches.items()}
-    for name, choices in (task.choices if task is not None else {}).items():
-        metrics[name]["mc_acc"] = mc_accuracy(model, task.tokenizer, choices)
-    if task is not None and task.generate_eval and generate:
-        for name, examples in task.splits.items():
-            if batches[name][1]:
-                metrics[name]["rougeL_recall"] = rouge_l_of(model, task.tokenizer, examples)
-    return metrics
+    if task is None:
+        return score_splits(model, None, batches)
+    rouge = {}
+    if task.generate_eval and generate:
+        rouge = {name: examples for name, examples in task.splits.items() if batches[name][1]}
+    return score_splits(model, task.tokenizer, batches, task.choices, rouge)
 
 
 def run_unlearning(

@@ -38,6 +38,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import find_batch_size
 
 from gradsynth.integrations.accelerate_tasks import AcceleratedTasks
+from gradsynth.integrations.evaluation_callback import EvaluationCallback
 from gradsynth.integrations.launch_check import refuse_mismatched_launch
 from gradsynth.integrations.model_coverage import check_optimizer_covers_model
 from gradsynth.integrations.step_stats import StepStats
@@ -408,6 +409,9 @@ class SynthesizingTrainer(Trainer):
         """Adds the per-task losses and the mean gradient geometry to each training log."""
         if "loss" in logs:
             logs.update(self._step_stats.drain(lambda t: self.accelerator.reduce(t, reduction="mean")))
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, EvaluationCallback):
+                logs.update(callback.drain())
         super().log(logs, start_time)
 
 
