@@ -138,3 +138,28 @@ def test_include_path_must_be_a_folder(world_cache, tmp_path, capsys):
     missing = Path(tmp_path / "none")
     code = main(["unlearn", "--world", "ci", "--eval-tasks", "x", "--include-path", str(missing)])
     assert code == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_eval_with_few_shot_and_the_chat_template(world_cache, user_tasks, tmp_path, capsys):
+    """``--num-fewshot`` and ``--chat-template`` reach lm-eval; a tokenizer without a template is refused."""
+    pytest.importorskip("lm_eval")
+    from gradsynth.world.cache import load_world_model
+
+    model, tokenizer, *_ = load_world_model("ci", log=lambda _: None)
+    plain = tmp_path / "plain"
+    model.save_pretrained(plain)
+    tokenizer.save_pretrained(plain)
+    args = ["eval", "--tasks", "my_mc", "--include-path", str(user_tasks)]
+    assert main([*args, str(plain), "--chat-template"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # (transformers' weight-loading bar above it)
+    assert err[-1].startswith("gradsynth: error: --chat-template") and "has no chat template" in err[-1], err
+
+    chat = tmp_path / "chat"
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    model.save_pretrained(chat)
+    tokenizer.save_pretrained(chat)
+    out = tmp_path / "scored"
+    assert main([*args, str(chat), "--chat-template", "--num-fewshot", "1", "--out", str(out)]) == 0
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["num_fewshot"] == 1 and saved["chat_template"] is True
+    assert 0.0 <= saved["results"]["my_mc"]["acc"] <= 1.0

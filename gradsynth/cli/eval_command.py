@@ -33,15 +33,36 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from err
     device = resolve_device(args.device)
     model, tokenizer = _load_model(args.model, args.dtype)
+    if args.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise CliError(
+            f"--chat-template: the tokenizer of {args.model} has no chat template; drop --chat-template "
+            "(or give a tokenizer_config.json with one)"
+        )
     model.to(device)
     try:
-        scores = evaluate_tasks(model, tokenizer, tasks, args.include_path, args.limit, args.batch_size)
+        scores = evaluate_tasks(
+            model,
+            tokenizer,
+            tasks,
+            args.include_path,
+            args.limit,
+            args.batch_size,
+            num_fewshot=args.num_fewshot,
+            chat_template=args.chat_template,
+        )
     except UnknownTask as err:
         raise CliError(f"--tasks: {err}") from err
     print(benchmark_table({"score": scores}))
     if args.out is not None:
         with staged_output(args.out, args.overwrite) as staging:
-            payload = {"model": args.model, "tasks": tasks, "limit": args.limit, "results": scores}
+            payload = {
+                "model": args.model,
+                "tasks": tasks,
+                "limit": args.limit,
+                "num_fewshot": args.num_fewshot,
+                "chat_template": args.chat_template,
+                "results": scores,
+            }
             (staging / "eval.json").write_text(json.dumps(payload, indent=2))
         print(f"Wrote {args.out}/eval.json")
     return 0

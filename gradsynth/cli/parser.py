@@ -47,6 +47,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
 def _thread_count(text: str) -> int:
     value = _positive_int(text)
     cores = os.cpu_count() or 1
@@ -230,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_positive, help="at most this many documents per task (< 1: a share)"
     )
     evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="lm-eval batch size (8)")
+    evaluate.add_argument(
+        "--num-fewshot", type=_non_negative_int, help="examples before each question (default: the task's)"
+    )
+    evaluate.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="format every request with the tokenizer's chat template (few-shot examples as earlier turns)",
+    )
     evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     evaluate.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
     evaluate.add_argument(

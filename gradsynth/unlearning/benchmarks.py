@@ -62,12 +62,16 @@ def evaluate_tasks(
     limit: int | float | None = None,
     batch_size: int = 8,
     num_fewshot: int | None = None,
+    chat_template: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Scores of ``model`` on lm-eval ``tasks``: ``{task: {metric: value}}``, e.g. ``{"mmlu": {"acc": 0.4}}``.
 
     ``include_path``: folder(s) of extra task YAMLs. ``limit``: at most this many documents per
     task (a fraction if < 1). Group tasks (``mmlu``) report their aggregate and each subtask.
     Standard errors are not computed (``bootstrap_iters=0``): they cost more than the scores.
+    ``num_fewshot``: examples put before each question (the task's own default if None).
+    ``chat_template``: format each request with the tokenizer's chat template (few-shot examples
+    as earlier turns of the conversation), as lm-eval's ``--apply_chat_template`` does.
     The model's train/eval mode is restored afterwards.
     """
     require_lm_eval()
@@ -108,6 +112,8 @@ def evaluate_tasks(
             task_manager=manager,
             limit=limit,
             num_fewshot=num_fewshot,
+            apply_chat_template=chat_template,
+            fewshot_as_multiturn=chat_template and bool(num_fewshot),
             bootstrap_iters=0,
             log_samples=False,
         )
