@@ -24,8 +24,7 @@ import torch
 from conftest import RULES
 from helpers import linear_loss
 
-from gradsynth import SynthesizingOptimizer, get_rule
-from gradsynth.optim.combine import combine_all
+from gradsynth import SynthesizingOptimizer
 from gradsynth.rules import fused
 
 pytestmark = [
@@ -57,12 +56,15 @@ def _pairs(dtype: torch.dtype, sizes=SIZES, seed: int = 0):
 
 
 def _synthesize(rule: str, fs, rs, alphas, gammas, backend: str):
-    entries = [
-        (get_rule(rule), a, g, f.clone(), r.clone())
-        for f, r, a, g in zip(fs, rs, alphas, gammas, strict=True)
-    ]
+    """The update of one ``SynthesizingOptimizer`` step (SGD, lr=1, from zero), a param group per tensor."""
+    params = [torch.zeros_like(f, requires_grad=True) for f in fs]
+    groups = [{"params": [p], "alpha": a, "gamma": g} for p, a, g in zip(params, alphas, gammas, strict=True)]
+    opt = SynthesizingOptimizer(torch.optim.SGD(groups, lr=1.0), rule)
     with fused.use_backend(backend):
-        return combine_all(entries)
+        opt.backward_forget(linear_loss(params, fs))
+        opt.backward_retain(linear_loss(params, rs))
+        opt.step()
+    return [-p.detach() for p in params]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
