@@ -152,6 +152,18 @@ def test_junit_report_is_read(tmp_path):
     }
 
 
+def test_a_cut_off_test_run_is_counted_from_its_verbose_lines():
+    output = (
+        "tests/test_cuda.py::test_a[fp32] PASSED [  1%]\n"
+        "tests/test_cuda.py::test_b[bf16] FAILED [  2%]\n"
+        "tests/test_cuda.py::test_c SKIPPED (needs bitsandbytes) [  3%]\n"
+        "tests/test_cuda.py::test_d "
+    )
+    got = gpu_check._counts_from_output(output)
+    assert (got["collected"], got["passed"], got["failed"], got["skipped"]) == (3, 1, 1, 1)
+    assert got["failures"][1:] == ["tests/test_cuda.py::test_b[bf16]: FAILED"]
+
+
 def test_without_cuda_it_says_how_to_check_the_script(tmp_path, capsys):
     if gpu_check.torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
