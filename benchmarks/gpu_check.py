@@ -31,6 +31,7 @@ rot; its numbers mean nothing).
 Usage::
 
     python benchmarks/gpu_check.py --out /tmp/gpu          # on a CUDA machine, <= 8 minutes
+    python benchmarks/gpu_check.py --out /tmp/gpu2 --only tests,memory --budget-s 240  # redo two
     python benchmarks/gpu_check.py --dry-run --out /tmp/x  # anywhere, tiny sizes, CPU
 """
 
@@ -564,6 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default=None, help="default: cuda, or cpu with --dry-run")
     parser.add_argument("--budget-s", type=float, default=None, help="default 480 (120 with --dry-run)")
+    parser.add_argument(
+        "--only",
+        default=",".join(STAGES),
+        help=f"comma-separated stages to run, to redo some (default: all of {','.join(STAGES)})",
+    )
     args = parser.parse_args(argv)
     device = args.device or ("cpu" if args.dry_run else "cuda")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -573,15 +579,22 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in only if name not in STAGES]
+    if unknown or not only:
+        print(f"gpu_check: --only takes stages among {','.join(STAGES)}; got {args.only!r}", file=sys.stderr)
+        return 2
     budget = args.budget_s if args.budget_s is not None else (120.0 if args.dry_run else 480.0)
     check = Check(Path(args.out), args.dry_run, device, budget)
     if args.dry_run:
         torch.set_num_threads(1)
-    check.stage("environment", lambda: environment(check))
-    check.stage("tests", lambda: tests(check))
-    check.stage("synthesis", lambda: synthesis(check))
-    check.stage("memory", lambda: memory(check))
-    check.stage("end_to_end", lambda: e2e(check))
+    bodies = {"environment": environment, "tests": tests, "synthesis": synthesis, "memory": memory}
+    bodies["end_to_end"] = e2e
+    for name in STAGES:
+        if name in only or name == "environment":  # the environment: cheap, and every report needs it
+            check.stage(name, lambda body=bodies[name]: body(check))
+        else:
+            check.result["stages"][name] = {"status": "skipped", "seconds": 0.0, "error": "not in --only"}
     check.write()
     print(
         f"[gpu_check] wrote {check.out / 'gpu_check.json'} and {check.out / 'summary.md'} "

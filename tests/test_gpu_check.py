@@ -164,6 +164,20 @@ def test_a_cut_off_test_run_is_counted_from_its_verbose_lines():
     assert got["failures"][1:] == ["tests/test_cuda.py::test_b[bf16]: FAILED"]
 
 
+def test_only_some_stages(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "tests", _collected)
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "tests"]) == 0
+    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    assert [stages[name]["status"] for name in gpu_check.STAGES] == [
+        "ok",
+        "ok",
+        "skipped",
+        "skipped",
+        "skipped",
+    ]
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "tests,gpu"]) == 2
+
+
 def test_without_cuda_it_says_how_to_check_the_script(tmp_path, capsys):
     if gpu_check.torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
