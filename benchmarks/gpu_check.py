@@ -140,8 +140,8 @@ SIZES = {
 #: Seconds a stage needs at least to be started (real run); the tests get at most `TESTS_MAX_S`.
 STAGE_MIN_S = {"environment": 5, "tests": 60, "synthesis": 60, "memory": 20, "end_to_end": 60}
 TESTS_MAX_S = 210
-#: Kept for the stages after the tests when the tests' time limit is set.
-RESERVE_AFTER_TESTS_S = 200
+#: Seconds kept for each later stage when the tests' time limit is set (what they took, estimated).
+RESERVE_AFTER_TESTS_S = {"synthesis": 90, "memory": 40, "end_to_end": 70}
 
 
 class Check:
@@ -152,6 +152,7 @@ class Check:
         self.dry_run = dry_run
         self.device = device
         self.budget_s = budget_s
+        self.planned: tuple[str, ...] = STAGES  # the stages this run will try (`--only`)
         self.start = time.monotonic()
         out.mkdir(parents=True, exist_ok=True)
         self.result: dict[str, Any] = {
@@ -246,7 +247,8 @@ def tests(check: Check) -> dict:
     ]
     # -v: one line per test, so that a run cut off at its limit still tells what passed.
     command += ["--collect-only", "-q"] if check.dry_run else ["-v", "-rf", f"--junitxml={report}"]
-    limit = 120 if check.dry_run else max(30, min(TESTS_MAX_S, check.remaining() - RESERVE_AFTER_TESTS_S))
+    reserve = sum(RESERVE_AFTER_TESTS_S.get(name, 0) for name in check.planned)
+    limit = 120 if check.dry_run else max(30, min(TESTS_MAX_S, check.remaining() - reserve))
     entry: dict[str, Any] = {"mode": "collect" if check.dry_run else "run", "command": " ".join(command[1:])}
     entry["time_limit_s"] = limit
     try:
@@ -332,10 +334,9 @@ def synthesis(check: Check) -> dict:
     rows, skipped = [], []
     for layout, shapes in layouts.items():
         for dtype_name in run.DTYPES:
-            if (
-                not check.dry_run
-                and check.remaining() < STAGE_MIN_S["memory"] + STAGE_MIN_S["end_to_end"] + 20
-            ):
+            # Each case takes seconds; the later stages keep the time they need to start.
+            later = sum(STAGE_MIN_S[name] for name in ("memory", "end_to_end") if name in check.planned)
+            if not check.dry_run and check.remaining() < later + 20:
                 skipped.append(f"{layout} {dtype_name}")
                 continue
             for row in run._rows_for(
@@ -586,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     budget = args.budget_s if args.budget_s is not None else (120.0 if args.dry_run else 480.0)
     check = Check(Path(args.out), args.dry_run, device, budget)
+    check.planned = tuple(name for name in STAGES if name in only)
     if args.dry_run:
         torch.set_num_threads(1)
     bodies = {"environment": environment, "tests": tests, "synthesis": synthesis, "memory": memory}
