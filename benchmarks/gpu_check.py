@@ -549,8 +549,9 @@ def _targets_md(result: dict) -> list[str]:
             lines.append(f"- {name}: {verdict}")
             continue
         met = {True: "met", False: "MISSED", None: "not measured"}[verdict["met"]]
-        misses = verdict.get("misses") or verdict.get("failures") or {}
-        lines.append(f"- {name}: {met}{f' ({misses})' if misses else ''}")
+        misses = [f"{case} {v['value']:.3g} > {v['target']}" for case, v in verdict.get("misses", {}).items()]
+        misses += verdict.get("failures", [])
+        lines.append(f"- {name}: {met}{': ' + '; '.join(misses) if misses else ''}")
     return lines
 
 
