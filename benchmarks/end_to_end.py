@@ -5,6 +5,9 @@ plain GradDiff: one backward of ``gamma*Lf + alpha*Lr``. The wrapped step runs t
 passes separately and synthesizes. Both run the same two forward passes; the timings are
 interleaved and the ratio is of medians.
 
+On a GPU (``measure(..., device="cuda", dtype=torch.bfloat16)``, as ``benchmarks/gpu_check.py``
+runs it on a ~1B-parameter model) each timing waits for the device before the clock is read.
+
 Usage: ``python benchmarks/end_to_end.py [--hidden 256 --layers 4 --reps 15]``
 """
 
@@ -19,8 +22,8 @@ import torch
 from gradsynth import SynthesizingOptimizer
 from gradsynth.rules import fused
 
-# (rule, streaming, backend). Under "auto" a model this small runs the eager rules
-# (`fused.for_step`); the "compiled" row shows what the fused kernels would give it.
+# (rule, streaming, backend[, track_geometry]). Under "auto" a model this small runs the eager
+# rules (`fused.for_step`); the "compiled" row shows what the fused kernels would give it.
 VARIANTS = [
     ("sago", False, "auto"),
     ("sago", False, "compiled"),
@@ -30,7 +33,7 @@ VARIANTS = [
 ]
 
 
-def _model(hidden: int, layers: int, vocab: int) -> torch.nn.Module:
+def _model(hidden: int, layers: int, vocab: int, device: str = "cpu") -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -44,17 +47,36 @@ def _model(hidden: int, layers: int, vocab: int) -> torch.nn.Module:
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    with torch.device(device):  # initialised where it runs: a 1B model's CPU init takes long
+        return LlamaForCausalLM(config)
+
+
+def variant_name(rule: str, streaming: bool, backend: str, geometry: bool = False) -> str:
+    """``sago``, ``sago streaming``, ``sago compiled``, ``pcgrad geometry``, ..."""
+    return (
+        f"{rule}{' streaming' if streaming else ''}{' compiled' if backend == 'compiled' else ''}"
+        f"{' geometry' if geometry else ''}"
+    )
 
 
 def measure(
-    hidden: int = 256, layers: int = 4, vocab: int = 512, batch: int = 8, seq: int = 64, reps: int = 15
+    hidden: int = 256,
+    layers: int = 4,
+    vocab: int = 512,
+    batch: int = 8,
+    seq: int = 64,
+    reps: int = 15,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    variants: list[tuple] = VARIANTS,
 ) -> dict:
     """Median step times (ms) and ratios to the naive step for each variant."""
-    model = _model(hidden, layers, vocab)
+    model = _model(hidden, layers, vocab, device).to(device, dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     generator = torch.Generator().manual_seed(0)
-    forget_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
-    retain_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    forget_ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
+    retain_ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
 
     def losses():
         lf = -model(input_ids=forget_ids, labels=forget_ids).loss
@@ -70,23 +92,29 @@ def measure(
         naive.step()
 
     steps = {"naive": naive_step}
-    for rule, streaming, backend in VARIANTS:
-        opt = SynthesizingOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-6), rule, streaming=streaming)
+    for rule, streaming, backend, *geometry in variants:
+        track = bool(geometry and geometry[0])
+        opt = SynthesizingOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=1e-6), rule, streaming=streaming, track_geometry=track
+        )
 
-        def wrapped_step(opt=opt, backend=backend):
+        def wrapped_step(opt=opt, backend=backend, track=track):
             with fused.use_backend(backend):
                 opt.zero_grad()
                 lf, lr = losses()
                 opt.backward_forget(lf)
                 opt.backward_retain(lr)
                 opt.step()
+                if track:
+                    opt.geometry  # noqa: B018 (read as a logger would: one host sync)
 
-        name = f"{rule}{' streaming' if streaming else ''}{' compiled' if backend == 'compiled' else ''}"
-        steps[name] = wrapped_step
+        steps[variant_name(rule, streaming, backend, track)] = wrapped_step
     warmup = {}
     for name, step in steps.items():
+        sync()
         start = time.perf_counter()
         step()  # optimizer state, compiled kernels
+        sync()
         warmup[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
@@ -94,13 +122,24 @@ def measure(
         # A different order each round, so that no variant always follows the same one.
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
             step = steps[name]
+            sync()
             start = time.perf_counter()
             step()
+            sync()
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["naive"])
     return {
         "params": sum(p.numel() for p in model.parameters()),
-        "config": dict(hidden=hidden, layers=layers, vocab=vocab, batch=batch, seq=seq, reps=reps),
+        "config": dict(
+            hidden=hidden,
+            layers=layers,
+            vocab=vocab,
+            batch=batch,
+            seq=seq,
+            reps=reps,
+            device=device,
+            dtype=str(dtype).removeprefix("torch."),
+        ),
         "naive_ms": base * 1e3,
         "variants": {
             name: {

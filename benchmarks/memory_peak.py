@@ -10,6 +10,11 @@ follows the live tensors.
 
 Plain training (one backward of ``gamma*Lf + alpha*Lr``) holds one gradient set: extra ~ 0.
 
+On a CUDA device (``measure(..., device="cuda")``, used by ``benchmarks/gpu_check.py``) the same
+formula takes the allocator's exact counts instead: ``torch.cuda.memory_allocated()`` with params
+only, and ``torch.cuda.max_memory_allocated()`` over the measured steps. A mode ending in
+``+geometry`` tracks the gradient geometry (``track_geometry=True``).
+
 Usage: ``python benchmarks/memory_peak.py [--layers 64] [--width 1024]`` (Linux only).
 """
 
@@ -53,18 +58,37 @@ def resident_and_peak_kib(steps: Callable[[], None]) -> tuple[int, int]:
     return before_kib, _rss_kib("VmHWM")
 
 
-def measure(rule: str, mode: str, micro: int, layers: int, width: int) -> dict:
+def cuda_allocated_and_peak_kib(steps: Callable[[], None]) -> tuple[float, float]:
+    """Bytes allocated on the current CUDA device now, and their peak while ``steps()`` runs (KiB)."""
+    import torch
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    steps()
+    torch.cuda.synchronize()
+    return before / 1024, torch.cuda.max_memory_allocated() / 1024
+
+
+def measure(rule: str, mode: str, micro: int, layers: int, width: int, device: str = "cpu") -> dict:
     import torch
 
     from gradsynth import SynthesizingOptimizer
 
+    geometry = mode.endswith("+geometry")
+    mode = mode.removesuffix("+geometry")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    model.to(device)
     grad_set_kib = sum(p.numel() * p.element_size() for p in model.parameters()) / 1024
     base = torch.optim.SGD(model.parameters(), lr=1e-6)
-    opt = base if mode == "plain" else SynthesizingOptimizer(base, rule, streaming=mode == "streaming")
-    x = torch.randn(2, width)
+    opt = (
+        base
+        if mode == "plain"
+        else SynthesizingOptimizer(base, rule, streaming=mode == "streaming", track_geometry=geometry)
+    )
+    x = torch.randn(2, width, device=device)
 
     def losses(seed: int):
         xf, xr = x + seed, x - seed
@@ -88,7 +112,8 @@ def measure(rule: str, mode: str, micro: int, layers: int, width: int) -> dict:
 
     step(0)  # warm-up: lazily allocated state and buffers
     opt.zero_grad(set_to_none=True)
-    params_only_kib, peak_kib = resident_and_peak_kib(lambda: [step(seed) for seed in range(1, 3)])
+    measured = cuda_allocated_and_peak_kib if torch.device(device).type == "cuda" else resident_and_peak_kib
+    params_only_kib, peak_kib = measured(lambda: [step(seed) for seed in range(1, 3)])
     return {
         "extra_sets": (peak_kib - params_only_kib) / grad_set_kib - 1,
         "grad_set_mib": grad_set_kib / 1024,

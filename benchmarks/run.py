@@ -23,7 +23,12 @@ vectorised for it), the thread count, the bandwidth of ``torch.add`` and the loa
 and after. ``--repeat K`` reruns the speed table K times and reports each ratio's median and
 range (min-max over the runs); the JSON carries every run.
 
-Usage: ``python benchmarks/run.py [--quick] [--repeat K] [--out DIR] [--threads 1]``
+``--device cuda`` runs the speed table on a GPU (tensors made there, timings synchronised), adds
+the card and the bandwidth of a device-to-device copy to the header, and measures memory with
+``torch.cuda.max_memory_allocated`` and the end-to-end step on that device;
+``benchmarks/gpu_check.py`` drives it at real sizes.
+
+Usage: ``python benchmarks/run.py [--quick] [--repeat K] [--out DIR] [--threads 1] [--device cpu]``
 """
 
 from __future__ import annotations
@@ -62,17 +67,42 @@ def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int) -> lis
     return [*shapes, (hidden,), (vocab, hidden)]
 
 
-def _median_time(fn, reps: int, interleave) -> tuple[float, float]:
-    """Medians of ``fn`` and of ``interleave`` (the roofline), run alternately ``reps`` times."""
+def synchronizer(device: str):
+    """A function that waits for the work queued on ``device`` (nothing to wait for on the CPU)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _median_time(fn, reps: int, interleave, sync=lambda: None) -> tuple[float, float]:
+    """Medians of ``fn`` and of ``interleave`` (the roofline), run alternately ``reps`` times.
+
+    ``sync`` waits for the device before each clock reading, so that a GPU's queued kernels count.
+    """
     own, base = [], []
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         interleave()
+        sync()
         base.append(time.perf_counter() - start)
         start = time.perf_counter()
         fn()
+        sync()
         own.append(time.perf_counter() - start)
     return statistics.median(own), statistics.median(base)
+
+
+def random_tensors(shapes: list, dtype: torch.dtype, device: str, seed: int = 0) -> tuple[list, list]:
+    """Forget and retain gradients of ``shapes``: made on the device itself (a GPU), or on the CPU."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if torch.device(device).type == "cpu":
+        forget = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+        retain = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+        return forget, retain
+    forget = [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
+    retain = [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
+    return forget, retain
 
 
 def _synthesize(rule_name: str, forget: list, retain: list) -> None:
@@ -83,11 +113,12 @@ def _synthesize(rule_name: str, forget: list, retain: list) -> None:
         rule.combine(f, r, alpha=1.0, gamma=1.0, out=r, context=context)
 
 
-def _rows_for(layout: str, dtype_name: str, shapes: list, reps: int, ref_reps: int) -> list[dict]:
+def _rows_for(
+    layout: str, dtype_name: str, shapes: list, reps: int, ref_reps: int, device: str = "cpu"
+) -> list[dict]:
     dtype = DTYPES[dtype_name]
-    generator = torch.Generator().manual_seed(0)
-    forget = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
-    retain = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    sync = synchronizer(device)
+    forget, retain = random_tensors(shapes, dtype, device)
     sums = [torch.empty_like(r) for r in retain]
     set_bytes = sum(r.numel() * r.element_size() for r in retain)
 
@@ -104,17 +135,20 @@ def _rows_for(layout: str, dtype_name: str, shapes: list, reps: int, ref_reps: i
         def reference(rule: str = rule) -> None:
             reference_style.RULES[rule](forget, retain, 1.0, 1.0)
 
+        sync()
         start = time.perf_counter()
         synthesize()
+        sync()
         first = time.perf_counter() - start
-        fused, add_time = _median_time(synthesize, reps, add)
+        fused, add_time = _median_time(synthesize, reps, add, sync)
         with use_backend("eager"):
-            eager, add_time_eager = _median_time(synthesize, max(3, reps // 2), add)
-        slow = _median_time(reference, ref_reps, add)[0] if ref_reps else None
+            eager, add_time_eager = _median_time(synthesize, max(3, reps // 2), add, sync)
+        slow = _median_time(reference, ref_reps, add, sync)[0] if ref_reps else None
         row = {
             "rule": rule,
             "layout": layout,
             "dtype": dtype_name,
+            "device": device,
             "ms": fused * 1e3,
             "ratio_to_add": fused / add_time,
             "gb_per_s": TRAFFIC.get(rule, 3) * set_bytes / fused / 1e9,
@@ -132,12 +166,12 @@ def _rows_for(layout: str, dtype_name: str, shapes: list, reps: int, ref_reps: i
     return rows
 
 
-def speed_rows(layouts: dict, reps: int, ref_reps: int) -> list[dict]:
+def speed_rows(layouts: dict, reps: int, ref_reps: int, device: str = "cpu") -> list[dict]:
     return [
         row
         for layout, shapes in layouts.items()
         for dtype_name in DTYPES
-        for row in _rows_for(layout, dtype_name, shapes, reps, ref_reps)
+        for row in _rows_for(layout, dtype_name, shapes, reps, ref_reps, device)
     ]
 
 
@@ -189,35 +223,110 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def add_bandwidth(numel: int, reps: int = 5) -> float:
-    """GB/s of ``torch.add(a, b, out=c)`` on float32 tensors of ``numel`` elements (median)."""
-    a, b = torch.randn(numel), torch.randn(numel)
+def _bandwidth(numel: int, reps: int, device: str, copy: bool) -> float:
+    sync = synchronizer(device)
+    a, b = torch.randn(numel, device=device), torch.randn(numel, device=device)
     c = torch.empty_like(a)
-    torch.add(a, b, out=c)
+
+    def run() -> None:
+        c.copy_(a) if copy else torch.add(a, b, out=c)
+
+    run()
     times = []
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
-        torch.add(a, b, out=c)
+        run()
+        sync()
         times.append(time.perf_counter() - start)
-    return 3 * numel * 4 / statistics.median(times) / 1e9
+    return (2 if copy else 3) * numel * 4 / statistics.median(times) / 1e9
 
 
-def machine(threads: int, numel: int) -> dict:
+def add_bandwidth(numel: int, reps: int = 5, device: str = "cpu") -> float:
+    """GB/s of ``torch.add(a, b, out=c)`` on float32 tensors of ``numel`` elements (median)."""
+    return _bandwidth(numel, reps, device, copy=False)
+
+
+def copy_bandwidth(numel: int, reps: int = 5, device: str = "cpu") -> float:
+    """GB/s (read + write) of ``c.copy_(a)`` on float32 tensors of ``numel`` elements (median)."""
+    return _bandwidth(numel, reps, device, copy=True)
+
+
+def gpu_info(device: str) -> dict:
+    """The card, its memory, the driver and the CUDA and Triton versions (None where unknown)."""
+    index = torch.device(device).index or 0
+    properties = torch.cuda.get_device_properties(index)
+    try:
+        driver = subprocess.run(
+            ["nvidia-smi", f"--id={index}", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        driver = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     return {
+        "gpu": properties.name,
+        "gpu_memory_gib": properties.total_memory / 2**30,
+        "gpu_capability": f"{properties.major}.{properties.minor}",
+        "gpu_count": torch.cuda.device_count(),
+        "driver": driver,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+    }
+
+
+def machine(threads: int, numel: int, device: str = "cpu") -> dict:
+    where = {
+        "device": device,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": threads,
         "logical_cpus": os.cpu_count(),
-        "add_gb_per_s": add_bandwidth(numel),
+        "add_gb_per_s": add_bandwidth(numel, device=device),
+        "copy_gb_per_s": copy_bandwidth(numel, device=device),
         "load_average_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+    if torch.device(device).type == "cuda":
+        where.update(gpu_info(device))
+    return where
 
 
-def memory_rows(layers: int, width: int) -> dict[str, float]:
+MEMORY_CONFIGS = [(rule, "loss") for rule in RULES] + [("sago", "streaming"), ("sago", "plain")]
+MEMORY_NAMES = {"loss": "{rule}", "streaming": "{rule} streaming", "plain": "plain training"}
+
+
+def memory_name(rule: str, mode: str) -> str:
+    """The row name of a `memory_peak.py` configuration (``sago streaming``, ``pcgrad geometry``)."""
+    geometry = mode.endswith("+geometry")
+    name = MEMORY_NAMES[mode.removesuffix("+geometry")].format(rule=rule)
+    return f"{name} geometry" if geometry else name
+
+
+def memory_rows(layers: int, width: int, device: str = "cpu", configs=None) -> dict[str, float]:
+    """Extra gradient sets of a step per (rule, `memory_peak.py` mode): one process each on the CPU
+    (the resident set must start clean), in this process on a CUDA device (the allocator counts)."""
+    configs = MEMORY_CONFIGS if configs is None else configs
+    if torch.device(device).type == "cuda":
+        import memory_peak
+
+        result = {}
+        for rule, mode in configs:
+            result[memory_name(rule, mode)] = memory_peak.measure(rule, mode, 1, layers, width, device)[
+                "extra_sets"
+            ]
+            torch.cuda.empty_cache()
+        return result
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    configs = [(rule, "loss") for rule in RULES] + [("sago", "streaming"), ("sago", "plain")]
     result = {}
     for rule, mode in configs:
         out = subprocess.run(
@@ -230,8 +339,7 @@ def memory_rows(layers: int, width: int) -> dict[str, float]:
             capture_output=True,
             text=True,
         )
-        name = {"loss": rule, "streaming": f"{rule} streaming", "plain": "plain training"}[mode]
-        result[name] = json.loads(out.stdout.strip().splitlines()[-1])["extra_sets"]
+        result[memory_name(rule, mode)] = json.loads(out.stdout.strip().splitlines()[-1])["extra_sets"]
     return result
 
 
@@ -285,6 +393,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="runs of the speed table (median and range)")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the suite runs")
     args = parser.parse_args()
     if args.quick:
         args.numel, args.llama, args.reps, args.ref_reps = 1 << 16, "64,2,128,256", 3, 1
@@ -292,7 +401,7 @@ def main() -> None:
     hidden, layers, intermediate, vocab = (int(x) for x in args.llama.split(","))
     layouts = {"flat": [(args.numel,)], "llama": llama_shapes(hidden, layers, intermediate, vocab)}
     n_llama = sum(torch.Size(s).numel() for s in layouts["llama"])
-    where = machine(args.threads, args.numel)
+    where = machine(args.threads, args.numel, args.device)
     print(
         f"torch {where['torch']}, CPU {where['cpu']}, capability {where['cpu_capability']}, "
         f"{args.threads} thread(s) of {where['logical_cpus']}, torch.add {where['add_gb_per_s']:.1f} GB/s "
@@ -300,6 +409,12 @@ def main() -> None:
         f"flat {args.numel / 1e6:.1f}M elements, "
         f"llama list {n_llama / 1e6:.1f}M in {len(layouts['llama'])} tensors"
     )
+    if "gpu" in where:
+        print(
+            f"device {args.device}: {where['gpu']}, driver {where['driver']}, CUDA {where['cuda']}, "
+            f"Triton {where['triton']}; copy {where['copy_gb_per_s']:.0f} GB/s, "
+            f"torch.add {where['add_gb_per_s']:.0f} GB/s"
+        )
     runs = []
     for run in range(args.repeat):
         if args.repeat > 1:
@@ -309,16 +424,18 @@ def main() -> None:
             f"{'eager x':>8s} {'x vs ref':>9s} {'warm-up s':>8s}"
         )
         # The slow reference-style code is timed in the first run only.
-        runs.append(speed_rows(layouts, args.reps, args.ref_reps if run == 0 else 0))
+        runs.append(speed_rows(layouts, args.reps, args.ref_reps if run == 0 else 0, args.device))
     rows = summarize(runs)
     if args.repeat > 1:
         print_summary(rows)
     where["load_average_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    memory = memory_rows(*((4, 128) if args.quick else (16, 1024)))
+    memory = memory_rows(*((4, 128) if args.quick else (16, 1024)), device=args.device)
     print("\npeak memory of a step, extra gradient sets above params + one set:")
     for name, extra in memory.items():
         print(f"  {name:22s} {extra:6.3f}")
-    e2e = end_to_end.measure(*((32, 1) if args.quick else (256, 4)), reps=3 if args.quick else 15)
+    e2e = end_to_end.measure(
+        *((32, 1) if args.quick else (256, 4)), reps=3 if args.quick else 15, device=args.device
+    )
     print(
         f"\nend to end, {e2e['params'] / 1e6:.2f}M-parameter Llama, AdamW, "
         f"naive step {e2e['naive_ms']:.1f} ms:"
