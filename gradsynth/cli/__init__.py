@@ -1,4 +1,4 @@
-"""The ``gradsynth`` command line: ``gradsynth unlearn``, ``gradsynth compare`` and ``gradsynth eval``.
+"""The ``gradsynth`` command line: ``gradsynth unlearn``, ``compare``, ``eval`` and ``audit``.
 
 `main` returns the exit status. A problem with the input is printed as one line,
 ``gradsynth: error: ...``, with exit status 2, and no output folder is left behind. SIGINT,
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``gradsynth`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     import torch
 
-    from gradsynth.cli import compare_command, eval_command, unlearn_command
+    from gradsynth.cli import audit_command, compare_command, eval_command, unlearn_command
     from gradsynth.cli.errors import CliError
     from gradsynth.cli.parser import build_parser, check_environment
     from gradsynth.cli.signals import Interrupted, interrupts_raise
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                 "unlearn": unlearn_command.run,
                 "compare": compare_command.run,
                 "eval": eval_command.run,
+                "audit": audit_command.run,
             }[args.command]
             return command(args)
     except CliError as err:

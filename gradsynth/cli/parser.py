@@ -182,6 +182,13 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_relearn(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-relearn", action="store_true", help="skip the relearning attack")
+    p.add_argument(
+        "--relearn-lr", type=_positive, default=1e-3, help="AdamW rate of the relearning attack (1e-3)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradsynth", description="LLM unlearning with retention-first gradient synthesis.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -197,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_positive, default=DEFAULT_LR, help=f"AdamW learning rate ({DEFAULT_LR:g})"
     )
     unlearn.add_argument("--seed", type=int, default=0, help="seed of the batches (and the world's targets)")
+    unlearn.add_argument(
+        "--audit",
+        action="store_true",
+        help="audit the unlearned world model (MIA, truth ratios, relearning; see gradsynth audit)",
+    )
+    _add_relearn(unlearn)
     unlearn.add_argument(
         "--eval-every", type=_positive_int, help="evaluate every split (and --eval-tasks) every N steps"
     )
@@ -222,6 +235,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank rules by a metric: SPLIT.METRIC (forget.mc_acc, general.recall) or TASK.METRIC",
     )
     compare.add_argument("--quick", action="store_true", help="the CI-sized world, two rates, fewer steps")
+    audit = commands.add_parser(
+        "audit",
+        help="how deep the forgetting of an embedded-world model is (MIA, truth ratios, relearning)",
+        description="Audit a model unlearned on the embedded world (a folder from `gradsynth unlearn`): "
+        "membership-inference AUCs, truth ratios and the KS forget quality against the world model that "
+        "never learned the forget facts, and a relearning attack; prints tables, writes audit.json to --out.",
+    )
+    audit.add_argument("model", help="folder of the unlearned world model")
+    audit.add_argument(
+        "--world", choices=sorted(SIZES), default="default", help="the world it was unlearned on"
+    )
+    audit.add_argument("--seed", type=int, default=0, help="the seed of the world's targets (unlearn --seed)")
+    refs = audit.add_mutually_exclusive_group()
+    refs.add_argument(
+        "--reference-model",
+        help="a model that never learned the forget facts (default: the world's, trained once)",
+    )
+    refs.add_argument("--no-reference", action="store_true", help="audit the model alone")
+    _add_relearn(audit)
+    audit.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    audit.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for torch (default 1)")
+    audit.add_argument("--out", type=Path, help="write audit.json into this folder")
+    audit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     evaluate = commands.add_parser(
         "eval",
         help="score a saved model on lm-eval tasks",

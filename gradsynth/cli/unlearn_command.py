@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from gradsynth.cli.audit_command import audit_table, relearn_settings, world_audit
 from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.output_folder import check_output_folder, staged_output
@@ -156,6 +157,12 @@ def run(args: argparse.Namespace) -> int:
     check_objectives([args.forget_loss], "--forget-loss")
     check_protocol(args, [args.forget_loss])
     out = args.out or default_out("unlearn")
+    if args.audit and args.model is not None:
+        raise CliError(
+            "--audit needs the embedded world (its never-learned reference and non-member twins); drop "
+            "--model, or drop --audit"
+        )
+    relearn = relearn_settings(args)
     check_output_folder(out, args.overwrite)
     device = resolve_device(args.device)
     task = load_task(args, args.seed)
@@ -194,6 +201,11 @@ def run(args: argparse.Namespace) -> int:
             f"cos(g,r) {num(geometry['cos_gr'])}, cos(g,f) {num(geometry['cos_gf'])}, "
             f"conflicting coordinates {num(geometry['conflict_fraction'])}; loop {outcome.seconds:.1f}s"
         )
+        audit = None
+        if args.audit:
+            audit = world_audit(model, task.tokenizer, args.world, args.seed, relearn=relearn)
+            print("\nAudit of the forgetting (forget facts against fresh-name twins):\n")
+            print(audit_table(audit))
         model.save_pretrained(staging, safe_serialization=True)
         task.tokenizer.save_pretrained(staging)
         report_settings = {
@@ -212,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
             outcome.records,
             outcome.benchmarks,
             outcome.curve,
+            audit,
         )
         plot_curves(
             staging / "curves.png", outcome.records, f"{settings.rule}, lr {outcome.lr:g}", outcome.curve

@@ -66,6 +66,7 @@ def write_report(
     records: list[StepRecord],
     benchmarks: dict[str, dict] | None = None,
     curve: list[dict[str, Any]] | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> None:
     """``report.json``: settings, metrics before and after, the share of each score kept (and of the
     general score, ``general_score_kept``), lm-eval scores, per-step losses and geometry, their means,
@@ -82,6 +83,8 @@ def write_report(
         "steps": [asdict(r) for r in records],
         "eval_curve": curve or [],
     }
+    if audit is not None:
+        report["audit"] = audit
     dump_json(path, report)
 
 
