@@ -134,3 +134,41 @@ def test_audit_refusals_are_one_line(world_cache, tmp_path, capsys):
         audit_model(model, world_tokenizer, forget_facts("ci", 0)[:2], non_member_twins("ci", 0),
                     values=relation_values(), relearn=RelearnSettings())  # fmt: skip
     assert Path(mine).is_dir()
+
+
+def test_forget_target_reference_stops_at_the_never_learned_recall(
+    world_cache, never_learned, tmp_path, capsys
+):
+    from gradsynth.unlearning.encoding import Example, make_batches, prompt_of
+    from gradsynth.unlearning.evaluate import split_metrics
+
+    reference, tokenizer, _ = never_learned
+    forget = [Example(prompt_of(f.question), f.answer) for f in forget_facts("ci", 0)]
+    expected = split_metrics(reference, make_batches(tokenizer, forget, 64, 64))["recall"]
+    assert 0 < expected < 1
+    out = tmp_path / "run"
+    argv = ["unlearn", "--world", "ci", "--forget-target", "reference", "--steps", "30", "--lr", "2e-3"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    protocol = json.loads((out / "report.json").read_text())["settings"]["protocol"]
+    assert protocol["forget_target"] == pytest.approx(expected) and protocol["reached"]
+    assert f"{100 * expected:.1f}%, the never-learned" in capsys.readouterr().out
+
+    compared = tmp_path / "compare"
+    argv = ["compare", "--world", "ci", "--rules", "sago", "--forget-target", "reference", "--steps", "30"]
+    assert main([*argv, "--lrs", "2e-3", "--seeds", "0", "--no-progress", "--out", str(compared)]) == 0
+    results = (compared / "results.md").read_text()
+    assert f"the world model that never learned them (seed 0: {100 * expected:.1f}%)" in results
+
+    argv = [
+        "unlearn",
+        "--model",
+        str(tmp_path),
+        "--forget",
+        "f",
+        "--retain",
+        "r",
+        "--forget-target",
+        "reference",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    assert "--forget-target reference needs the embedded world" in capsys.readouterr().err

@@ -37,6 +37,7 @@ from gradsynth.cli.parser import (
     check_rules,
     parse_list,
 )
+from gradsynth.cli.reference_target import REFERENCE, forget_target_for
 from gradsynth.cli.run_one import evaluate, evaluation_batches, run_unlearning
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.unlearn_command import (
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     start = time.perf_counter()
     runs = []
+    targets: dict[int, float | None] = {}  # the forget target of each seed (per seed with "reference")
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -116,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
             for objective in objectives:
                 check_rmu(task, settings_for(args, rules[0], lrs[0], seed, len(task.forget), objective))
             batches = evaluation_batches(task)
+            log = print if bar is None else bar.write
+            targets[seed] = forget_target_for(args, seed, batches["forget"][0], log=log)
             task.model.to(device)
             before = evaluate(task.model, batches, task)
             plan = plan_from_args(args, task)
@@ -128,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
             for objective in objectives:
                 for rule in rules:
                     for lr in lrs:
-                        settings = settings_for(args, rule, lr, seed, len(task.forget), objective)
+                        settings = settings_for(
+                            args, rule, lr, seed, len(task.forget), objective, target=targets[seed]
+                        )
                         if bar is not None:
                             bar.set_postfix(seed=seed, objective=objective, rule=rule, lr=f"{lr:g}")
                         _, outcome = run_unlearning(
@@ -150,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     splits = list(task.splits)
     as_pct = all(before[s]["recall"] is not None for s in splits)
     table = aggregate(runs, splits)
-    first = settings_for(args, rules[0], lrs[0], seeds[0], len(task.forget), objectives[0])
+    first = settings_for(args, rules[0], lrs[0], seeds[0], len(task.forget), objectives[0], targets[seeds[0]])
     protocol = None
     if args.forget_target is not None:
         protocol = {
@@ -159,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
             "ladder_factor": args.ladder_factor or LADDER_FACTOR,
             "ladder_rungs": args.ladder_rungs or LADDER_RUNGS,
         }
+        if args.forget_target == REFERENCE:
+            protocol["targets"] = {str(seed): target for seed, target in targets.items()}
     report = markdown_report(table, splits, as_pct, len(seeds), first.steps, protocol)
     pairs = paired(runs, splits, as_pct)
     if pairs:

@@ -150,9 +150,18 @@ def markdown_report(
             for e in table
         ]
     else:
+        target = (
+            f"{100 * protocol['forget_target']:g}%"
+            if protocol["forget_target"] != "reference"
+            else (
+                "the recall of the same facts by the world model that never learned them ("
+                + ", ".join(f"seed {s}: {100 * t:.1f}%" for s, t in protocol["targets"].items())
+                + ")"
+            )
+        )
         intro = (
             f"Comparable forgetting: each run stopped after the first step with forget recall ≤ "
-            f"{100 * protocol['forget_target']:g}% (checked every step), cap {steps} steps; a run that did "
+            f"{target} (checked every step), cap {steps} steps; a run that did "
             f"not get there restarted from the original model at {protocol['ladder_factor']:g} times the "
             f"learning rate, at most {protocol['ladder_rungs']} rates from the one in the lr column. "
             f"{unit} per split, {spread}; cosines are means over the steps taken, then over seeds."

@@ -83,7 +83,9 @@ def _positive(text: str) -> float:
     return value
 
 
-def _recall_target(text: str) -> float:
+def _recall_target(text: str) -> float | str:
+    if text == "reference":  # the never-learned reference's recall (gradsynth.cli.reference_target)
+        return text
     value = _finite(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a recall in [0, 1), got {text}")
@@ -141,7 +143,11 @@ def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> No
     )
     obj.add_argument("--rmu-steering", type=_positive, default=20.0, help="RMU: control vector norm (20)")
     target = p.add_argument_group("comparable forgetting", PROTOCOL_HELP)
-    target.add_argument("--forget-target", type=_recall_target, help="stop at forget recall <= this (0.1)")
+    target.add_argument(
+        "--forget-target",
+        type=_recall_target,
+        help="stop at forget recall <= this (0.1), or 'reference': the never-learned world model's recall",
+    )
     target.add_argument(
         "--ladder-factor", type=_above_one, help=f"learning-rate factor per rung (default {LADDER_FACTOR:g})"
     )
@@ -310,7 +316,13 @@ def check_objectives(objectives: list[str], flag: str) -> None:
 
 
 def check_protocol(args: argparse.Namespace, objectives: list[str]) -> None:
-    """Refuse flags that do not fit together: ladder flags without a target, RMU with another retain loss."""
+    """Refuse flags that do not fit together: ladder flags without a target, RMU with another retain loss,
+    the never-learned reference's target without the embedded world."""
+    if args.forget_target == "reference" and getattr(args, "model", None) is not None:
+        raise CliError(
+            "--forget-target reference needs the embedded world (its never-learned reference); with --model "
+            "give a recall, e.g. --forget-target 0.1"
+        )
     if args.forget_target is None:
         given = [
             f

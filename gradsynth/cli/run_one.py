@@ -37,15 +37,18 @@ class RunOutcome:
     rungs: list[Rung] = field(default_factory=list)  # the ladder climbed (with a forget target)
 
 
+def split_batches(task: Task, name: str) -> tuple[list[dict[str, Tensor]], bool]:
+    """One split's evaluation batches and whether it has answers (so that recall means something)."""
+    examples = task.splits[name]
+    return (
+        make_batches(task.tokenizer, examples, EVAL_BATCH, task.max_length),
+        all(e.answer is not None for e in examples),
+    )
+
+
 def evaluation_batches(task: Task) -> dict[str, tuple[list[dict[str, Tensor]], bool]]:
     """Each split's batches and whether it has answers (so that recall means something)."""
-    return {
-        name: (
-            make_batches(task.tokenizer, examples, EVAL_BATCH, task.max_length),
-            all(e.answer is not None for e in examples),
-        )
-        for name, examples in task.splits.items()
-    }
+    return {name: split_batches(task, name) for name in task.splits}
 
 
 def check_learnable(encoded: list[tuple[list[int], list[int]]], name: str, max_length: int) -> None:

@@ -26,7 +26,8 @@ from gradsynth.cli.parser import (
     check_protocol,
     check_rules,
 )
-from gradsynth.cli.run_one import RunOutcome, run_unlearning
+from gradsynth.cli.reference_target import REFERENCE, forget_target_for
+from gradsynth.cli.run_one import RunOutcome, run_unlearning, split_batches
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.tables import before_after_table, benchmark_table, num
 from gradsynth.unlearning.loop import UnlearnSettings, rmu_for, steps_for_epochs
@@ -78,8 +79,16 @@ def loss_settings(args: argparse.Namespace, objective: str) -> LossSettings:
 
 
 def settings_for(
-    args: argparse.Namespace, rule: str, lr: float, seed: int, n_forget: int, objective: str | None = None
+    args: argparse.Namespace,
+    rule: str,
+    lr: float,
+    seed: int,
+    n_forget: int,
+    objective: str | None = None,
+    target: float | None = None,
 ) -> UnlearnSettings:
+    """The settings of one run; ``target`` is the run's forget target when ``--forget-target`` is
+    ``reference`` (`gradsynth.cli.reference_target`), else ``--forget-target`` itself."""
     objective = objective or args.forget_loss
     steps = args.steps or DEFAULT_STEPS
     if args.epochs is not None:
@@ -95,7 +104,7 @@ def settings_for(
         grad_accum=args.grad_accum,
         seed=seed,
         losses=loss_settings(args, objective),
-        forget_target=args.forget_target,
+        forget_target=target if args.forget_target == REFERENCE else args.forget_target,
     )
 
 
@@ -168,7 +177,10 @@ def run(args: argparse.Namespace) -> int:
     task = load_task(args, args.seed)
     if args.max_length:
         task.max_length = args.max_length
-    settings = settings_for(args, args.rule, args.lr, args.seed, len(task.forget))
+    target = forget_target_for(args, args.seed, split_batches(task, "forget")[0])
+    if args.forget_target == REFERENCE:
+        print(f"Forget target: {100 * target:.1f}%, the never-learned world model's recall of the forget set")
+    settings = settings_for(args, args.rule, args.lr, args.seed, len(task.forget), target=target)
     check_rmu(task, settings)
     plan = plan_from_args(args, task)
     rates = ladder_for(args, args.lr)
