@@ -91,7 +91,23 @@ def test_the_markdown_has_a_row_per_pair_and_a_column_per_metric():
     lines = [line for line in text.splitlines() if line.startswith("| ga")]
     assert [line.split(" | ")[1] for line in lines] == ["sago - pcgrad", "pcgrad - sum", "sago - sum"]
     assert "| objective | A - B | forget | retain | general | utility kept | cos(g,r) | steps |" in text
-    assert "+10.0 ± 0.0 (3/0/0)" in lines[0] and "+20.0 ± 0.0 (3/0/0)" in lines[2]
+    # Three seeds all ahead: 2 of the 8 sign patterns are as extreme, p = 0.25 (the smallest with 3).
+    assert "+10.0 ± 0.0 (3/0/0, p 0.25)" in lines[0] and "+20.0 ± 0.0 (3/0/0, p 0.25)" in lines[2]
+    assert "with 3 seeds the smallest possible p is 0.25" in text
+    two = [_run(rule, s, 0.5 + 0.1 * i) for i, rule in enumerate(["sum", "sago"]) for s in range(2)]
+    assert ", p " not in paired_markdown(paired(two, SPLITS, True))  # 2 seeds: p >= 0.5 says nothing
+
+
+def test_sign_flip_p_by_hand():
+    from gradsynth.cli.compare_paired import sign_flip_p
+
+    assert sign_flip_p([1.0] * 5) == 2 / 32  # the 0.0625 floor of 5 seeds
+    # 1, 2, -0.5: sums of the 8 patterns are +-2.5, +-0.5, +-3.5, +-1.5; |sum| >= 2.5 for 4 of them.
+    assert sign_flip_p([1.0, 2.0, -0.5]) == 4 / 8
+    assert sign_flip_p([0.0, 0.0, 0.0]) == 1.0
+    assert sign_flip_p([3.0, 0.0, 0.0]) == 1.0  # one seed differs: no evidence
+    with pytest.raises(ValueError):
+        sign_flip_p([])
 
 
 def test_plots_of_the_objective_matrix_give_every_curve_its_own_colour_and_marker():

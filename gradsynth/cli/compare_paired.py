@@ -12,6 +12,13 @@ sum, SAGO against the sum. The metrics: every split (recall, in points; NLL wher
 answers; on forget, less recall or more NLL is ahead: with a forget target, a rule that did not
 reach it shows here), the utility kept (the share of the general split's
 score, in points), the mean cos(g, r) over the steps taken, and the steps taken (fewer is ahead).
+
+With at least `MIN_SEEDS_FOR_P` seeds each cell also gives ``p``, the two-sided sign-flip
+(randomisation) test of the paired differences: under "A and B are exchangeable" every
+difference is as likely negated, so ``p`` is the share of the ``2^n`` sign patterns whose mean
+is at least as far from 0 as the observed mean (exact; zero differences flip to themselves).
+The smallest possible ``p`` with ``n`` seeds is ``2 / 2^n``: 0.0625 with 5 seeds, 0.002 with 10;
+with 2 seeds it is 0.5, which says nothing, so the column starts at 3.
 """
 
 from __future__ import annotations
@@ -25,6 +32,19 @@ from gradsynth.cli.tables import markdown_table
 
 PAIRS = (("sago", "pcgrad"), ("pcgrad", "sum"), ("sago", "sum"))
 MIN_SEEDS = 2
+MIN_SEEDS_FOR_P = 3
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Two-sided exact sign-flip p-value of the mean of paired differences (see the module)."""
+    if not diffs:
+        raise ValueError("no paired differences")
+    observed = abs(sum(diffs)) - 1e-12 * sum(abs(d) for d in diffs)  # ties count as "as extreme"
+    hits = 0
+    for pattern in range(2 ** len(diffs)):
+        total = sum(-d if pattern >> i & 1 else d for i, d in enumerate(diffs))
+        hits += abs(total) >= observed
+    return hits / 2 ** len(diffs)
 
 
 Metric = tuple[str, Callable[[dict], float | None], float, bool]
@@ -71,6 +91,7 @@ def paired(runs: list[dict[str, Any]], splits: list[str], as_pct: bool) -> list[
                         "ahead": sum(1 for d in ahead if d > 0),
                         "level": sum(1 for d in ahead if d == 0),
                         "behind": sum(1 for d in ahead if d < 0),
+                        "p": sign_flip_p(diffs) if len(diffs) >= MIN_SEEDS_FOR_P else None,
                     }
                 )
     return entries
@@ -79,6 +100,8 @@ def paired(runs: list[dict[str, Any]], splits: list[str], as_pct: bool) -> list[
 def _cell(entry: dict[str, Any]) -> str:
     d, digits = entry["difference"], 2 if entry["metric"] == "cos(g,r)" else 1
     counts = f"{entry['ahead']}/{entry['level']}/{entry['behind']}"
+    if entry.get("p") is not None:
+        counts += f", p {entry['p']:.2g}"
     return f"{d['mean']:+.{digits}f} ± {d['std']:.{digits}f} ({counts})"
 
 
@@ -102,4 +125,9 @@ def paired_markdown(entries: list[dict[str, Any]]) -> str:
         "over the seeds both rules ran, with the seeds where A is ahead / level / behind in parentheses "
         "(recall and utility kept in points; ahead on forget and steps is lower)."
     )
+    if any(e.get("p") is not None for e in entries):
+        intro += (
+            f" p: the two-sided sign-flip test of the paired differences (exact); with {n} seeds the "
+            f"smallest possible p is {2 / 2**n:.2g}."
+        )
     return "\n".join([intro, "", markdown_table(head, table)]) + "\n"
