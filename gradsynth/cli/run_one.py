@@ -13,7 +13,9 @@ from torch import Tensor
 
 from gradsynth.cli.benchmark_plan import BenchmarkPlan
 from gradsynth.cli.errors import CliError
+from gradsynth.cli.progress import StepLines, phase
 from gradsynth.cli.sources import Task
+from gradsynth.unlearning.answers import answer_scores
 from gradsynth.unlearning.encoding import IGNORE_INDEX, encode, make_batches, pad_id_of
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.generation import rouge_l_of
@@ -67,11 +69,16 @@ def evaluate(
     generate: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """NLL and recall per split; the multiple-choice accuracy of splits that have questions; with a
-    task that asks for it (and ``generate``), also ROUGE-L recall of greedy answers."""
+    task that asks for it (and ``generate``), also ROUGE-L recall of greedy answers. A task whose
+    recall is ``contains`` scores recall and ROUGE-L on greedy answers always (`answer_scores`)."""
     metrics = {name: split_metrics(model, b, answers) for name, (b, answers) in batches.items()}
     for name, choices in (task.choices if task is not None else {}).items():
         metrics[name]["mc_acc"] = mc_accuracy(model, task.tokenizer, choices)
-    if task is not None and task.generate_eval and generate:
+    if task is not None and task.recall == "contains":
+        for name, examples in task.splits.items():
+            if batches[name][1]:
+                metrics[name].update(answer_scores(model, task.tokenizer, examples))
+    elif task is not None and task.generate_eval and generate:
         for name, examples in task.splits.items():
             if batches[name][1]:
                 metrics[name]["rougeL_recall"] = rouge_l_of(model, task.tokenizer, examples)
@@ -84,7 +91,7 @@ def run_unlearning(
     device: str,
     *,
     in_place: bool = False,
-    progress: bool = False,
+    progress: bool = False,  # the bar; the phase lines on stderr are written either way
     eval_batches: dict | None = None,
     before: dict | None = None,
     plan: BenchmarkPlan | None = None,
@@ -107,7 +114,16 @@ def run_unlearning(
     eval_batches = eval_batches if eval_batches is not None else evaluation_batches(task)
     if before is None:
         task.model.to(device)
-        before = evaluate(task.model, eval_batches, task)
+        with phase(f"evaluating {_sizes(task)} before unlearning"):
+            before = evaluate(task.model, eval_batches, task)
+    if target is not None and before["forget"]["recall"] <= target:
+        raise CliError(
+            f"--forget-target {target:g}: the forget set's recall is already "
+            f"{100 * before['forget']['recall']:.1f}% before unlearning ({task.recall} recall of "
+            f"{len(task.splits['forget'])} answers), at or below the target: nothing to forget; check "
+            "that the model knows these facts in this prompt format (--prompt-format, --recall) or "
+            "lower --forget-target"
+        )
     benchmarks = {}
     if plan.tasks:
         task.model.to(device)
@@ -141,13 +157,19 @@ def run_unlearning(
         model, records, rungs = climb(rung, lrs, target)
     seconds = sum(r[1] for r in runs)
     curve = runs[-1][0]
-    after = evaluate(model, eval_batches, task)
+    with phase(f"evaluating {_sizes(task)} after unlearning"):
+        after = evaluate(model, eval_batches, task)
     if plan.tasks:
         benchmarks["after"] = plan.run(model, task.tokenizer)
     if plan.every:
         curve.append({"step": len(records), "splits": after, "benchmarks": benchmarks.get("after", {})})
     lr = rungs[-1].lr if rungs else settings.lr
     return model, RunOutcome(before, after, records, seconds, benchmarks, curve, lr, rungs)
+
+
+def _sizes(task: Task) -> str:
+    """``forget (4), retain (4)``: the splits evaluated, for the progress lines."""
+    return ", ".join(f"{name} ({len(examples)})" for name, examples in task.splits.items())
 
 
 def _loop(
@@ -169,6 +191,8 @@ def _loop(
     if settings.losses.needs_reference and not is_peft_model(model):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     bar = None
+    label = f"{settings.rule}, lr {settings.lr:g}, seed {settings.seed}:"
+    lines = None if progress else StepLines(settings.steps, label)
     if progress:
         from tqdm.auto import tqdm
 
@@ -186,6 +210,18 @@ def _loop(
                 forget=f"{record.forget_loss:.3f}", retain=f"{record.retain_loss:.3f}", **extra, refresh=False
             )
             bar.update(1)
+        if lines is not None:
+            recall = (
+                "" if record.forget_recall is None else f", forget recall {100 * record.forget_recall:.1f}%"
+            )
+            reached = record.forget_recall is not None and record.forget_recall <= (
+                settings.forget_target or 0
+            )
+            lines.step(
+                record.step,
+                f"forget loss {record.forget_loss:.3f}, retain loss {record.retain_loss:.3f}{recall}",
+                last=reached,
+            )
         if plan.every and record.step % plan.every == 0 and record.step < settings.steps:
             splits = evaluate(model, eval_batches, task, generate=False)
             curve.append(
@@ -196,6 +232,13 @@ def _loop(
         # The target is checked on the evaluation's answer-only forget batches: the training
         # encoding may label every token (--loss-scope full).
         recall_batches = eval_batches["forget"][0] if "forget" in eval_batches else None
+        recall_of = None
+        if task.recall == "contains" and "forget" in task.splits:
+            forget_split = task.splits["forget"]
+
+            def recall_of(m: Any) -> float:
+                return answer_scores(m, task.tokenizer, forget_split)["recall"] or 0.0
+
         return unlearn(
             model,
             forget,
@@ -205,6 +248,7 @@ def _loop(
             reference,
             on_step,
             recall_batches=recall_batches,
+            recall_of=recall_of,
         )
     except Diverged as err:
         raise CliError(f"rule {settings.rule}, lr {settings.lr:g}, seed {settings.seed}: {err}") from err

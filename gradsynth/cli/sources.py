@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from gradsynth.cli.errors import CliError
+from gradsynth.cli.progress import phase
+from gradsynth.unlearning.chat import NoChatTemplate, has_chat_template, in_format
 from gradsynth.unlearning.data import DataError, load_examples
 from gradsynth.unlearning.encoding import Example, prompt_of, with_loss_scope
 from gradsynth.unlearning.multiple_choice import Choice, make_choices
@@ -42,6 +44,7 @@ class Task:
     description: dict[str, Any] = field(default_factory=dict)
     generate_eval: bool = False  # also score greedy generations (ROUGE-L); the world's recall is exact
     choices: dict[str, list[Choice]] = field(default_factory=dict)  # multiple-choice form per split
+    recall: str = "exact"  # exact: answer + eos teacher-forced; contains: in the greedy answer
 
 
 def world_choices(world: Any, splits: dict[str, list[Any]]) -> dict[str, list[Choice]]:
@@ -128,20 +131,23 @@ def _check_tokenizer(path: str, model: Any, tokenizer: Any) -> None:
         )
 
 
-def _load_model(path: str, dtype: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_model(path: str, dtype: str, gguf_file: str | None = None) -> tuple[Any, Any]:
+    """The model and tokenizer of ``--model`` (see `gradsynth.cli.models` for what it may be)."""
+    from gradsynth.cli import models
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], output_loading_info=True
-        )
         folder = Path(path)
-        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if (
+            folder.is_dir()
+            and not gguf_file
+            and not any((folder / name).is_file() for name in TOKENIZER_FILES)
+            and (folder / "config.json").is_file()
+        ):
             raise CliError(
                 f"--model {path}: has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
                 "save the tokenizer next to the model (tokenizer.save_pretrained)"
             )
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, tokenizer, info = models.load(path, DTYPES[dtype], gguf_file)
     except CliError:
         raise
     except Exception as err:  # transformers raises OSError, ValueError, KeyError... for a bad model
@@ -164,7 +170,21 @@ def model_task(args: argparse.Namespace) -> Task:
         retain = load_examples(args.retain, "--retain")
     except DataError as err:
         raise CliError(str(err)) from err
-    model, tokenizer = _load_model(args.model, args.dtype)
+    with phase(f"loading {args.model}"):
+        model, tokenizer = _load_model(args.model, args.dtype, getattr(args, "gguf_file", None))
+    prompt_format = getattr(args, "prompt_format", None) or (
+        "chat" if has_chat_template(tokenizer) else "plain"
+    )
+    try:
+        forget, retain = (
+            in_format(forget, tokenizer, prompt_format),
+            in_format(retain, tokenizer, prompt_format),
+        )
+    except NoChatTemplate as err:
+        raise CliError(
+            f"--prompt-format chat: the tokenizer of {args.model} has no chat template; "
+            "use --prompt-format plain"
+        ) from err
     return Task(
         model=model,
         tokenizer=tokenizer,
@@ -173,8 +193,11 @@ def model_task(args: argparse.Namespace) -> Task:
         splits={"forget": forget, "retain": retain},
         max_length=args.max_length or 256,
         generate_eval=True,
+        recall=getattr(args, "recall", None) or "contains",
         description={
             "source": args.model,
+            "prompt_format": prompt_format,
+            "recall": getattr(args, "recall", None) or "contains",
             "forget_file": str(args.forget),
             "retain_file": str(args.retain),
             "loss_scope": MODEL_LOSS_SCOPE,
@@ -203,7 +226,17 @@ def load_task(args: argparse.Namespace, seed: int, log: Any = print) -> Task:
     if args.model is None:
         if args.forget or args.retain:
             raise CliError("--forget/--retain go with --model; without --model the embedded world is used")
-        task = world_task(args.world, seed, log)
+        if getattr(args, "gguf_file", None):
+            raise CliError("--gguf-file goes with --model (the folder or Hub id that holds the file)")
+        if getattr(args, "prompt_format", None) == "chat":
+            raise CliError(
+                "--prompt-format chat: the embedded world's tokenizer has no chat template "
+                "(its model was trained on '<question> Answer:'); drop it or use --model"
+            )
+        with phase(f"loading the embedded world ({args.world})"):
+            task = world_task(args.world, seed, log)
+        if getattr(args, "recall", None):
+            task.recall = args.recall
     else:
         task = model_task(args)
     scope = getattr(args, "loss_scope", None)

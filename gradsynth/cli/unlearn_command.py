@@ -25,6 +25,7 @@ from gradsynth.cli.parser import (
     check_protocol,
     check_rules,
 )
+from gradsynth.cli.progress import phase
 from gradsynth.cli.run_one import RunOutcome, run_unlearning
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.tables import before_after_table, benchmark_table, num
@@ -194,8 +195,9 @@ def run(args: argparse.Namespace) -> int:
             f"cos(g,r) {num(geometry['cos_gr'])}, cos(g,f) {num(geometry['cos_gf'])}, "
             f"conflicting coordinates {num(geometry['conflict_fraction'])}; loop {outcome.seconds:.1f}s"
         )
-        model.save_pretrained(staging, safe_serialization=True)
-        task.tokenizer.save_pretrained(staging)
+        with phase(f"saving the model to {out}"):
+            model.save_pretrained(staging, safe_serialization=True)
+            task.tokenizer.save_pretrained(staging)
         report_settings = {
             "command": "unlearn",
             **settings.as_dict(),
