@@ -12,13 +12,15 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("matplotlib")
 
+from helpers import without_progress
+
 from gradsynth.cli import main
 from gradsynth.cli.parser import build_parser
 from gradsynth.cli.unlearn_command import settings_for
 
 
 def _one_line_error(capsys, part: str) -> None:
-    err = capsys.readouterr().err
+    err = without_progress(capsys.readouterr().err)
     assert err.count("\n") == 1 and err.startswith("gradsynth: error: ") and part in err, err
 
 
