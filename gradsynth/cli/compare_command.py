@@ -37,7 +37,8 @@ from gradsynth.cli.parser import (
     check_rules,
     parse_list,
 )
-from gradsynth.cli.run_one import evaluate, evaluation_batches, run_unlearning
+from gradsynth.cli.progress import phase
+from gradsynth.cli.run_one import evaluate, evaluation_batches, run_unlearning, split_sizes
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.unlearn_command import (
     check_rmu,
@@ -117,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
                 check_rmu(task, settings_for(args, rules[0], lrs[0], seed, len(task.forget), objective))
             batches = evaluation_batches(task)
             task.model.to(device)
-            before = evaluate(task.model, batches, task)
+            with phase(f"evaluating {split_sizes(task)} before unlearning"):
+                before = evaluate(task.model, batches, task)
             plan = plan_from_args(args, task)
             bench_before = plan.run(task.model, task.tokenizer)
             if args.rank_by:  # refuse an unknown metric now, not after every run

