@@ -142,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
                             plan=plan,
                             benchmarks_before=bench_before,
                             ladder=ladder_for(args, lr),
+                            min_steps=args.min_steps or 1,
+                            ladder_factor=args.ladder_factor or LADDER_FACTOR,
                         )
                         runs.append(_run_record(seed, objective, rule, lr, settings, task, outcome))
                         if bar is not None:

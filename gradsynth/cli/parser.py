@@ -31,7 +31,10 @@ PROTOCOL_HELP = (
     "--epochs) is then the cap. A run that does not reach R within the cap is restarted from the "
     "original model, with the same batches, at lr * F, then lr * F^2, ... (F = --ladder-factor, "
     f"default {LADDER_FACTOR:g}; at most --ladder-rungs rates in all, default {LADDER_RUNGS}); the "
-    "first rate that reaches R is used, else the last is reported as not reached."
+    "first rate that reaches R is used, else the last is reported as not reached. With --min-steps K "
+    "the ladder also descends: a first rate that reaches R in fewer than K steps is retried at lr / F, "
+    "lr / F^2, ... (at most --ladder-rungs times) until R takes K steps or more; a lower rate that no "
+    "longer reaches R leaves the faster one as the result."
 )
 
 
@@ -161,6 +164,11 @@ def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> No
     target.add_argument(
         "--ladder-rungs", type=_positive_int, help=f"learning rates tried at most (default {LADDER_RUNGS})"
     )
+    target.add_argument(
+        "--min-steps",
+        type=_positive_int,
+        help="descend the ladder when the target is reached in fewer steps (default 1: climb only)",
+    )
     run = p.add_argument_group("training")
     length = run.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, help=f"optimizer steps (default {DEFAULT_STEPS})")
@@ -284,7 +292,11 @@ def check_protocol(args: argparse.Namespace, objectives: list[str]) -> None:
     if args.forget_target is None:
         given = [
             f
-            for f, v in (("--ladder-factor", args.ladder_factor), ("--ladder-rungs", args.ladder_rungs))
+            for f, v in (
+                ("--ladder-factor", args.ladder_factor),
+                ("--ladder-rungs", args.ladder_rungs),
+                ("--min-steps", args.min_steps),
+            )
             if v
         ]
         if given:

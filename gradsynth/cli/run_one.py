@@ -97,13 +97,17 @@ def run_unlearning(
     plan: BenchmarkPlan | None = None,
     benchmarks_before: dict | None = None,
     ladder: list[float] | None = None,
+    min_steps: int = 1,
+    ladder_factor: float = 2.0,
 ) -> tuple[Any, RunOutcome]:
     """Unlearn on a copy of ``task.model`` (or on it, ``in_place``); returns the model and the outcome.
 
     With a ``plan``, its lm-eval tasks are run before and after, and with ``plan.every`` the
     split metrics (and tasks) every that many steps, on the model in memory. With
     ``settings.forget_target``, the learning rates of ``ladder`` (default ``[settings.lr]``) are
-    climbed as `gradsynth.unlearning.protocol.climb` says, each rung from the original model."""
+    climbed as `gradsynth.unlearning.protocol.climb` says, each rung from the original model; with
+    ``min_steps`` > 1 a first rung that reaches the target sooner descends by ``ladder_factor`` (at
+    most as many times as the ladder has rates)."""
     plan = plan or BenchmarkPlan()
     target = settings.forget_target
     if target is not None and any(e.answer is None for e in task.forget):
@@ -135,11 +139,13 @@ def run_unlearning(
     check_learnable(forget, "forget", task.max_length)
     check_learnable(retain, "retain", task.max_length)
     lrs = ladder if (ladder and target is not None) else [settings.lr]
-    runs: list[tuple[list[dict[str, Any]], float]] = []  # per rung: its curve and loop time (no model)
+    # Per rung (no model): its learning rate, records, curve and loop time.
+    runs: list[tuple[float, list[StepRecord], list[dict[str, Any]], float]] = []
+    descends = target is not None and min_steps > 1
 
     def rung(lr: float) -> tuple[Any, list[StepRecord]]:
         # Every rung starts from the original model; only a single plain run may use it in place.
-        model = task.model if in_place and len(lrs) == 1 else copy.deepcopy(task.model)
+        model = task.model if in_place and len(lrs) == 1 and not descends else copy.deepcopy(task.model)
         curve = (
             [{"step": 0, "splits": before, "benchmarks": benchmarks.get("before", {})}] if plan.every else []
         )
@@ -147,23 +153,25 @@ def run_unlearning(
         records = _loop(
             task, model, replace(settings, lr=lr), device, forget, retain, eval_batches, plan, curve, progress
         )
-        runs.append((curve, time.perf_counter() - start))
+        runs.append((lr, records, curve, time.perf_counter() - start))
         return model, records
 
     if target is None:
         model, records = rung(lrs[0])
         rungs: list[Rung] = []
     else:
-        model, records, rungs = climb(rung, lrs, target)
-    seconds = sum(r[1] for r in runs)
-    curve = runs[-1][0]
+        model, records, rungs = climb(
+            rung, lrs, target, min_steps=min_steps, factor=ladder_factor, descents=len(lrs) if descends else 0
+        )
+    seconds = sum(r[3] for r in runs)
+    # The result's run: after a descent that no longer forgot, it is not the last one.
+    lr, _, curve, _ = next(run for run in runs if run[1] is records)
     with phase(f"evaluating {split_sizes(task)} after unlearning"):
         after = evaluate(model, eval_batches, task)
     if plan.tasks:
         benchmarks["after"] = plan.run(model, task.tokenizer)
     if plan.every:
         curve.append({"step": len(records), "splits": after, "benchmarks": benchmarks.get("after", {})})
-    lr = rungs[-1].lr if rungs else settings.lr
     return model, RunOutcome(before, after, records, seconds, benchmarks, curve, lr, rungs)
 
 
