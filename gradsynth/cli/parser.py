@@ -95,6 +95,22 @@ def _above_one(text: str) -> float:
     return value
 
 
+RESERVED_SPLITS = ("forget", "retain")
+
+
+def _eval_split(text: str) -> tuple[str, Path]:
+    """``NAME=FILE`` as ``(NAME, Path(FILE))``."""
+    name, sep, file = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not file:
+        raise argparse.ArgumentTypeError(f"give NAME=FILE (e.g. general=general.jsonl), got {text!r}")
+    if name in RESERVED_SPLITS:
+        raise argparse.ArgumentTypeError(f"{name!r} is --{name}'s split; name a held-out split otherwise")
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise argparse.ArgumentTypeError(f"a split name is letters, digits, '-' and '_', got {name!r}")
+    return name, Path(file)
+
+
 def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> None:
     src = p.add_argument_group("model and data (default: the embedded world)")
     src.add_argument(
@@ -107,6 +123,14 @@ def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> No
         "--forget", type=Path, help="forget set: JSONL/CSV/Parquet/text, 'text' or 'question'+'answer'"
     )
     src.add_argument("--retain", type=Path, help="retain set, same formats as --forget")
+    src.add_argument(
+        "--eval",
+        type=_eval_split,
+        action="append",
+        metavar="NAME=FILE",
+        help="a held-out split scored before and after, never trained on (repeatable: neighbour=..., "
+        "general=...; 'general' gives the general-score-kept line); same formats as --forget",
+    )
     src.add_argument("--world", choices=sorted(SIZES), default="default", help="embedded world size")
     src.add_argument(
         "--prompt-format",

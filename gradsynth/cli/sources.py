@@ -13,7 +13,7 @@ default for ``--model`` question/answer files, the TOFU / open-unlearning conven
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -138,13 +138,39 @@ def _load_model(path: str, dtype: str, gguf_file: str | None = None) -> tuple[An
     return model, tokenizer
 
 
+def _held_out_names(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The ``--eval NAME=FILE`` pairs, each name once."""
+    pairs = list(getattr(args, "eval", None) or [])
+    names = [name for name, _ in pairs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CliError(f"--eval {twice[0]}=...: given twice; give each held-out split one file")
+    return pairs
+
+
+def held_out_choices(splits: dict[str, list[Example]]) -> dict[str, list[Choice]]:
+    """Each question/answer split with two or more distinct answers as multiple-choice questions:
+    the distractors are the split's other answers (`make_choices`, the split as one group), the
+    context the example's own prompt (its chat turn, if the prompts are in chat format)."""
+    out = {}
+    for name, examples in splits.items():
+        qa = [e for e in examples if e.answer is not None]
+        if len(qa) != len(examples) or len({e.answer for e in qa}) < 2:
+            continue
+        made = make_choices([(e.prompt, e.answer or "", name) for e in qa], {name: [e.answer for e in qa]})
+        out[name] = [replace(c, context=e.prompt) for c, e in zip(made, qa, strict=True)]
+    return out
+
+
 def model_task(args: argparse.Namespace) -> Task:
     """A user's model with the forget and retain files given on the command line."""
     if not args.forget or not args.retain:
         raise CliError("--model needs --forget FILE and --retain FILE (JSONL/CSV/Parquet/text)")
+    held_out = _held_out_names(args)
     try:
         forget = load_examples(args.forget, "--forget")
         retain = load_examples(args.retain, "--retain")
+        extra = {name: load_examples(file, f"--eval {name}") for name, file in held_out}
     except DataError as err:
         raise CliError(str(err)) from err
     with phase(f"loading {args.model}"):
@@ -157,6 +183,7 @@ def model_task(args: argparse.Namespace) -> Task:
             in_format(forget, tokenizer, prompt_format),
             in_format(retain, tokenizer, prompt_format),
         )
+        extra = {name: in_format(examples, tokenizer, prompt_format) for name, examples in extra.items()}
     except NoChatTemplate as err:
         raise CliError(
             f"--prompt-format chat: the tokenizer of {args.model} has no chat template; "
@@ -167,8 +194,9 @@ def model_task(args: argparse.Namespace) -> Task:
         tokenizer=tokenizer,
         forget=forget,
         retain=retain,
-        splits={"forget": forget, "retain": retain},
+        splits={"forget": forget, "retain": retain, **extra},
         max_length=args.max_length or 256,
+        choices=held_out_choices(extra),
         generate_eval=True,
         recall=getattr(args, "recall", None) or "contains",
         description={
@@ -178,7 +206,8 @@ def model_task(args: argparse.Namespace) -> Task:
             "forget_file": str(args.forget),
             "retain_file": str(args.retain),
             "loss_scope": MODEL_LOSS_SCOPE,
-            "sizes": {"forget": len(forget), "retain": len(retain)},
+            "eval_files": {name: str(file) for name, file in held_out},
+            "sizes": {"forget": len(forget), "retain": len(retain), **{n: len(e) for n, e in extra.items()}},
         },
     )
 
@@ -205,6 +234,10 @@ def load_task(args: argparse.Namespace, seed: int, log: Any = print) -> Task:
             raise CliError("--forget/--retain go with --model; without --model the embedded world is used")
         if getattr(args, "gguf_file", None):
             raise CliError("--gguf-file goes with --model (the folder or Hub id that holds the file)")
+        if getattr(args, "eval", None):
+            raise CliError(
+                "--eval NAME=FILE goes with --model; the embedded world has its own held-out splits"
+            )
         if getattr(args, "prompt_format", None) == "chat":
             raise CliError(
                 "--prompt-format chat: the embedded world's tokenizer has no chat template "
