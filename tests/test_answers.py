@@ -346,3 +346,22 @@ def test_held_out_choices_use_each_examples_own_prompt_and_skip_what_cannot_be_a
     assert [c.context for c in choices["general"]] == [e.prompt for e in qa]
     assert [c.options[c.answer] for c in choices["general"]] == ["paris", "x"]
     assert all(sorted(c.options) == ["paris", "x"] for c in choices["general"])
+
+
+def test_gradsynth_eval_scores_splits_of_ones_own(tiny_model, data, tmp_path, capsys):
+    general = tmp_path / "general.jsonl"
+    rows = [("what is x ?", "paris"), ("what is paris ?", "x")]
+    general.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    out = tmp_path / "eval"
+    assert main(["eval", str(tiny_model), "--eval", f"general={general}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    splits = json.loads((out / "eval.json").read_text())["splits"]
+    assert set(splits["general"]) == {"nll", "recall", "rougeL_recall", "mc_acc"}
+    assert splits["general"]["mc_acc"] in (0.0, 0.5, 1.0) and splits["general"]["nll"] > 0
+    assert printed.splitlines()[0].split() == ["split", "examples", "recall", "ROUGE-L", "MC", "acc", "NLL"]
+    assert printed.splitlines()[2].split()[:2] == ["general", "2"]
+
+
+def test_gradsynth_eval_needs_tasks_or_splits(tiny_model, capsys):
+    assert main(["eval", str(tiny_model)]) == 2
+    _one_line(capsys, "give --tasks", "--eval NAME=FILE")

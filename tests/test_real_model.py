@@ -144,7 +144,9 @@ def test_unlearn_two_steps_then_save_reload_and_score(smollm2, tmp_path, capsys)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs lm-eval (the eval extra)")
-def test_gradsynth_eval_scores_the_saved_model(smollm2, tmp_path, capsys, monkeypatch):
+def test_gradsynth_eval_scores_the_saved_model_on_lm_eval_tasks_and_own_splits(
+    smollm2, tmp_path, capsys, monkeypatch
+):
     _, _, folder = smollm2
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -170,9 +172,14 @@ def test_gradsynth_eval_scores_the_saved_model(smollm2, tmp_path, capsys, monkey
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}} Answer:'\n"
         "doc_to_choice: options\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
     )
+    known = tmp_path / "known.jsonl"
+    known.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in RETAIN))
     out = tmp_path / "eval"
     argv = ["eval", str(folder), "--tasks", "capitals", "--include-path", str(tasks), "--out", str(out)]
-    assert main(argv) == 0
-    results = json.loads((out / "eval.json").read_text())["results"]
-    assert 0.0 <= results["capitals"]["acc"] <= 1.0
+    assert main([*argv, "--eval", f"known={known}"]) == 0
+    payload = json.loads((out / "eval.json").read_text())
+    assert 0.0 <= payload["results"]["capitals"]["acc"] <= 1.0
+    # The saved folder is the model before unlearning: it knows these (chat format, containment),
+    # and picks the right capital among the split's other answers.
+    assert payload["splits"]["known"]["recall"] >= 0.75 and payload["splits"]["known"]["mc_acc"] >= 0.5
     assert "capitals" in capsys.readouterr().out

@@ -275,7 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("model", help="local folder, Hub id or .gguf file of a causal LM, or 'smollm2'")
     evaluate.add_argument("--gguf-file", help="the .gguf file inside the model folder or Hub repository")
-    evaluate.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    evaluate.add_argument("--tasks", help="comma-separated lm-eval task names")
+    evaluate.add_argument(
+        "--eval",
+        type=_eval_split,
+        action="append",
+        metavar="NAME=FILE",
+        help="a split of your own scored as unlearn scores its splits (recall, ROUGE-L, NLL, MC); repeatable",
+    )
+    evaluate.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="as for unlearn")
+    evaluate.add_argument("--recall", choices=RECALL_MODES, help="as for unlearn (default contains)")
+    evaluate.add_argument("--max-length", type=_positive_int, help="tokens per example (default 256)")
     evaluate.add_argument(
         "--include-path", type=Path, action="append", help="folder of task YAMLs (repeatable)"
     )

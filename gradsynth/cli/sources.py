@@ -138,7 +138,7 @@ def _load_model(path: str, dtype: str, gguf_file: str | None = None) -> tuple[An
     return model, tokenizer
 
 
-def _held_out_names(args: argparse.Namespace) -> list[tuple[str, Any]]:
+def held_out_names(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """The ``--eval NAME=FILE`` pairs, each name once."""
     pairs = list(getattr(args, "eval", None) or [])
     names = [name for name, _ in pairs]
@@ -162,52 +162,63 @@ def held_out_choices(splits: dict[str, list[Example]]) -> dict[str, list[Choice]
     return out
 
 
-def model_task(args: argparse.Namespace) -> Task:
-    """A user's model with the forget and retain files given on the command line."""
-    if not args.forget or not args.retain:
-        raise CliError("--model needs --forget FILE and --retain FILE (JSONL/CSV/Parquet/text)")
-    held_out = _held_out_names(args)
+def read_splits(files: list[tuple[str, Any]]) -> dict[str, list[Example]]:
+    """The examples of each ``(name, file)``, read before any model is loaded (errors come fast)."""
     try:
-        forget = load_examples(args.forget, "--forget")
-        retain = load_examples(args.retain, "--retain")
-        extra = {name: load_examples(file, f"--eval {name}") for name, file in held_out}
+        return {
+            name: load_examples(file, name if name.startswith("--") else f"--eval {name}")
+            for name, file in files
+        }
     except DataError as err:
         raise CliError(str(err)) from err
-    with phase(f"loading {args.model}"):
-        model, tokenizer = _load_model(args.model, args.dtype, getattr(args, "gguf_file", None))
-    prompt_format = getattr(args, "prompt_format", None) or (
-        "chat" if has_chat_template(tokenizer) else "plain"
-    )
+
+
+def formatted(
+    splits: dict[str, list[Example]], tokenizer: Any, args: argparse.Namespace
+) -> tuple[dict[str, list[Example]], str]:
+    """``splits`` in ``--prompt-format`` (default: chat where the tokenizer has a template)."""
+    prompt_format = getattr(args, "prompt_format", None)
+    prompt_format = prompt_format or ("chat" if has_chat_template(tokenizer) else "plain")
     try:
-        forget, retain = (
-            in_format(forget, tokenizer, prompt_format),
-            in_format(retain, tokenizer, prompt_format),
-        )
-        extra = {name: in_format(examples, tokenizer, prompt_format) for name, examples in extra.items()}
+        out = {name: in_format(examples, tokenizer, prompt_format) for name, examples in splits.items()}
     except NoChatTemplate as err:
         raise CliError(
             f"--prompt-format chat: the tokenizer of {args.model} has no chat template; "
             "use --prompt-format plain"
         ) from err
+    return out, prompt_format
+
+
+def model_task(args: argparse.Namespace) -> Task:
+    """A user's model with the forget and retain files given on the command line."""
+    if not args.forget or not args.retain:
+        raise CliError("--model needs --forget FILE and --retain FILE (JSONL/CSV/Parquet/text)")
+    held_out = held_out_names(args)
+    splits = read_splits([("--forget", args.forget), ("--retain", args.retain), *held_out])
+    with phase(f"loading {args.model}"):
+        model, tokenizer = _load_model(args.model, args.dtype, getattr(args, "gguf_file", None))
+    splits, prompt_format = formatted(splits, tokenizer, args)
+    forget, retain = splits.pop("--forget"), splits.pop("--retain")
+    recall = getattr(args, "recall", None) or "contains"
     return Task(
         model=model,
         tokenizer=tokenizer,
         forget=forget,
         retain=retain,
-        splits={"forget": forget, "retain": retain, **extra},
+        splits={"forget": forget, "retain": retain, **splits},
         max_length=args.max_length or 256,
-        choices=held_out_choices(extra),
+        choices=held_out_choices(splits),
         generate_eval=True,
-        recall=getattr(args, "recall", None) or "contains",
+        recall=recall,
         description={
             "source": args.model,
             "prompt_format": prompt_format,
-            "recall": getattr(args, "recall", None) or "contains",
+            "recall": recall,
             "forget_file": str(args.forget),
             "retain_file": str(args.retain),
             "loss_scope": MODEL_LOSS_SCOPE,
             "eval_files": {name: str(file) for name, file in held_out},
-            "sizes": {"forget": len(forget), "retain": len(retain), **{n: len(e) for n, e in extra.items()}},
+            "sizes": {"forget": len(forget), "retain": len(retain), **{n: len(e) for n, e in splits.items()}},
         },
     )
 

@@ -44,6 +44,18 @@ def before_after_table(before: dict[str, dict], after: dict[str, dict], sizes: d
     return "\n".join(lines)
 
 
+def split_table(metrics: dict[str, dict], sizes: dict[str, int]) -> str:
+    """One row per split: recall, ROUGE-L recall, multiple-choice accuracy (each when measured) and NLL."""
+    columns = [("recall", "recall"), ("rougeL_recall", "ROUGE-L"), ("mc_acc", "MC acc")]
+    shown = [(key, head) for key, head in columns if any(m.get(key) is not None for m in metrics.values())]
+    header = f"{'split':<16}{'examples':>9}" + "".join(f"{head:>10}" for _, head in shown) + f"{'NLL':>9}"
+    lines = [header, "-" * len(header)]
+    for name, values in metrics.items():
+        cells = "".join(f"{pct(values.get(key)):>10}" for key, _ in shown)
+        lines.append(f"{name:<16}{sizes.get(name, 0):>9}{cells}{num(values['nll']):>9}")
+    return "\n".join(lines)
+
+
 def benchmark_table(columns: dict[str, dict[str, dict[str, float]]]) -> str:
     """lm-eval scores: one row per (task, metric), one column per entry of ``columns`` (e.g. before/after)."""
     names = list(columns)
