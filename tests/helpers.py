@@ -51,3 +51,8 @@ def train_steps(opt, model: torch.nn.Module, steps: int, start: int = 0) -> None
         opt.zero_grad()
         collect(opt, model, step)
         opt.step()
+
+
+def without_progress(err: str) -> str:
+    """``err`` without the progress lines (``gradsynth [  1.2s] ...``) a slow phase writes."""
+    return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("gradsynth ["))

@@ -15,6 +15,7 @@ pytest.importorskip("datasets")
 pytest.importorskip("matplotlib")
 
 from conftest import copy_world_cache
+from helpers import without_progress
 
 from gradsynth.cli import main
 from gradsynth.world.splits import SPLIT_NAMES
@@ -203,7 +204,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, data, tmp_path, capsys)
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
     assert main(argv) == 2
-    err = capsys.readouterr().err
+    err = without_progress(capsys.readouterr().err)
     assert err.count("\n") == 1 and err.startswith("gradsynth: error: "), err
     assert message in err
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []

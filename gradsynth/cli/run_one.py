@@ -13,7 +13,9 @@ from torch import Tensor
 
 from gradsynth.cli.benchmark_plan import BenchmarkPlan
 from gradsynth.cli.errors import CliError
+from gradsynth.cli.progress import StepLines, phase
 from gradsynth.cli.sources import Task
+from gradsynth.unlearning.answers import answer_scores
 from gradsynth.unlearning.encoding import IGNORE_INDEX, encode, make_batches, pad_id_of
 from gradsynth.unlearning.loop import Diverged, StepRecord, UnlearnSettings, unlearn
 from gradsynth.unlearning.protocol import Rung, climb
@@ -68,12 +70,14 @@ def evaluate(
     generate: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """NLL and recall per split; the multiple-choice accuracy of splits that have questions; with a
-    task that asks for it (and ``generate``), also ROUGE-L recall of greedy answers."""
+    task that asks for it (and ``generate``), also ROUGE-L recall of greedy answers. A task whose
+    recall is ``contains`` scores recall and ROUGE-L on greedy answers always (`answer_scores`)."""
     if task is None:
         return score_splits(model, None, batches)
-    rouge = {}
-    if task.generate_eval and generate:
-        rouge = {name: examples for name, examples in task.splits.items() if batches[name][1]}
+    answered = {name: examples for name, examples in task.splits.items() if batches[name][1]}
+    if task.recall == "contains":
+        return score_splits(model, task.tokenizer, batches, task.choices, contained=answered)
+    rouge = answered if task.generate_eval and generate else {}
     return score_splits(model, task.tokenizer, batches, task.choices, rouge)
 
 
@@ -83,19 +87,23 @@ def run_unlearning(
     device: str,
     *,
     in_place: bool = False,
-    progress: bool = False,
+    progress: bool = False,  # the bar; the phase lines on stderr are written either way
     eval_batches: dict | None = None,
     before: dict | None = None,
     plan: BenchmarkPlan | None = None,
     benchmarks_before: dict | None = None,
     ladder: list[float] | None = None,
+    min_steps: int = 1,
+    ladder_factor: float = 2.0,
 ) -> tuple[Any, RunOutcome]:
     """Unlearn on a copy of ``task.model`` (or on it, ``in_place``); returns the model and the outcome.
 
     With a ``plan``, its lm-eval tasks are run before and after, and with ``plan.every`` the
     split metrics (and tasks) every that many steps, on the model in memory. With
     ``settings.forget_target``, the learning rates of ``ladder`` (default ``[settings.lr]``) are
-    climbed as `gradsynth.unlearning.protocol.climb` says, each rung from the original model."""
+    climbed as `gradsynth.unlearning.protocol.climb` says, each rung from the original model; with
+    ``min_steps`` > 1 a first rung that reaches the target sooner descends by ``ladder_factor`` (at
+    most as many times as the ladder has rates)."""
     plan = plan or BenchmarkPlan()
     target = settings.forget_target
     if target is not None and any(e.answer is None for e in task.forget):
@@ -106,7 +114,16 @@ def run_unlearning(
     eval_batches = eval_batches if eval_batches is not None else evaluation_batches(task)
     if before is None:
         task.model.to(device)
-        before = evaluate(task.model, eval_batches, task)
+        with phase(f"evaluating {split_sizes(task)} before unlearning"):
+            before = evaluate(task.model, eval_batches, task)
+    if target is not None and before["forget"]["recall"] <= target:
+        raise CliError(
+            f"--forget-target {target:g}: the forget set's recall is already "
+            f"{100 * before['forget']['recall']:.1f}% before unlearning ({task.recall} recall of "
+            f"{len(task.splits['forget'])} answers), at or below the target: nothing to forget; check "
+            "that the model knows these facts in this prompt format (--prompt-format, --recall) or "
+            "lower --forget-target"
+        )
     benchmarks = {}
     if plan.tasks:
         task.model.to(device)
@@ -118,11 +135,13 @@ def run_unlearning(
     check_learnable(forget, "forget", task.max_length)
     check_learnable(retain, "retain", task.max_length)
     lrs = ladder if (ladder and target is not None) else [settings.lr]
-    runs: list[tuple[list[dict[str, Any]], float]] = []  # per rung: its curve and loop time (no model)
+    # Per rung (no model): its learning rate, records, curve and loop time.
+    runs: list[tuple[float, list[StepRecord], list[dict[str, Any]], float]] = []
+    descends = target is not None and min_steps > 1
 
     def rung(lr: float) -> tuple[Any, list[StepRecord]]:
         # Every rung starts from the original model; only a single plain run may use it in place.
-        model = task.model if in_place and len(lrs) == 1 else copy.deepcopy(task.model)
+        model = task.model if in_place and len(lrs) == 1 and not descends else copy.deepcopy(task.model)
         curve = (
             [{"step": 0, "splits": before, "benchmarks": benchmarks.get("before", {})}] if plan.every else []
         )
@@ -130,23 +149,31 @@ def run_unlearning(
         records = _loop(
             task, model, replace(settings, lr=lr), device, forget, retain, eval_batches, plan, curve, progress
         )
-        runs.append((curve, time.perf_counter() - start))
+        runs.append((lr, records, curve, time.perf_counter() - start))
         return model, records
 
     if target is None:
         model, records = rung(lrs[0])
         rungs: list[Rung] = []
     else:
-        model, records, rungs = climb(rung, lrs, target)
-    seconds = sum(r[1] for r in runs)
-    curve = runs[-1][0]
-    after = evaluate(model, eval_batches, task)
+        model, records, rungs = climb(
+            rung, lrs, target, min_steps=min_steps, factor=ladder_factor, descents=len(lrs) if descends else 0
+        )
+    seconds = sum(r[3] for r in runs)
+    # The result's run: after a descent that no longer forgot, it is not the last one.
+    lr, _, curve, _ = next(run for run in runs if run[1] is records)
+    with phase(f"evaluating {split_sizes(task)} after unlearning"):
+        after = evaluate(model, eval_batches, task)
     if plan.tasks:
         benchmarks["after"] = plan.run(model, task.tokenizer)
     if plan.every:
         curve.append({"step": len(records), "splits": after, "benchmarks": benchmarks.get("after", {})})
-    lr = rungs[-1].lr if rungs else settings.lr
     return model, RunOutcome(before, after, records, seconds, benchmarks, curve, lr, rungs)
+
+
+def split_sizes(task: Task) -> str:
+    """``forget (4), retain (4)``: the splits evaluated, for the progress lines."""
+    return ", ".join(f"{name} ({len(examples)})" for name, examples in task.splits.items())
 
 
 def _loop(
@@ -168,6 +195,8 @@ def _loop(
     if settings.losses.needs_reference and not is_peft_model(model):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     bar = None
+    label = f"{settings.rule}, lr {settings.lr:g}, seed {settings.seed}:"
+    lines = None if progress else StepLines(settings.steps, label)
     if progress:
         from tqdm.auto import tqdm
 
@@ -185,6 +214,18 @@ def _loop(
                 forget=f"{record.forget_loss:.3f}", retain=f"{record.retain_loss:.3f}", **extra, refresh=False
             )
             bar.update(1)
+        if lines is not None:
+            recall = (
+                "" if record.forget_recall is None else f", forget recall {100 * record.forget_recall:.1f}%"
+            )
+            reached = record.forget_recall is not None and record.forget_recall <= (
+                settings.forget_target or 0
+            )
+            lines.step(
+                record.step,
+                f"forget loss {record.forget_loss:.3f}, retain loss {record.retain_loss:.3f}{recall}",
+                last=reached,
+            )
         if plan.every and record.step % plan.every == 0 and record.step < settings.steps:
             splits = evaluate(model, eval_batches, task, generate=False)
             curve.append(
@@ -195,6 +236,13 @@ def _loop(
         # The target is checked on the evaluation's answer-only forget batches: the training
         # encoding may label every token (--loss-scope full).
         recall_batches = eval_batches["forget"][0] if "forget" in eval_batches else None
+        recall_of = None
+        if task.recall == "contains" and "forget" in task.splits:
+            forget_split = task.splits["forget"]
+
+            def recall_of(m: Any) -> float:
+                return answer_scores(m, task.tokenizer, forget_split)["recall"] or 0.0
+
         return unlearn(
             model,
             forget,
@@ -204,6 +252,7 @@ def _loop(
             reference,
             on_step,
             recall_batches=recall_batches,
+            recall_of=recall_of,
         )
     except Diverged as err:
         raise CliError(f"rule {settings.rule}, lr {settings.lr:g}, seed {settings.seed}: {err}") from err

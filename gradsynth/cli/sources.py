@@ -13,13 +13,14 @@ default for ``--model`` question/answer files, the TOFU / open-unlearning conven
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from gradsynth.cli.errors import CliError
+from gradsynth.cli.progress import phase
+from gradsynth.unlearning.chat import NoChatTemplate, has_chat_template, in_format
 from gradsynth.unlearning.data import DataError, load_examples
 from gradsynth.unlearning.encoding import Example, prompt_of, with_loss_scope
 from gradsynth.unlearning.multiple_choice import Choice, make_choices
@@ -42,6 +43,7 @@ class Task:
     description: dict[str, Any] = field(default_factory=dict)
     generate_eval: bool = False  # also score greedy generations (ROUGE-L); the world's recall is exact
     choices: dict[str, list[Choice]] = field(default_factory=dict)  # multiple-choice form per split
+    recall: str = "exact"  # exact: answer + eos teacher-forced; contains: in the greedy answer
 
 
 def world_choices(world: Any, splits: dict[str, list[Any]]) -> dict[str, list[Choice]]:
@@ -86,17 +88,6 @@ def world_task(size: str, seed: int, log: Any = print) -> Task:
     )
 
 
-# Files one of which a saved tokenizer has (fast, SentencePiece, BPE, WordPiece, tiktoken).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "spiece.model",
-    "tokenizer.tiktoken",
-)
-
-
 def _check_weights_match(path: str, info: dict[str, Any]) -> None:
     """Refuse a model whose weights do not fill its architecture (some tensors left random)."""
     missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
@@ -128,20 +119,12 @@ def _check_tokenizer(path: str, model: Any, tokenizer: Any) -> None:
         )
 
 
-def _load_model(path: str, dtype: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_model(path: str, dtype: str, gguf_file: str | None = None) -> tuple[Any, Any]:
+    """The model and tokenizer of ``--model`` (see `gradsynth.cli.models` for what it may be)."""
+    from gradsynth.cli import models
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], output_loading_info=True
-        )
-        folder = Path(path)
-        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            raise CliError(
-                f"--model {path}: has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
-                "save the tokenizer next to the model (tokenizer.save_pretrained)"
-            )
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, tokenizer, info = models.load(path, DTYPES[dtype], gguf_file)
     except CliError:
         raise
     except Exception as err:  # transformers raises OSError, ValueError, KeyError... for a bad model
@@ -155,30 +138,87 @@ def _load_model(path: str, dtype: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def held_out_names(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The ``--eval NAME=FILE`` pairs, each name once."""
+    pairs = list(getattr(args, "eval", None) or [])
+    names = [name for name, _ in pairs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CliError(f"--eval {twice[0]}=...: given twice; give each held-out split one file")
+    return pairs
+
+
+def held_out_choices(splits: dict[str, list[Example]]) -> dict[str, list[Choice]]:
+    """Each question/answer split with two or more distinct answers as multiple-choice questions:
+    the distractors are the split's other answers (`make_choices`, the split as one group), the
+    context the example's own prompt (its chat turn, if the prompts are in chat format)."""
+    out = {}
+    for name, examples in splits.items():
+        qa = [e for e in examples if e.answer is not None]
+        if len(qa) != len(examples) or len({e.answer for e in qa}) < 2:
+            continue
+        made = make_choices([(e.prompt, e.answer or "", name) for e in qa], {name: [e.answer for e in qa]})
+        out[name] = [replace(c, context=e.prompt) for c, e in zip(made, qa, strict=True)]
+    return out
+
+
+def read_splits(files: list[tuple[str, Any]]) -> dict[str, list[Example]]:
+    """The examples of each ``(name, file)``, read before any model is loaded (errors come fast)."""
+    try:
+        return {
+            name: load_examples(file, name if name.startswith("--") else f"--eval {name}")
+            for name, file in files
+        }
+    except DataError as err:
+        raise CliError(str(err)) from err
+
+
+def formatted(
+    splits: dict[str, list[Example]], tokenizer: Any, args: argparse.Namespace
+) -> tuple[dict[str, list[Example]], str]:
+    """``splits`` in ``--prompt-format`` (default: chat where the tokenizer has a template)."""
+    prompt_format = getattr(args, "prompt_format", None)
+    prompt_format = prompt_format or ("chat" if has_chat_template(tokenizer) else "plain")
+    try:
+        out = {name: in_format(examples, tokenizer, prompt_format) for name, examples in splits.items()}
+    except NoChatTemplate as err:
+        raise CliError(
+            f"--prompt-format chat: the tokenizer of {args.model} has no chat template; "
+            "use --prompt-format plain"
+        ) from err
+    return out, prompt_format
+
+
 def model_task(args: argparse.Namespace) -> Task:
     """A user's model with the forget and retain files given on the command line."""
     if not args.forget or not args.retain:
         raise CliError("--model needs --forget FILE and --retain FILE (JSONL/CSV/Parquet/text)")
-    try:
-        forget = load_examples(args.forget, "--forget")
-        retain = load_examples(args.retain, "--retain")
-    except DataError as err:
-        raise CliError(str(err)) from err
-    model, tokenizer = _load_model(args.model, args.dtype)
+    held_out = held_out_names(args)
+    splits = read_splits([("--forget", args.forget), ("--retain", args.retain), *held_out])
+    with phase(f"loading {args.model}"):
+        model, tokenizer = _load_model(args.model, args.dtype, getattr(args, "gguf_file", None))
+    splits, prompt_format = formatted(splits, tokenizer, args)
+    forget, retain = splits.pop("--forget"), splits.pop("--retain")
+    recall = getattr(args, "recall", None) or "contains"
     return Task(
         model=model,
         tokenizer=tokenizer,
         forget=forget,
         retain=retain,
-        splits={"forget": forget, "retain": retain},
+        splits={"forget": forget, "retain": retain, **splits},
         max_length=args.max_length or 256,
+        choices=held_out_choices(splits),
         generate_eval=True,
+        recall=recall,
         description={
             "source": args.model,
+            "prompt_format": prompt_format,
+            "recall": recall,
             "forget_file": str(args.forget),
             "retain_file": str(args.retain),
             "loss_scope": MODEL_LOSS_SCOPE,
-            "sizes": {"forget": len(forget), "retain": len(retain)},
+            "eval_files": {name: str(file) for name, file in held_out},
+            "sizes": {"forget": len(forget), "retain": len(retain), **{n: len(e) for n, e in splits.items()}},
         },
     )
 
@@ -203,7 +243,21 @@ def load_task(args: argparse.Namespace, seed: int, log: Any = print) -> Task:
     if args.model is None:
         if args.forget or args.retain:
             raise CliError("--forget/--retain go with --model; without --model the embedded world is used")
-        task = world_task(args.world, seed, log)
+        if getattr(args, "gguf_file", None):
+            raise CliError("--gguf-file goes with --model (the folder or Hub id that holds the file)")
+        if getattr(args, "eval", None):
+            raise CliError(
+                "--eval NAME=FILE goes with --model; the embedded world has its own held-out splits"
+            )
+        if getattr(args, "prompt_format", None) == "chat":
+            raise CliError(
+                "--prompt-format chat: the embedded world's tokenizer has no chat template "
+                "(its model was trained on '<question> Answer:'); drop it or use --model"
+            )
+        with phase(f"loading the embedded world ({args.world})"):
+            task = world_task(args.world, seed, log)
+        if getattr(args, "recall", None):
+            task.recall = args.recall
     else:
         task = model_task(args)
     scope = getattr(args, "loss_scope", None)

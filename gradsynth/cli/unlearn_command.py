@@ -26,13 +26,14 @@ from gradsynth.cli.parser import (
     check_protocol,
     check_rules,
 )
+from gradsynth.cli.progress import phase
 from gradsynth.cli.reference_target import REFERENCE, forget_target_for
 from gradsynth.cli.run_one import RunOutcome, run_unlearning, split_batches
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.tables import before_after_table, benchmark_table, num
 from gradsynth.unlearning.loop import UnlearnSettings, rmu_for, steps_for_epochs
 from gradsynth.unlearning.paper_weights import PAPER_WEIGHTS, ObjectiveWeights
-from gradsynth.unlearning.protocol import ladder
+from gradsynth.unlearning.protocol import ladder, reached
 from gradsynth.unlearning.report import general_kept, mean_geometry, plot_curves, write_report
 from gradsynth.unlearning.task_losses import LossSettings
 
@@ -122,7 +123,7 @@ def protocol_summary(settings: UnlearnSettings, outcome: RunOutcome) -> dict[str
     return {
         "forget_target": settings.forget_target,
         "step_cap": settings.steps,
-        "reached": outcome.rungs[-1].reached,
+        "reached": reached(outcome.records, settings.forget_target),
         "steps_taken": len(outcome.records),
         "lr_used": outcome.lr,
         "rungs": [r.as_dict() for r in outcome.rungs],
@@ -133,7 +134,12 @@ def protocol_line(protocol: dict[str, Any], rates: list[float]) -> str:
     """``Forget target 10% reached at step 12 with lr 0.002`` (or not reached, and where it was tried)."""
     head = f"Forget target {100 * protocol['forget_target']:g}%"
     if protocol["reached"]:
-        return f"{head} reached at step {protocol['steps_taken']} with lr {protocol['lr_used']:g}"
+        line = f"{head} reached at step {protocol['steps_taken']} with lr {protocol['lr_used']:g}"
+        faster = [r for r in protocol["rungs"] if r["lr"] < rates[0]]
+        if faster:  # the ladder descended: say from where
+            first = protocol["rungs"][0]
+            line += f" (descended from lr {first['lr']:g}, which reached it at step {first['steps']})"
+        return line
     tried = ", ".join(f"{r:g}" for r in rates)
     return f"{head} not reached within {protocol['step_cap']} steps at any of lr {tried}"
 
@@ -197,7 +203,15 @@ def run(args: argparse.Namespace) -> int:
     )
     with staged_output(out, args.overwrite) as staging:
         model, outcome = run_unlearning(
-            task, settings, device, in_place=True, progress=not args.no_progress, plan=plan, ladder=rates
+            task,
+            settings,
+            device,
+            in_place=True,
+            progress=not args.no_progress,
+            plan=plan,
+            ladder=rates,
+            min_steps=args.min_steps or 1,
+            ladder_factor=args.ladder_factor or LADDER_FACTOR,
         )
         protocol = protocol_summary(settings, outcome)
         if protocol:
@@ -215,11 +229,13 @@ def run(args: argparse.Namespace) -> int:
         )
         audit = None
         if args.audit:
-            audit = world_audit(model, task.tokenizer, args.world, args.seed, relearn=relearn)
+            with phase("auditing the forgetting"):
+                audit = world_audit(model, task.tokenizer, args.world, args.seed, relearn=relearn)
             print("\nAudit of the forgetting (forget facts against fresh-name twins):\n")
             print(audit_table(audit))
-        model.save_pretrained(staging, safe_serialization=True)
-        task.tokenizer.save_pretrained(staging)
+        with phase(f"saving the model to {out}"):
+            model.save_pretrained(staging, safe_serialization=True)
+            task.tokenizer.save_pretrained(staging)
         report_settings = {
             "command": "unlearn",
             **settings.as_dict(),

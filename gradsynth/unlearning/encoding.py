@@ -1,9 +1,10 @@
 """Turning examples into Hugging Face causal-LM batches with label masks.
 
 A question/answer example becomes ``prompt = question + " Answer:"`` followed by
-``" " + answer + eos``; only the answer tokens and the end-of-sentence token carry labels
-(the rest is ``-100``), so a model trained on it learns to stop after the answer. A plain
-``text`` example is labelled on every token. Batches are right-padded; padding is ``-100``.
+``" " + answer + eos`` (the separator is ``""`` in a chat format, `gradsynth.unlearning.chat`);
+only the answer tokens and the end-of-sentence token carry labels (the rest is ``-100``), so a
+model trained on it learns to stop after the answer. A plain ``text`` example is labelled on
+every token. Batches are right-padded; padding is ``-100``.
 
 The *loss scope* of a question/answer example says which tokens carry the loss:
 
@@ -33,10 +34,19 @@ class Example:
     prompt: str
     answer: str | None = None
     full_text: bool = False  # label the prompt's tokens too (loss scope "full")
+    separator: str = " "  # between prompt and answer ("" after a chat template's assistant turn)
+
+
+ANSWER_CUE = " Answer:"
 
 
 def prompt_of(question: str) -> str:
-    return f"{question} Answer:"
+    return f"{question}{ANSWER_CUE}"
+
+
+def question_of(prompt: str) -> str:
+    """The question of a `prompt_of` prompt (its inverse); any other prompt as it is."""
+    return prompt[: -len(ANSWER_CUE)] if prompt.endswith(ANSWER_CUE) else prompt
 
 
 def with_loss_scope(examples: list[Example], scope: str) -> list[Example]:
@@ -54,7 +64,7 @@ def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int]
         ids = ids[:max_length]
         return ids, list(ids)
     prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-    answer = tokenizer(" " + example.answer, add_special_tokens=False)["input_ids"] + eos
+    answer = tokenizer(example.separator + example.answer, add_special_tokens=False)["input_ids"] + eos
     answer = answer[:max_length]
     prompt = prompt[-(max_length - len(answer)) :] if max_length > len(answer) else []
     ids = prompt + answer

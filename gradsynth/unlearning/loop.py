@@ -17,8 +17,8 @@ RMU (``losses.forget == "rmu"``) trains only its chosen MLP weights: the optimiz
 synthesis see those alone, and every other parameter is frozen for the run (restored after).
 
 With ``forget_target`` the run stops after the first step at which the forget set's greedy
-recall (exact match, one teacher-forced pass over the forget examples only, no generation) is
-at most the target; ``steps`` is then the cap. Each record carries that recall.
+recall (exact match, one teacher-forced pass over the forget examples only, no generation; or
+the caller's ``recall_of``) is at most the target; ``steps`` is then the cap. Each record carries that recall.
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ def unlearn(
     *,
     precompute_reference: bool = True,
     recall_batches: list[dict[str, Tensor]] | None = None,
+    recall_of: Callable[[Any], float] | None = None,
 ) -> list[StepRecord]:
     """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step.
 
@@ -146,7 +147,8 @@ def unlearn(
     runs NPO's reference forward on every batch instead (the full-copy path; needs ``reference``).
     ``recall_batches``: what the forget target is checked on (default: ``forget`` as trained). A
     run that trains on full text must pass answer-only batches, or "recall" would ask for the
-    whole sentence and fall long before the answers are forgotten.
+    whole sentence and fall long before the answers are forgotten. ``recall_of(model)``, if given,
+    measures the forget recall instead (e.g. answer containment in greedy generations).
 
     Raises `Diverged` at the first non-finite loss, or if a weight is non-finite at the end
     (a non-finite weight makes the next loss non-finite, so this covers every step).
@@ -197,7 +199,10 @@ def unlearn(
                 cos_gf=_finite(geometry.cos_gf) if geometry else None,
                 conflict_fraction=_finite(geometry.conflict_fraction) if geometry else None,
             )
-            if target_batches:
+            if settings.forget_target is not None and recall_of is not None:
+                record.forget_recall = recall_of(model)
+                model.train()
+            elif target_batches:
                 record.forget_recall = split_metrics(model, target_batches)["recall"]
             records.append(record)
             if on_step is not None:

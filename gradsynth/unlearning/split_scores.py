@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from gradsynth.unlearning.answers import answer_scores
 from gradsynth.unlearning.encoding import Example, make_batches
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.generation import rouge_l_of
@@ -33,18 +34,24 @@ def score_splits(
     batches: Batches,
     choices: Mapping[str, list[Choice]] | None = None,
     generate: Mapping[str, list[Example]] | None = None,
+    *,
+    contained: Mapping[str, list[Example]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{split: {"nll", "recall"[, "mc_acc"][, "rougeL_recall"]}}`` of ``model``.
 
     ``batches``: each split's encoded batches and whether it has answers; ``choices``: the
     multiple-choice questions of the splits that have them; ``generate``: the splits whose greedy
-    answers are scored by ROUGE-L recall.
+    answers are scored by ROUGE-L recall; ``contained``: the splits whose recall is that of
+    instruction-tuned models instead, a greedy answer that contains the gold one
+    (`gradsynth.unlearning.answers.answer_scores`, with ROUGE-L from the same generation).
     """
     metrics = {name: split_metrics(model, b, answers) for name, (b, answers) in batches.items()}
     for name, questions in (choices or {}).items():
         metrics[name]["mc_acc"] = mc_accuracy(model, tokenizer, questions)
     for name, examples in (generate or {}).items():
         metrics[name]["rougeL_recall"] = rouge_l_of(model, tokenizer, examples)
+    for name, examples in (contained or {}).items():
+        metrics[name].update(answer_scores(model, tokenizer, examples))
     return metrics
 
 

@@ -92,9 +92,9 @@ def _load_entry(folder: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast
         info = json.loads((folder / "pretrain.json").read_text())
         # The config is loaded explicitly: without it from_pretrained would build the default
         # LlamaConfig, a 6.7B-parameter model.
-        config = LlamaConfig.from_pretrained(folder)
-        model = LlamaForCausalLM.from_pretrained(folder, config=config)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+        config = LlamaConfig.from_pretrained(folder, trust_remote_code=False)
+        model = LlamaForCausalLM.from_pretrained(folder, config=config, trust_remote_code=False)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, trust_remote_code=False)
     except Exception as err:  # the files match their checksums but this library cannot read them
         raise CacheDamaged(f"cannot be loaded ({_reason(err)})") from err
     model.eval()
