@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,10 @@ def test_split_scores_are_the_metrics_of_each_split(world):
         direct = split_metrics(model, make_batches(tokenizer, split, 64, 64))
         assert scores[f"{name}/nll"] == pytest.approx(direct["nll"])
         assert scores[f"{name}/recall"] == direct["recall"]
-        answers = {e.answer for e in split}
-        choices = make_choices([(e.prompt, e.answer, name) for e in split], {name: answers})
+        # The options: the split's other answers; the context: each example's own prompt.
+        choices = make_choices([(e.prompt, e.answer, name) for e in split], {name: {e.answer for e in split}})
+        choices = [replace(c, context=e.prompt) for c, e in zip(choices, split, strict=True)]
+        assert all(c.context.endswith("? Answer:") for c in choices)
         assert scores[f"{name}/mc_acc"] == mc_accuracy(model, tokenizer, choices)
     assert scores["retain/recall"] == 1.0  # the CI model memorised its retain facts
 

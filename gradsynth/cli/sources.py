@@ -13,7 +13,7 @@ default for ``--model`` question/answer files, the TOFU / open-unlearning conven
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from gradsynth.unlearning.chat import NoChatTemplate, has_chat_template, in_form
 from gradsynth.unlearning.data import DataError, load_examples
 from gradsynth.unlearning.encoding import Example, prompt_of, with_loss_scope
 from gradsynth.unlearning.multiple_choice import Choice, make_choices
+from gradsynth.unlearning.split_scores import answer_choices
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WORLD_LOSS_SCOPE = "full"
@@ -149,17 +150,9 @@ def held_out_names(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 
 def held_out_choices(splits: dict[str, list[Example]]) -> dict[str, list[Choice]]:
-    """Each question/answer split with two or more distinct answers as multiple-choice questions:
-    the distractors are the split's other answers (`make_choices`, the split as one group), the
-    context the example's own prompt (its chat turn, if the prompts are in chat format)."""
-    out = {}
-    for name, examples in splits.items():
-        qa = [e for e in examples if e.answer is not None]
-        if len(qa) != len(examples) or len({e.answer for e in qa}) < 2:
-            continue
-        made = make_choices([(e.prompt, e.answer or "", name) for e in qa], {name: [e.answer for e in qa]})
-        out[name] = [replace(c, context=e.prompt) for c, e in zip(made, qa, strict=True)]
-    return out
+    """Each question/answer split with two or more distinct answers as multiple-choice questions
+    (`gradsynth.unlearning.split_scores.answer_choices`)."""
+    return {name: found for name, examples in splits.items() if (found := answer_choices(examples, name))}
 
 
 def read_splits(files: list[tuple[str, Any]]) -> dict[str, list[Example]]:

@@ -14,6 +14,7 @@ steps without encoding them again.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,15 @@ def score_splits(
 
 
 def answer_choices(examples: Sequence[Example], group: str) -> list[Choice] | None:
-    """Multiple-choice questions of a question/answer split, distractors from its other answers
-    (None when the split is plain text or has fewer than 2 distinct answers)."""
-    facts = [(e.prompt, e.answer, group) for e in examples if e.answer is not None]
-    answers = {answer for _, answer, _ in facts}
-    if len(facts) < len(examples) or len(answers) < 2:
+    """Multiple-choice questions of a question/answer split: the distractors are the split's other
+    answers (`make_choices`, the split as one group), the context each example's own prompt (its
+    chat turn, if the prompts are in chat format). None when the split is plain text or has fewer
+    than 2 distinct answers."""
+    qa = [e for e in examples if e.answer is not None]
+    if len(qa) != len(examples) or len({e.answer for e in qa}) < 2:
         return None
-    return make_choices(facts, {group: answers})
+    made = make_choices([(e.prompt, e.answer or "", group) for e in qa], {group: [e.answer for e in qa]})
+    return [replace(c, context=e.prompt) for c, e in zip(made, qa, strict=True)]
 
 
 class SplitScores:
