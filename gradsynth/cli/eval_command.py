@@ -10,7 +10,7 @@ import argparse
 import json
 
 from gradsynth.cli.errors import CliError
-from gradsynth.cli.output_folder import check_output_folder, staged_output
+from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.parser import parse_list
 from gradsynth.cli.tables import benchmark_table
 from gradsynth.unlearning.benchmarks import EvalExtraMissing, UnknownTask, evaluate_tasks, require_lm_eval
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             raise CliError(f"--include-path {folder}: no such folder; give the folder of your task YAMLs")
     if args.out is not None:
-        check_output_folder(args.out, args.overwrite)
+        check_output_folder(args.out, args.overwrite, run_inputs(args))
     require_lm_extra()
     try:
         require_lm_eval()
