@@ -15,13 +15,28 @@ interleave with zeros and ran at 0.6-0.8x over a Llama-shaped gradient list. The
 (`gradsynth.rules.fused`) pass only plain contiguous tensors of one shape, of any size.
 
 The shared library is compiled once per source, compiler and processor into
-``$GRADSYNTH_CACHE/native`` (default ``~/.cache/gradsynth/native``; a private temporary folder if
-that cannot be written), published by an atomic rename so that concurrent processes never load
-a half-written file, and checked against exactly rounded sums (and, for bfloat16, torch's own
-rounding) before it is trusted. Without a C compiler, on a failed build or check, or with
-``GRADSYNTH_NATIVE=0`` (and for bfloat16 without AVX2 and FMA), `dots_f32` and `dots_bf16`
-return None and `apply_bf16` False, and the caller takes the compiled path: nothing but speed
-depends on this module.
+``$GRADSYNTH_CACHE/native`` (default ``~/.cache/gradsynth/native``, created ``0700``), under an
+exclusive ``flock`` on ``.lock`` there so that concurrent processes build it once, and checked
+against exactly rounded sums (and, for bfloat16, torch's own rounding) before it is trusted.
+
+Nothing another user could have planted is ever loaded (the shared-cache guarantee):
+
+- the folder must be owned by this user and not writable by group or others (`gradsynth.owned_files`),
+  else one log line and the compiled path;
+- each build runs in a fresh ``0700`` folder of its own (``mkdtemp``), the library is made ``0600``
+  and its SHA-256 written to an owner-only ``dots-<key>.so.sha256``, then both are renamed into
+  place (atomically: no process sees half a file);
+- before ``dlopen`` the library is opened without following links, the open descriptor checked
+  (a regular file, this user's, not writable by others) and its bytes hashed against the
+  manifest, and that very descriptor is loaded (``/proc/self/fd/N``), so no constructor of any
+  other file runs; a pair that does not check out is rebuilt;
+- a library without every kernel symbol is refused (compiled path), never an ``AttributeError``.
+
+When the cache cannot be written, one private temporary folder per process
+(``gradsynth-native-*``) serves every build and is removed at exit. Without a C compiler, on a
+failed build or check, with a refused cache, or with ``GRADSYNTH_NATIVE=0`` (and for bfloat16
+without AVX2 and FMA), `dots_f32` and `dots_bf16` return None and `apply_bf16` False, and the
+caller takes the compiled path: nothing but speed depends on this module.
 
 The kernels run on one thread; with more than one torch thread the compiled kernels' parallel
 loops are used instead (the functions decline as above).
