@@ -319,14 +319,15 @@ def test_unlearn_out_that_is_or_contains_an_input_is_refused(cache, tmp_path, ca
     assert {p: _files(p) for p in folders} == before
 
 
+@pytest.mark.parametrize("where", ["name", "folder"])
 def test_an_out_name_longer_than_the_file_system_allows_is_refused_first(
-    cache, tmp_path, capsys, monkeypatch
+    cache, tmp_path, capsys, monkeypatch, where
 ):
     called = []
     monkeypatch.setattr("gradsynth.cli.unlearn_command.load_task", lambda *a, **k: called.append(1))
-    out = tmp_path / ("x" * 300)
+    out = tmp_path / ("x" * 300) if where == "name" else tmp_path / ("x" * 300) / "run"
     assert main(["unlearn", *FAST, "--out", str(out)]) == 2
-    _one_line_error(capsys, "the name is 300 bytes", "give a shorter name")
+    _one_line_error(capsys, "300 bytes, longer than this file system allows", "give a shorter name")
     assert called == []
 
 

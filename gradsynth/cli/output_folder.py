@@ -95,13 +95,15 @@ def check_output_folder(out: Path, overwrite: bool, inputs: Iterable[tuple[str, 
     """
     given, out = out, Path(os.path.abspath(out))
     cwd = Path.cwd()
-    parent = _nearest_existing(out.parent)
-    size, limit = len(os.fsencode(out.name)), _name_max(parent if parent.is_dir() else Path("/"))
+    # Every part of the path first: a part too long makes even looking at the path fail.
+    longest = max(out.parts, key=lambda part: len(os.fsencode(part)))
+    size, limit = len(os.fsencode(longest)), _name_max(Path(out.anchor))
     if size > limit:
         raise CliError(
-            f"--out {given}: the name is {size} bytes, longer than this file system allows ({limit}); "
-            "give a shorter name"
+            f"--out {given}: the name {'is' if longest == out.name else 'of a folder in it is'} {size} "
+            f"bytes, longer than this file system allows ({limit}); give a shorter name"
         )
+    parent = _nearest_existing(out.parent)
     if out == cwd or out in cwd.parents:
         raise CliError(
             f"--out {given}: is the current folder or contains it, which cannot be replaced; "
