@@ -125,7 +125,7 @@ def test_out_that_appeared_meanwhile_is_refused_and_both_results_kept(cache, tmp
     assert main(["unlearn", *FAST, "--out", str(out)]) == 2
     err = _one_line_error(capsys, "appeared while this run was working")
     assert _model_files(out) == {"theirs.txt"}
-    kept = tmp_path / f"run.kept-{os.getpid()}"
+    (kept,) = tmp_path.glob(f"run.kept-{os.getpid()}-*")  # a fresh name: nothing there is replaced
     assert str(kept) in err and {"report.json", "model.safetensors"} <= _model_files(kept)
     _no_strays(tmp_path)
 
@@ -413,24 +413,27 @@ def test_two_concurrent_runs_on_one_out_keep_both_results(cache, tmp_path):
     _no_strays(tmp_path)
 
 
-def test_two_concurrent_runs_on_one_cold_cache_both_succeed(cache, tmp_path):
+def test_two_concurrent_runs_on_one_cold_cache_train_once_and_both_succeed(cache, tmp_path):
     shutil.rmtree(cache)
     release = tmp_path / "go"
-    children = [
-        _child(
-            "cache-save",
-            ["unlearn", *FAST, "--out", str(tmp_path / f"run{i}")],
-            cache,
-            GS_FAST_PRETRAIN="1",
-            GS_RELEASE=str(release),
-        )
-        for i in range(2)
-    ]
-    for child in children:
-        _wait_for_pause(child, "cache-save")
+
+    def child(i: int) -> subprocess.Popen:
+        out = str(tmp_path / f"run{i}")
+        env = {"GS_FAST_PRETRAIN": "1", "GS_RELEASE": str(release), "PYTHONUNBUFFERED": "1"}
+        return _child("cache-save", ["unlearn", *FAST, "--out", out], cache, **env)
+
+    first = child(0)
+    _wait_for_pause(first, "cache-save")  # it trained, holds the training lock, and waits to save
+    second = child(1)
+    for line in second.stdout:  # the second finds the cache cold too, and waits for the first
+        if "Another run is training the 'ci' world model" in line:
+            break
+    else:
+        raise AssertionError(f"the second run did not wait: {second.wait()} {second.stderr.read()}")
     release.touch()
-    codes = [child.wait(timeout=120) for child in children]
-    assert codes == [0, 0], [child.stderr.read() for child in children]
-    entries = list(cache.iterdir())
+    codes = [first.wait(timeout=120), second.wait(timeout=120)]
+    assert codes == [0, 0], [c.stderr.read() for c in (first, second)]
+    assert "Training the" not in second.stdout.read()  # it loaded what the first saved
+    entries = [p for p in cache.iterdir() if not p.name.endswith(".lock")]
     assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()
     _no_strays(tmp_path)

@@ -185,6 +185,7 @@ def test_concurrent_builds_publish_one_whole_library(fresh_native):
         thread.join()
     assert not errors and len(set(paths)) == 1
     folder = paths[0].parent
-    assert [p.name for p in folder.iterdir()] == [paths[0].name]  # no staging file left behind
+    # No staging file left behind: the library, its owner-only manifest and the build lock.
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", paths[0].name, f"{paths[0].name}.sha256"]
     assert native.library() is not None  # and the published file loads and passes the check
     assert native.dots_f32(torch.ones(5), torch.full((5,), 2.0)) == (10.0, 20.0)

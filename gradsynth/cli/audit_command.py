@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from gradsynth.cli.errors import CliError
-from gradsynth.cli.output_folder import check_output_folder, staged_output
+from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.unlearning.audit import RelearnSettings, audit_model
 from gradsynth.world.never_learned import (
     forget_facts,
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from gradsynth.cli.unlearn_command import resolve_device
 
     if args.out is not None:
-        check_output_folder(args.out, args.overwrite)
+        check_output_folder(args.out, args.overwrite, run_inputs(args))
     require_lm_extra()
     device = resolve_device(args.device)
     model, tokenizer = _load_model(args.model, "float32")

@@ -25,7 +25,7 @@ from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.compare_paired import paired, paired_markdown
 from gradsynth.cli.compare_ranking import rank, ranking_markdown, tradeoff_plot, utility_kept
 from gradsynth.cli.compare_results import aggregate, markdown_report, pareto_plot
-from gradsynth.cli.output_folder import check_output_folder, staged_output
+from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.parser import (
     COMPARE_LRS,
     DEFAULT_LR,
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     check_positive_finite(lrs, "--lrs", lrs_text)
     seeds = parse_list(args.seeds, int, "--seeds")
     out = args.out or default_out("compare")
-    check_output_folder(out, args.overwrite)
+    check_output_folder(out, args.overwrite, run_inputs(args))
     device = resolve_device(args.device)
     start = time.perf_counter()
     runs = []

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from gradsynth.cli.errors import CliError
-from gradsynth.cli.output_folder import check_output_folder, staged_output
+from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.parser import parse_list
 from gradsynth.cli.progress import phase
 from gradsynth.cli.tables import benchmark_table, split_table
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             raise CliError(f"--include-path {folder}: no such folder; give the folder of your task YAMLs")
     if args.out is not None:
-        check_output_folder(args.out, args.overwrite)
+        check_output_folder(args.out, args.overwrite, run_inputs(args))
     require_lm_extra()
     if tasks:
         try:

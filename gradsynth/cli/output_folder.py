@@ -1,22 +1,29 @@
 """Output folders that are complete or absent, never half-written, never lost, never hidden.
 
-Before any work, `check_output_folder` refuses a ``--out`` that is a file, lies under a file,
-is in a folder this process cannot write, is the current folder (or contains it), or is a
-non-empty folder without ``--overwrite``. Everything is then written into a hidden staging
-folder next to ``--out`` (``.<name>.partial-<pid>``) and published by one atomic rename when
-the command succeeded; on failure or interrupt the staging folder is removed. If ``--out``
-appeared meanwhile (another run), the rename refuses and the complete result is kept under a
-visible name that the error line gives. With ``--overwrite`` the old folder is moved aside,
-the new one renamed in and the old one deleted, with signals held back until that is done.
+Before any work, `check_output_folder` refuses a ``--out`` whose name is longer than the file
+system allows, that is a symbolic link (``--overwrite`` would replace the link, not the folder it
+names: give that folder itself), a file, lies under a file, is in a folder this process cannot
+write, is the current folder (or contains it), is or contains one of the run's inputs (the model,
+the data files, the task folders, the world cache: writing the result would delete them), or is a
+non-empty folder without ``--overwrite``. Everything is then written into a hidden staging folder
+next to ``--out`` (``.<name>.partial-<pid>-<random>``, made by ``mkdtemp``, so no file already
+there is ever reused or replaced) and published by one atomic rename when the command
+succeeded; on failure or interrupt the staging folder is removed. If ``--out`` appeared
+meanwhile (another run), the rename refuses and the complete result is kept under a visible
+name that the error line gives. With ``--overwrite`` the old folder is moved aside (onto a fresh
+``.<name>.old-<pid>-<random>``), the new one renamed in and the old one deleted, with signals
+held back until that is done. The hidden names use at most the first 100 bytes of ``--out``'s
+name, so any name the file system accepts works.
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,22 +51,77 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_output_folder(out: Path, overwrite: bool) -> Path:
-    """Refuse an unusable ``--out`` before doing any work; returns it as an absolute path."""
+def run_inputs(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """What a command reads, as ``(what, path)``, for `check_output_folder` (absent ones are None)."""
+    from gradsynth.world import cache_dir  # the world cache, and the C kernels' build cache in it
+
+    model = "MODEL" if getattr(args, "command", None) in ("eval", "audit") else "--model"
+    return [
+        (model, getattr(args, "model", None)),
+        ("--forget", getattr(args, "forget", None)),
+        ("--retain", getattr(args, "retain", None)),
+        ("--reference-model", getattr(args, "reference_model", None)),
+        *(("--include-path", folder) for folder in getattr(args, "include_path", None) or []),
+        *((f"--eval {name}", file) for name, file in getattr(args, "eval", None) or []),
+        ("the gradsynth cache (GRADSYNTH_CACHE)", cache_dir()),
+    ]
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _check_inputs(out: Path, given: Path, inputs: Iterable[tuple[str, object]]) -> None:
+    """Refuse an ``out`` that is, or contains, one of ``inputs`` (compared after resolving links)."""
+    real = Path(os.path.realpath(out))
+    for what, value in inputs:
+        if value is None or not os.path.exists(value):  # a Hub id, or nothing given
+            continue
+        path = Path(os.path.realpath(value))
+        if path == real or real in path.parents:
+            relation = "is" if path == real else "contains"
+            raise CliError(
+                f"--out {given}: {relation} {what} {value}, which writing the result would delete; "
+                "choose another --out"
+            )
+
+
+def check_output_folder(out: Path, overwrite: bool, inputs: Iterable[tuple[str, object]] = ()) -> Path:
+    """Refuse an unusable ``--out`` before doing any work; returns it as an absolute path.
+
+    ``inputs``: what the command reads, as ``(what, path)`` pairs (`run_inputs`); an ``--out``
+    that is one of them or contains one is refused.
+    """
     given, out = out, Path(os.path.abspath(out))
     cwd = Path.cwd()
+    # Every part of the path first: a part too long makes even looking at the path fail.
+    longest = max(out.parts, key=lambda part: len(os.fsencode(part)))
+    size, limit = len(os.fsencode(longest)), _name_max(Path(out.anchor))
+    if size > limit:
+        raise CliError(
+            f"--out {given}: the name {'is' if longest == out.name else 'of a folder in it is'} {size} "
+            f"bytes, longer than this file system allows ({limit}); give a shorter name"
+        )
+    parent = _nearest_existing(out.parent)
     if out == cwd or out in cwd.parents:
         raise CliError(
             f"--out {given}: is the current folder or contains it, which cannot be replaced; "
             f"give a new folder, e.g. --out {Path(given) / 'run'}"
         )
+    if out.is_symlink():
+        raise CliError(
+            f"--out {given}: is a symbolic link (to {os.readlink(out)}); give the folder itself or a new name"
+        )
+    _check_inputs(out, given, inputs)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {given}: is a file; give a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CliError(
             f"--out {given}: folder exists and is not empty; pass --overwrite or choose another --out"
         )
-    parent = _nearest_existing(out.parent)
     if not parent.is_dir():
         raise CliError(f"--out {given}: {parent} is a file, not a folder; choose another --out")
     try:  # the only reliable test of writability (permissions, read-only mounts, root)
@@ -71,12 +133,22 @@ def check_output_folder(out: Path, overwrite: bool) -> Path:
     return out
 
 
+def _beside(out: Path, template: str) -> Path:
+    """A fresh empty folder next to ``out``, named by ``template`` (``{name}``: 100 bytes at most)."""
+    name = os.fsdecode(os.fsencode(out.name)[:100])
+    return Path(tempfile.mkdtemp(prefix=template.format(name=name, pid=os.getpid()), dir=out.parent))
+
+
 def _keep(staging: Path, out: Path) -> Path:
     """Give a complete staged result a visible name next to ``out``."""
-    kept = out.with_name(f"{out.name}.kept-{os.getpid()}")
     try:
-        staging.rename(kept)
+        kept = _beside(out, "{name}.kept-{pid}-")
     except OSError:
+        return staging
+    try:
+        staging.rename(kept)  # onto the fresh empty folder: nothing already there is replaced
+    except OSError:
+        kept.rmdir()
         return staging
     return kept
 
@@ -84,9 +156,13 @@ def _keep(staging: Path, out: Path) -> Path:
 def _publish(staging: Path, out: Path, given: Path, overwrite: bool) -> None:
     """Rename ``staging`` to ``out`` atomically; refuse (keeping the result) if that would lose data."""
     old = None
-    if overwrite and out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
+    if overwrite and out.is_dir() and not out.is_symlink():
+        old = _beside(out, ".{name}.old-{pid}-")
+        try:
+            out.rename(old)  # onto the fresh empty folder: a file already there is never touched
+        except OSError:
+            old.rmdir()  # out went away or changed kind meanwhile: the rename below decides
+            old = None
     try:
         staging.rename(out)  # replaces an empty folder, refuses a non-empty one
     except OSError as err:
@@ -112,11 +188,9 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     handled when publishing, so that a finished result is never thrown away.
     """
     given, out = out, Path(os.path.abspath(out))
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging = _beside(out, ".{name}.partial-{pid}-")
     except OSError as err:
         raise CliError(f"--out {given}: cannot be created ({_reason(err)}); choose a writable --out") from err
     try:

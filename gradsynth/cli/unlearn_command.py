@@ -17,7 +17,7 @@ import torch
 from gradsynth.cli.audit_command import audit_table, relearn_settings, world_audit
 from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.errors import CliError
-from gradsynth.cli.output_folder import check_output_folder, staged_output
+from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.parser import (
     DEFAULT_STEPS,
     LADDER_FACTOR,
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
             "--model, or drop --audit"
         )
     relearn = relearn_settings(args)
-    check_output_folder(out, args.overwrite)
+    check_output_folder(out, args.overwrite, run_inputs(args))
     device = resolve_device(args.device)
     task = load_task(args, args.seed)
     if args.max_length:

@@ -9,6 +9,7 @@ that names the file and the fix.
 from __future__ import annotations
 
 import codecs
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,12 @@ def load_examples(path: str | Path, what: str = "data") -> list[Example]:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        # A private cache removed at once, the table kept in memory: nothing of the forget or
+        # retain data is left in the shared datasets cache (which is readable by others).
+        with tempfile.TemporaryDirectory(prefix="gradsynth-data-") as private:
+            table = datasets.load_dataset(
+                builder, data_files=str(path), split="train", cache_dir=private, keep_in_memory=True
+            )
     except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{what} {path}: could not be read as {builder} ({reason})") from err

@@ -8,11 +8,19 @@ stale weights.
 
 An entry is trusted only when it matches its manifest (`gradsynth.world.cache_files`): every
 file listed, with its size and SHA-256 written at save time. A damaged entry (a file missing,
-truncated or changed) is rebuilt, with one line saying so. Writes are atomic: the folder is
-written under a temporary name (``world-*.tmp-<pid>``) and renamed when complete; a temporary
-folder of a process that died is removed by the next run. A cache that cannot be written (a
-read-only folder, ``GRADSYNTH_CACHE`` naming a file, a full disk) costs one warning: the freshly
-trained model is used from memory.
+truncated or changed) is rebuilt, with one line saying so.
+
+On a shared machine nothing another user could have written is loaded (`gradsynth.owned_files`):
+a cache folder owned by someone else or writable by group or others is neither read nor written
+(one line; the shipped model is used, else the model is trained in memory), and an entry whose
+folder or files are not this user's own, or are writable by others, is replaced like a damaged
+one. Writes are atomic and never follow a link planted by someone else: the entry is written in a
+fresh ``0700`` folder made by ``mkdtemp`` (``world-*.tmp-<pid>-<random>``) and renamed when
+complete; a temporary folder of a process that died is removed by the next run. Training holds
+an exclusive ``flock`` on ``.world-*.lock`` in the cache, so that of two runs that find the cache
+cold, one trains and publishes and the other waits and then loads that entry. A cache that cannot
+be written (a read-only folder, ``GRADSYNTH_CACHE`` naming a file, a full disk) costs one warning:
+the freshly trained model is used from memory.
 
 Before training, the package's own trained entry for exactly this world is used when there is one
 (`gradsynth.world.shipped`): read in place, verified against its manifest like a cache entry.
@@ -20,11 +28,13 @@ Before training, the package's own trained entry for exactly this world is used 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,9 +43,11 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from gradsynth.owned_files import folder_problem, locked
 from gradsynth.unlearning.encoding import Example, prompt_of
 from gradsynth.world.cache_files import (
     CacheDamaged,
+    CacheUntrusted,
     make_shareable,
     remove_stale_temporaries,
     verify_manifest,
@@ -85,9 +97,19 @@ def _reason(err: BaseException) -> str:
     return (text[0] if text else type(err).__name__)[:200]
 
 
-def _load_entry(folder: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict[str, Any]]:
-    """The cached model, tokenizer and pretraining info; `CacheDamaged` if anything is off."""
-    verify_manifest(folder, REQUIRED_FILES)
+def _load_entry(
+    folder: Path, own: bool = True
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict[str, Any]]:
+    """The cached model, tokenizer and pretraining info; `CacheDamaged` if anything is off.
+
+    ``own``: the entry and its files must be this user's and not writable by others (a cache
+    entry; the shipped one belongs to whoever installed the package).
+    """
+    if own:
+        problem = folder_problem(folder, follow=False)
+        if problem:
+            raise CacheUntrusted(f"its folder {problem}")
+    verify_manifest(folder, REQUIRED_FILES, own=own)
     try:
         info = json.loads((folder / "pretrain.json").read_text())
         # The config is loaded explicitly: without it from_pretrained would build the default
@@ -103,22 +125,20 @@ def _load_entry(folder: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast
 
 def _discard(folder: Path) -> None:
     """Move a damaged entry out of the way (atomically), then delete it; best effort."""
-    aside = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     try:
-        folder.rename(aside)
+        # Renamed onto a fresh empty folder of our own: no name there was predictable.
+        aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.tmp-{os.getpid()}-"))
     except OSError:
-        return  # another process moved it first, or the cache is read-only: the save will say so
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        aside.unlink(missing_ok=True)
+        return  # a read-only cache: the save will say so
+    with contextlib.suppress(OSError):  # another process moved it first
+        folder.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _save_entry(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any]) -> None:
-    """Write the entry under a temporary name, with its manifest, and rename it into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write the entry in a fresh private folder, with its manifest, and rename it into place."""
+    folder.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.tmp-{os.getpid()}-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -135,6 +155,23 @@ def _save_entry(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any]) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _cached(
+    folder: Path, log: Callable[[str], None]
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict[str, Any]] | None:
+    """The trusted, intact cache entry in ``folder``; None (a damaged one discarded, with one line)."""
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    try:
+        model, tokenizer, info = _load_entry(folder)
+        return model, tokenizer, {**info, "cached": True, "path": str(folder)}
+    except CacheUntrusted as err:
+        log(f"The cached world model in {folder} is not trusted ({err}); not loading it, rebuilding it")
+    except CacheDamaged as err:
+        log(f"The cached world model in {folder} is damaged ({err}); rebuilding it")
+    _discard(folder)
+    return None
+
+
 def load_world_model(
     size_name: str = "default", log: Callable[[str], None] = print, *, shipped: bool | None = None
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, World, dict[str, Any]]:
@@ -146,27 +183,48 @@ def load_world_model(
     size = SIZES[size_name]
     world = build_world(size, WORLD_SEED)
     folder = cache_dir() / f"world-{size_name}-{cache_key(size_name, world)}"
-    remove_stale_temporaries(folder.parent)
-    if folder.exists():
-        try:
-            model, tokenizer, info = _load_entry(folder)
-            return model, tokenizer, world, {**info, "cached": True, "path": str(folder)}
-        except CacheDamaged as err:
-            log(f"The cached world model in {folder} is damaged ({err}); rebuilding it")
-            _discard(folder)
+    # A cache that is not a folder (or not there yet) holds nothing to trust; saving says the rest.
+    problem = folder_problem(folder.parent) if folder.parent.is_dir() else None
+    if problem:
+        log(
+            f"The world cache {folder.parent} {problem}, so another user could plant a model there; "
+            "not using it (chmod go-w it, or set GRADSYNTH_CACHE to a folder of your own)"
+        )
+    else:
+        remove_stale_temporaries(folder.parent)
+        found = _cached(folder, log)
+        if found is not None:
+            return (*found[:2], world, found[2])
     packaged = shipped_entry(folder.name) if (shipped_enabled() if shipped is None else shipped) else None
     if packaged is not None:
         try:
-            model, tokenizer, info = _load_entry(packaged)
+            model, tokenizer, info = _load_entry(packaged, own=False)
             return model, tokenizer, world, {**info, "cached": True, "shipped": True, "path": str(packaged)}
         except CacheDamaged as err:  # a damaged installation: train, as without it
             log(f"The world model shipped in {packaged} is damaged ({err}); training it instead")
+    if problem:
+        model, tokenizer, info = _train(size_name, world, folder, log, save=False)
+        return model, tokenizer, world, info
+    with contextlib.suppress(OSError):  # then the lock cannot be had either; saving will say why
+        folder.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    # One run trains a cold world; another that finds it cold meanwhile waits here, then loads it.
+    waiting = f"Another run is training the '{size_name}' world model; waiting for it to finish"
+    with locked(folder.with_name(f".{folder.name}.lock"), on_wait=lambda: log(waiting)):
+        found = _cached(folder, log)
+        if found is not None:
+            return (*found[:2], world, found[2])
+        model, tokenizer, info = _train(size_name, world, folder, log, save=True)
+    return model, tokenizer, world, info
 
+
+def _train(
+    size_name: str, world: World, folder: Path, log: Callable[[str], None], save: bool
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict[str, Any]]:
+    """Train the world's model; with ``save``, write it to ``folder`` (a failure costs one warning)."""
+    size = SIZES[size_name]
     examples = world_examples(world)
-    log(
-        f"Training the '{size_name}' world model once ({len(examples)} facts); "
-        f"it is cached in {folder.parent}"
-    )
+    kept = f"it is cached in {folder.parent}" if save else "it is kept in memory only"
+    log(f"Training the '{size_name}' world model once ({len(examples)} facts); {kept}")
     start = time.perf_counter()
     texts = [f"{e.prompt} {e.answer}" for e in examples]
     tokenizer = train_tokenizer(texts, size.vocab_size)
@@ -188,6 +246,8 @@ def load_world_model(
         },
     }
     log(f"  memorised {info['recall']:.1%} of the facts in {info['steps']} steps, {info['seconds']}s")
+    if not save:
+        return model, tokenizer, {**info, "cached": False, "path": str(folder)}
     try:
         _save_entry(folder, model, tokenizer, info)
     except Exception as err:  # OSError, or safetensors' own error on a full disk: the model is fine
@@ -195,4 +255,4 @@ def load_world_model(
             f"Warning: could not write the world model cache in {folder.parent} ({_reason(err)}); "
             "continuing with the model in memory (set GRADSYNTH_CACHE to a writable folder to keep it)"
         )
-    return model, tokenizer, world, {**info, "cached": False, "path": str(folder)}
+    return model, tokenizer, {**info, "cached": False, "path": str(folder)}

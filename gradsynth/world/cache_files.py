@@ -2,7 +2,8 @@
 
 ``manifest.json`` maps every other file of the entry to its size in bytes and its SHA-256,
 computed when the entry is written. `verify_manifest` recomputes both, so a truncated, changed
-or missing file is caught before anything is loaded from it.
+or missing file is caught before anything is loaded from it; for a cache entry it also refuses a
+file that is a link, another user's, or writable by others (`gradsynth.owned_files`).
 """
 
 from __future__ import annotations
@@ -16,19 +17,31 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from gradsynth.owned_files import Untrusted, open_trusted
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
-_TEMPORARY = re.compile(r"^world-.+\.tmp-(\d+)$")
+# world-<size>-<key>.tmp-<pid>-<mkdtemp's random part> (and .tmp-<pid> of older versions)
+_TEMPORARY = re.compile(r"^world-.+\.tmp-(\d+)(-[^/]*)?$")
 
 
 class CacheDamaged(Exception):
     """A cache entry that does not match its manifest; the message says what is wrong."""
 
 
-def _digest(path: Path) -> str:
+class CacheUntrusted(CacheDamaged):
+    """A cache entry that another user could have written (not this user's, or writable by others)."""
+
+
+def _digest(path: Path, own: bool = False) -> str:
+    """SHA-256 of ``path``; with ``own``, of a file `open_trusted` accepts (`CacheUntrusted` if not)."""
     sha = hashlib.sha256()
-    with path.open("rb") as handle:
+    try:
+        fd = open_trusted(path) if own else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except Untrusted as err:
+        raise CacheUntrusted(f"{path.name} {err}") from err
+    with os.fdopen(fd, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             sha.update(chunk)
     return sha.hexdigest()
@@ -44,9 +57,14 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"version": MANIFEST_VERSION, "files": files}, indent=2))
 
 
-def verify_manifest(folder: Path, required: Iterable[str]) -> None:
-    """Raise `CacheDamaged` unless every file of the manifest, and every ``required`` one, is intact."""
+def verify_manifest(folder: Path, required: Iterable[str], own: bool = False) -> None:
+    """Raise `CacheDamaged` unless every file of the manifest, and every ``required`` one, is intact.
+
+    ``own``: every file, the manifest first, must also be this user's own (`CacheUntrusted`).
+    """
     try:
+        if own:
+            _digest(folder / MANIFEST, own=True)
         manifest = json.loads((folder / MANIFEST).read_text())
         files = manifest["files"]
         if manifest.get("version") != MANIFEST_VERSION or not isinstance(files, dict):
@@ -64,7 +82,7 @@ def verify_manifest(folder: Path, required: Iterable[str]) -> None:
             size = path.stat().st_size
             if size != expected["bytes"]:
                 raise CacheDamaged(f"{name} has {size} bytes, {expected['bytes']} were written")
-            if _digest(path) != expected["sha256"]:
+            if _digest(path, own) != expected["sha256"]:
                 raise CacheDamaged(f"{name} does not match its checksum")
         except FileNotFoundError as err:
             raise CacheDamaged(f"{name} is missing") from err
@@ -75,10 +93,14 @@ def verify_manifest(folder: Path, required: Iterable[str]) -> None:
 
 
 def make_shareable(folder: Path) -> None:
-    """Folder ``rwxr-xr-x``, files ``rw-r--r--``, whatever the umask: one user's cache serves all."""
+    """Folder ``rwxr-xr-x``, files ``rw-r--r--``, whatever the umask (readable by all, written by one).
+
+    Only in a folder of this process's own making; a link is never followed (its target keeps its mode).
+    """
     folder.chmod(0o755)
     for path in folder.iterdir():
-        path.chmod(0o755 if path.is_dir() else 0o644)
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _alive(pid: int) -> bool:

@@ -15,13 +15,28 @@ interleave with zeros and ran at 0.6-0.8x over a Llama-shaped gradient list. The
 (`gradsynth.rules.fused`) pass only plain contiguous tensors of one shape, of any size.
 
 The shared library is compiled once per source, compiler and processor into
-``$GRADSYNTH_CACHE/native`` (default ``~/.cache/gradsynth/native``; a private temporary folder if
-that cannot be written), published by an atomic rename so that concurrent processes never load
-a half-written file, and checked against exactly rounded sums (and, for bfloat16, torch's own
-rounding) before it is trusted. Without a C compiler, on a failed build or check, or with
-``GRADSYNTH_NATIVE=0`` (and for bfloat16 without AVX2 and FMA), `dots_f32` and `dots_bf16`
-return None and `apply_bf16` False, and the caller takes the compiled path: nothing but speed
-depends on this module.
+``$GRADSYNTH_CACHE/native`` (default ``~/.cache/gradsynth/native``, created ``0700``), under an
+exclusive ``flock`` on ``.lock`` there so that concurrent processes build it once, and checked
+against exactly rounded sums (and, for bfloat16, torch's own rounding) before it is trusted.
+
+Nothing another user could have planted is ever loaded (the shared-cache guarantee):
+
+- the folder must be owned by this user and not writable by group or others (`gradsynth.owned_files`),
+  else one log line and the compiled path;
+- each build runs in a fresh ``0700`` folder of its own (``mkdtemp``), the library is made ``0600``
+  and its SHA-256 written to an owner-only ``dots-<key>.so.sha256``, then both are renamed into
+  place (atomically: no process sees half a file);
+- before ``dlopen`` the library is opened without following links, the open descriptor checked
+  (a regular file, this user's, not writable by others) and its bytes hashed against the
+  manifest, and that very descriptor is loaded (``/proc/self/fd/N``), so no constructor of any
+  other file runs; a pair that does not check out is rebuilt;
+- a library without every kernel symbol is refused (compiled path), never an ``AttributeError``.
+
+When the cache cannot be written, one private temporary folder per process
+(``gradsynth-native-*``) serves every build and is removed at exit. Without a C compiler, on a
+failed build or check, with a refused cache, or with ``GRADSYNTH_NATIVE=0`` (and for bfloat16
+without AVX2 and FMA), `dots_f32` and `dots_bf16` return None and `apply_bf16` False, and the
+caller takes the compiled path: nothing but speed depends on this module.
 
 The kernels run on one thread; with more than one torch thread the compiled kernels' parallel
 loops are used instead (the functions decline as above).
@@ -29,8 +44,10 @@ loops are used instead (the functions decline as above).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
+import logging
 import math
 import os
 import platform
@@ -43,6 +60,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradsynth.owned_files import Untrusted, folder_problem, locked, open_trusted, read_all, read_trusted
+
 #: The elementwise bfloat16 kernels of ``bf16.c`` (see `apply_bf16`).
 APPLIES = ("linear", "sago", "prefer")
 _SOURCE = Path(__file__).with_name("dots.c")
@@ -52,6 +71,10 @@ _BF16_SOURCE = Path(__file__).with_name("bf16.c")
 _FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=off"], ["-O3", "-ffp-contract=off"])
 #: (library or None once tried, whether its bfloat16 kernels may run, reason it is None).
 _state: dict[str, Any] = {"library": None, "bf16": False, "tried": False, "reason": "not built yet"}
+#: This process's fallback build folder (when the cache cannot be written) and the descriptors of
+#: the libraries it loaded (kept open: see `_load`).
+_private: dict[str, Any] = {"folder": None, "descriptors": []}
+_log = logging.getLogger(__name__)
 
 
 def _compiler() -> str | None:
@@ -69,42 +92,149 @@ def _processor() -> str:
     return f"{platform.machine()}|{platform.processor()}|{model.strip()}|{capability}"
 
 
+def _private_folder() -> Path:
+    """This process's own temporary build folder (``0700``), made once and removed at exit."""
+    if _private["folder"] is None:
+        folder = Path(tempfile.mkdtemp(prefix="gradsynth-native-"))
+        owner = os.getpid()
+        # Only the process that made it removes it (a forked child exits without atexit anyway).
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+        _private["folder"] = folder
+    return _private["folder"]
+
+
 def _cache_folder() -> Path:
+    """``$GRADSYNTH_CACHE/native`` if it is writable, else `_private_folder`; `Untrusted` if shared."""
     root = Path(os.environ.get("GRADSYNTH_CACHE") or Path.home() / ".cache" / "gradsynth") / "native"
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        return _private_folder()
+    problem = folder_problem(root, follow=False)
+    if problem:
+        raise Untrusted(
+            f"the kernel cache {root} {problem}, so another user could plant a library there; "
+            "not loading from it (make it yours with chmod go-w, or set GRADSYNTH_CACHE to a private folder)"
+        )
+    try:
         with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
             return root
     except OSError:
-        return Path(tempfile.mkdtemp(prefix="gradsynth-native-"))
+        return _private_folder()
+
+
+def _manifest(target: Path) -> Path:
+    """The owner-only file next to a library holding the SHA-256 it had when it was built."""
+    return target.with_name(f"{target.name}.sha256")
+
+
+def _intact(target: Path) -> bool:
+    """Whether ``target`` and its manifest are trusted files that agree (checked again at load)."""
+    try:
+        return hashlib.sha256(read_trusted(target)).hexdigest() == read_trusted(_manifest(target)).decode()
+    except (OSError, Untrusted, UnicodeDecodeError):
+        return False
+
+
+def _publish(built: Path, target: Path) -> None:
+    """Record ``built``'s SHA-256 in an owner-only manifest, then rename both into place."""
+    os.chmod(built, 0o600)  # in our own 0700 build folder: no link can be there
+    digest = hashlib.sha256(built.read_bytes()).hexdigest()
+    manifest = built.with_name("manifest")
+    with open(os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(digest)
+    os.replace(built, target)  # atomic: another process sees all of it or nothing
+    os.replace(manifest, _manifest(target))
 
 
 def _build(compiler: str) -> Path:
-    """Compile ``dots.c`` and ``bf16.c`` into the cache (or find it there); raises ``OSError`` on failure."""
+    """Compile ``dots.c`` and ``bf16.c`` into the cache (or find it there); raises ``OSError`` on failure.
+
+    Under the cache's lock, so that concurrent processes build once; each build happens in a fresh
+    ``0700`` folder of its own (no name there is predictable to anyone else).
+    """
     source = _SOURCE.read_bytes() + b"\0" + _BF16_SOURCE.read_bytes()
     folder = _cache_folder()
     errors = []
-    for flags in _FLAG_SETS:
-        parts = [source, compiler.encode(), " ".join(flags).encode(), _processor().encode()]
-        key = hashlib.sha256(b"\0".join(parts))
-        target = folder / f"dots-{key.hexdigest()[:16]}.so"
-        if target.exists():
-            return target
-        handle, name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(handle)
-        staging = Path(name)
-        command = [compiler, *flags, "-shared", "-fPIC", "-o", str(staging), str(_SOURCE), str(_BF16_SOURCE)]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-            if done.returncode == 0:
-                os.replace(staging, target)  # atomic: another process sees all of it or nothing
+    with locked(folder / ".lock"):
+        for flags in _FLAG_SETS:
+            parts = [source, compiler.encode(), " ".join(flags).encode(), _processor().encode()]
+            key = hashlib.sha256(b"\0".join(parts))
+            target = folder / f"dots-{key.hexdigest()[:16]}.so"
+            if _intact(target):
                 return target
-            errors.append((done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1])
-        except (OSError, subprocess.SubprocessError) as error:
-            errors.append(str(error))
-        finally:
-            staging.unlink(missing_ok=True)
+            private = Path(tempfile.mkdtemp(dir=folder, prefix=".build-"))
+            built = private / target.name
+            command = [
+                compiler,
+                *flags,
+                "-shared",
+                "-fPIC",
+                "-o",
+                str(built),
+                str(_SOURCE),
+                str(_BF16_SOURCE),
+            ]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+                if done.returncode == 0:
+                    _publish(built, target)
+                    return target
+                errors.append((done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1])
+            except (OSError, subprocess.SubprocessError) as error:
+                errors.append(str(error))
+            finally:
+                shutil.rmtree(private, ignore_errors=True)
     raise OSError(f"{compiler} could not build {_SOURCE.name}: {errors[-1]}")
+
+
+def _load(target: Path) -> ctypes.CDLL:
+    """``dlopen`` of ``target`` after checking the very file opened: owned by this user, not writable
+    by others, and with the SHA-256 its owner-only manifest recorded at build time. `Untrusted`
+    otherwise, before any of its code (constructors included) has run."""
+    try:
+        fd = open_trusted(target)
+    except Untrusted as err:
+        raise Untrusted(f"the kernel library {target} {err}; not loading it") from err
+    try:
+        digest = hashlib.sha256(read_all(fd)).hexdigest()
+        recorded = read_trusted(_manifest(target)).decode()
+    except (OSError, Untrusted, UnicodeDecodeError) as err:
+        os.close(fd)
+        raise Untrusted(
+            f"the kernel library {target} has no trusted manifest ({err}); not loading it"
+        ) from err
+    if digest != recorded:
+        os.close(fd)
+        raise Untrusted(f"the kernel library {target} does not match the SHA-256 recorded when it was built")
+    # Load the descriptor checked, not the name again: the file cannot be swapped in between. It
+    # stays open so that its number (the name the loader knows the library by) is never reused.
+    proc = f"/proc/self/fd/{fd}"
+    try:
+        loaded = ctypes.CDLL(proc if os.path.exists(proc) else str(target))
+    except OSError:
+        os.close(fd)
+        raise
+    _private["descriptors"].append(fd)
+    return loaded
+
+
+def _bind(loaded: ctypes.CDLL) -> None:
+    """Declare the kernels' signatures; ``AttributeError`` where the library lacks one."""
+    loaded.gradsynth_dots_f32.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.POINTER(ctypes.c_double),
+    ]
+    loaded.gradsynth_dots_f32.restype = None
+    loaded.gradsynth_dots_bf16.argtypes = loaded.gradsynth_dots_f32.argtypes
+    loaded.gradsynth_dots_bf16.restype = None
+    for name in APPLIES:
+        function = getattr(loaded, f"gradsynth_{name}_bf16")
+        function.argtypes = [*[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_float, ctypes.c_float]
+        function.restype = None
+    loaded.gradsynth_bf16_supported.restype = ctypes.c_int
 
 
 def _check(library: ctypes.CDLL) -> None:
@@ -180,25 +310,19 @@ def library() -> ctypes.CDLL | None:
         _state["reason"] = "no C compiler (cc, gcc or clang) on PATH"
         return None
     try:
-        loaded = ctypes.CDLL(str(_build(compiler)))
-        loaded.gradsynth_dots_f32.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.POINTER(ctypes.c_double),
-        ]
-        loaded.gradsynth_dots_f32.restype = None
+        loaded = _load(_build(compiler))
+        _bind(loaded)
         _check(loaded)
-        loaded.gradsynth_dots_bf16.argtypes = loaded.gradsynth_dots_f32.argtypes
-        loaded.gradsynth_dots_bf16.restype = None
-        for name in APPLIES:
-            function = getattr(loaded, f"gradsynth_{name}_bf16")
-            function.argtypes = [*[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_float, ctypes.c_float]
-            function.restype = None
-        loaded.gradsynth_bf16_supported.restype = ctypes.c_int
         bf16 = _bf16_supported(loaded)
         if bf16:
             _check_bf16(loaded)
+    except Untrusted as error:
+        _state["reason"] = str(error)
+        _log.warning("gradsynth: %s; the compiled kernels run instead", error)
+        return None
+    except AttributeError as error:  # a library that is not ours: one of the kernels is missing
+        _state["reason"] = f"the kernel library lacks a kernel ({error})"
+        return None
     except OSError as error:
         _state["reason"] = str(error)
         return None
