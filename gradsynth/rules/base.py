@@ -60,7 +60,9 @@ class Rule(ABC):
         """Write the synthesized gradient of one parameter tensor into ``out``."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        # A rule registered under a name of its own (a renamed copy) says so.
+        renamed = self.name != type(self).name
+        return f"{type(self).__name__}({f'name={self.name!r}' if renamed else ''})"
 
 
 class FunctionRule(Rule):
