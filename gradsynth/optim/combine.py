@@ -8,9 +8,11 @@ tensors by rule (so that a rule's scope, e.g. ``pcgrad_global``'s, spans param g
 rule `prepare` its scope-wide quantities, and combines tensor by tensor. Sharded tensors
 (DTensors) make every scope-wide sum global, as the rules do for FSDP2.
 
-Without geometry an update is written over the retain gradient (no allocation). With geometry,
-``f`` and ``r`` must survive the combination to be measured against ``g``, so ``g`` goes into a
-new tensor the size of the parameter.
+An update is written over the retain gradient (no allocation). With geometry, a built-in rule
+(``Rule.measures_geometry``) takes the sums in the same pass, chunk by chunk before each chunk of
+``g`` is written (`gradsynth.rules.geometry_sums`): no extra gradient set. A custom rule's ``g``
+goes into a new tensor, measured against ``f`` and ``r`` after (so a custom rule that raises
+leaves the task gradients intact).
 """
 
 from __future__ import annotations
@@ -84,9 +86,15 @@ def combine_one(
     context: Any = None,
     geometry: GeometryAccumulator | None = None,
 ) -> Tensor:
-    """Return one parameter's synthesized gradient: in ``retain``'s buffer, or new with geometry."""
+    """Return one parameter's synthesized gradient: in ``retain``'s buffer (new for a custom rule
+    with geometry)."""
     if geometry is None:
         rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=retain, context=context)
+        return retain
+    if rule.measures_geometry:
+        rule.combine(  # type: ignore[call-arg]
+            forget, retain, alpha=alpha, gamma=gamma, out=retain, context=context, geometry=geometry
+        )
         return retain
     update = torch.empty_like(retain)
     rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=update, context=context)

@@ -34,6 +34,10 @@ class Rule(ABC):
 
     #: The name the rule is registered and saved under.
     name: str = ""
+    #: True when `combine` takes ``geometry=``, a sink for the tensor's geometry sums taken in the
+    #: same pass that writes ``out`` (`gradsynth.rules.geometry_sums`). Otherwise the optimizer
+    #: combines into a new tensor and measures ``f``, ``r`` and ``g`` after.
+    measures_geometry: bool = False
 
     def prepare(
         self,

@@ -1,0 +1,115 @@
+"""The gradient-geometry sums of one tensor, taken in the same pass that writes its update.
+
+For a forget gradient ``f``, retain gradient ``r`` and update ``g`` the sums are, in this order
+(`SUMS`), as one float64 tensor of 7 values::
+
+    ||f||^2, ||r||^2, <f, r>, ||g||^2, <g, f>, <g, r>, #{i : sign(f_i) = -sign(r_i) != 0}
+
+A rule writes ``g`` over ``f`` or ``r`` (the optimizer's in-place synthesis), so the sums that
+involve ``g`` must be taken while ``f`` and ``r`` are still there: `measured` runs a rule a
+chunk at a time into a cache-sized scratch buffer, adds that chunk's sums, and only then writes
+the chunk of ``g`` into ``out``. No gradient-sized temporary is needed; each chunk is read from
+memory once.
+
+Precision: each chunk of ``f``, ``r`` and ``g`` is widened to float64 (every float32, bfloat16
+and float16 value is exact there) and the six inner products come from one float64 matrix
+product of the ``3 x chunk`` matrix with its transpose (every product exact, summed in float64),
+as `gradsynth.rules.reductions.dot64` sums them.
+
+Nothing is read on the host: the sums stay tensors on the gradients' device (for DTensor shards,
+partial sums that the caller reduces once per step). A *sink* receives them: any object with
+``add_sums(sums, numel)`` (`gradsynth.optim.geometry.GeometryAccumulator`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from gradsynth.rules.reductions import dot64, sign_conflict
+
+SUMS = ("ff", "rr", "fr", "gg", "gf", "gr", "conflicts")
+#: Elements per measured chunk: float64 widenings of 3 such chunks (6 MiB on the CPU) stay in cache.
+MEASURE_CHUNK = 1 << 18
+ACCELERATOR_MEASURE_CHUNK = 1 << 22
+# Where each sum sits in the Gram matrix of the rows (f, r, g).
+_GRAM_INDEX = torch.tensor([0, 4, 1, 8, 6, 7])
+
+
+class GeometrySink(Protocol):
+    """Receives one tensor's geometry sums (see the module docstring)."""
+
+    def add_sums(self, sums: Tensor, numel: int) -> None: ...
+
+
+def sums_of(forget: Tensor, retain: Tensor, update: Tensor) -> Tensor:
+    """The 7 sums of whole tensors (any kind: DTensor shards give partial sums), out of place."""
+    return torch.stack(
+        [
+            dot64(forget, forget),
+            dot64(retain, retain),
+            dot64(forget, retain),
+            dot64(update, update),
+            dot64(update, forget),
+            dot64(update, retain),
+            sign_conflict(forget, retain).sum(dtype=torch.float64),
+        ]
+    )
+
+
+def _chunk_size(device: torch.device) -> int:
+    return MEASURE_CHUNK if device.type == "cpu" else ACCELERATOR_MEASURE_CHUNK
+
+
+def measured(
+    combine: Callable[[Tensor, Tensor, Tensor], object],
+    forget: Tensor,
+    retain: Tensor,
+    out: Tensor,
+    sink: GeometrySink,
+) -> Tensor:
+    """``combine(f, r, g)`` chunk by chunk, adding the geometry sums to ``sink``; ``g`` lands in ``out``.
+
+    ``combine`` writes the update of its chunk into its third argument (a scratch buffer) and
+    must not write its inputs; ``out`` may be ``forget`` or ``retain``. Tensors that cannot be
+    viewed flat (DTensor shards, non-contiguous views) are combined whole into a temporary the
+    size of the parameter.
+    """
+    numel = forget.numel()
+    plain = all(type(t) is Tensor and t.is_contiguous() for t in (forget, retain, out))
+    if not plain or numel == 0:
+        update = torch.empty_like(out)
+        combine(forget, retain, update)
+        sink.add_sums(sums_of(forget, retain, update), numel)
+        out.copy_(update)
+        return out
+    # Chunks of equal size (within one element): each is as large as a tensor of half the chunk
+    # size or more, so a kernel chooses for a chunk what it would choose for the whole tensor.
+    count = -(-numel // _chunk_size(forget.device))
+    size = -(-numel // count)
+    device = forget.device
+    wide = torch.empty(3, size, dtype=torch.float64, device=device)
+    scratch = torch.empty(size, dtype=out.dtype, device=device)
+    sign_f = torch.empty(size, dtype=forget.dtype, device=device)
+    sign_r = torch.empty(size, dtype=forget.dtype, device=device)
+    gram = torch.zeros(3, 3, dtype=torch.float64, device=device)
+    conflicts = torch.zeros((), dtype=torch.float64, device=device)
+    flats = [t.view(-1) for t in (forget, retain, out)]
+    for start in range(0, numel, size):
+        f, r, o = (t[start : start + size] for t in flats)
+        n = f.numel()
+        g = scratch[:n]
+        combine(f, r, g)
+        rows = wide[:, :n]
+        rows[0].copy_(f)
+        rows[1].copy_(r)
+        rows[2].copy_(g)
+        gram.addmm_(rows, rows.t())
+        conflicts += sign_conflict(f, r, out=sign_f[:n], work=sign_r[:n]).sum(dtype=torch.float64)
+        o.copy_(g)
+    sums = torch.cat([gram.view(-1)[_GRAM_INDEX.to(device)], conflicts.view(1)])
+    sink.add_sums(sums, numel)
+    return out

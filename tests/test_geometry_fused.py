@@ -1,0 +1,101 @@
+"""Geometry taken in the synthesis pass: every rule, float32 and bfloat16, eager and fused kernels,
+streaming or not, against the float64 oracle and against the measure-after geometry it replaces;
+the update in place (no extra gradient set) and identical to the untracked step's."""
+
+from __future__ import annotations
+
+import oracle
+import pytest
+import torch
+from conftest import RULES
+from helpers import linear_loss, update_of, zero_params
+
+import gradsynth.rules.geometry_sums as geometry_sums
+from gradsynth import SynthesizingOptimizer
+from gradsynth.optim.combine import combine_one
+from gradsynth.optim.geometry import GeometryAccumulator
+from gradsynth.rules import fused, get_rule
+
+# A tensor of 3,000 elements is measured in 3 chunks with the chunk size patched to 1,024.
+SHAPES = [(50, 60), (7,), (3, 5), (1,)]
+BACKENDS = ["auto", "compiled"]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(geometry_sums, "MEASURE_CHUNK", 1024)
+
+
+def _grads(dtype):
+    forgets = [torch.randn(s).to(dtype) for s in SHAPES]
+    retains = [torch.randn(s).to(dtype) for s in SHAPES]
+    retains[0].view(-1)[::13] = -forgets[0].view(-1)[::13]  # exact opposites: conflicts
+    forgets[0].view(-1)[::17] = 0.0  # zeros: never conflicts
+    return forgets, retains
+
+
+def _step(rule, forgets, retains, dtype, *, track, streaming=False):
+    params = zero_params(SHAPES, dtype)
+    opt = SynthesizingOptimizer(
+        torch.optim.SGD(params, lr=1.0), rule, alpha=0.8, gamma=1.3, track_geometry=track, streaming=streaming
+    )
+    opt.backward_forget(linear_loss(params, forgets))
+    opt.backward_retain(linear_loss(params, retains))
+    opt.step()
+    return update_of(params), opt.geometry
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rule", RULES)
+def test_fused_geometry_matches_the_oracle_and_leaves_the_update_unchanged(rule, dtype, backend, streaming):
+    if streaming and rule in ("pcgrad_global", "blur"):
+        pytest.skip("scope rules cannot stream")
+    forgets, retains = _grads(dtype)
+    with fused.use_backend(backend, min_numel=1000, min_step_numel=0):
+        plain, _ = _step(rule, forgets, retains, dtype, track=False)
+        tracked, geometry = _step(rule, forgets, retains, dtype, track=True, streaming=streaming)
+    for a, b in zip(tracked, plain, strict=True):
+        assert torch.equal(a, b)  # the same kernels wrote the same update
+    want = oracle.geometry(forgets, retains, tracked)
+    got = geometry.as_dict()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-300), key
+    assert got["numel"] == sum(t.numel() for t in forgets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rule", RULES)
+def test_fused_sums_equal_the_measure_after_sums(rule, dtype):
+    """The in-pass sums equal those of the three gradients measured after, to float64 rounding."""
+    f, r = (torch.randn(3001).to(dtype) for _ in range(2))
+    rule = get_rule(rule)
+    context = rule.prepare([f], [r], alpha=[0.5], gamma=[2.0])
+    after, during = GeometryAccumulator(), GeometryAccumulator()
+    update = torch.empty_like(r)
+    rule.combine(f, r, alpha=0.5, gamma=2.0, out=update, context=context)
+    after.add(f, r, update)
+    retain = r.clone()
+    got = combine_one(rule, f, retain, alpha=0.5, gamma=2.0, context=context, geometry=during)
+    assert got is retain and torch.equal(got, update)  # in place: no new tensor for geometry
+    assert during.result().as_dict() == pytest.approx(after.result().as_dict(), rel=1e-13)
+
+
+def test_a_measured_rule_writes_over_forget_too():
+    f, r = torch.randn(2500), torch.randn(2500)
+    want = oracle.sago(f, r, 1.0, 1.0)
+    sink = GeometryAccumulator()
+    f_in = f.clone()
+    get_rule("sago").combine(f, r, alpha=1.0, gamma=1.0, out=f, geometry=sink)
+    torch.testing.assert_close(f.double(), want, rtol=0, atol=0)
+    assert sink.result().as_dict() == pytest.approx(oracle.geometry([f_in], [r], [want]) | {"numel": 2500})
+
+
+def test_the_sums_stay_tensors_until_read():
+    """Nothing but tensors is accumulated during the synthesis; the sums are read at `result`."""
+    f, r = torch.randn(2500), torch.randn(2500)
+    sink = GeometryAccumulator()
+    get_rule("pcgrad").combine(f, r, alpha=1.0, gamma=1.0, out=r, geometry=sink)
+    (part,) = sink._parts.values()
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in part)
