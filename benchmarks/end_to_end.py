@@ -1,11 +1,13 @@
 """Cost of a whole training step with `SynthesizingOptimizer`, as a ratio to the naive step.
 
-A small ``LlamaForCausalLM`` (built from a config, random weights) and AdamW. The naive step is
-plain GradDiff: one backward of ``gamma*Lf + alpha*Lr``. The wrapped step runs the two backward
-passes separately and synthesizes. Both run the same two forward passes; the timings are
-interleaved and the ratio is of medians.
+A small ``LlamaForCausalLM`` (built from a config, random weights), or with ``--model mlp`` a
+stack of linear layers, and AdamW. The naive step is plain GradDiff: one backward of
+``gamma*Lf + alpha*Lr``. The wrapped step runs the two backward passes separately and
+synthesizes, each rule with and without ``track_geometry`` (whose sums are read every step, as
+the logging does). Both run the same two forward passes; the timings are interleaved in one
+process and the ratios are of medians, of the thread's CPU time and of wall time.
 
-Usage: ``python benchmarks/end_to_end.py [--hidden 256 --layers 4 --reps 15]``
+Usage: ``python benchmarks/end_to_end.py [--model llama|mlp] [--hidden 256 --layers 4 --reps 15]``
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ import torch
 from gradsynth import SynthesizingOptimizer
 from gradsynth.rules import fused
 
-# (rule, streaming, backend). Under "auto" a model this small runs the eager rules
-# (`fused.for_step`); the "compiled" row shows what the fused kernels would give it.
+# (rule, streaming, backend, geometry). Under "auto" a model this small runs the eager rules
+# (`fused.for_step`); the "compiled" rows show what the fused kernels would give it.
 VARIANTS = [
-    ("sago", False, "auto"),
-    ("sago", False, "compiled"),
-    ("sago", True, "auto"),
-    ("pcgrad", False, "auto"),
-    ("sum", False, "auto"),
+    (rule, streaming, backend, geometry)
+    for rule, streaming, backend in [
+        ("sago", False, "auto"),
+        ("sago", False, "compiled"),
+        ("sago", True, "auto"),
+        ("pcgrad", False, "auto"),
+        ("sum", False, "auto"),
+    ]
+    for geometry in (False, True)
 ]
 
 
@@ -47,19 +53,38 @@ def _model(hidden: int, layers: int, vocab: int) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
-def measure(
-    hidden: int = 256, layers: int = 4, vocab: int = 512, batch: int = 8, seq: int = 64, reps: int = 15
-) -> dict:
-    """Median step times (ms) and ratios to the naive step for each variant."""
-    model = _model(hidden, layers, vocab)
-    generator = torch.Generator().manual_seed(0)
-    forget_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
-    retain_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+def _mlp(hidden: int, layers: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(hidden, hidden) for _ in range(layers)])
 
-    def losses():
-        lf = -model(input_ids=forget_ids, labels=forget_ids).loss
-        lr = model(input_ids=retain_ids, labels=retain_ids).loss
-        return lf, lr
+
+def measure(
+    hidden: int = 256,
+    layers: int = 4,
+    vocab: int = 512,
+    batch: int = 8,
+    seq: int = 64,
+    reps: int = 15,
+    model_kind: str = "llama",
+) -> dict:
+    """Median step times (ms, CPU and wall) and ratios to the naive step for each variant."""
+    generator = torch.Generator().manual_seed(0)
+    if model_kind == "mlp":
+        model = _mlp(hidden, layers)
+        xf, xr = (torch.randn(batch, hidden, generator=generator) for _ in range(2))
+
+        def losses():
+            return -model(xf).pow(2).mean(), model(xr).pow(2).mean()
+
+    else:
+        model = _model(hidden, layers, vocab)
+        forget_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+        retain_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+
+        def losses():
+            lf = -model(input_ids=forget_ids, labels=forget_ids).loss
+            lr = model(input_ids=retain_ids, labels=retain_ids).loss
+            return lf, lr
 
     naive = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
@@ -70,8 +95,10 @@ def measure(
         naive.step()
 
     steps = {"naive": naive_step}
-    for rule, streaming, backend in VARIANTS:
-        opt = SynthesizingOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-6), rule, streaming=streaming)
+    for rule, streaming, backend, geometry in VARIANTS:
+        opt = SynthesizingOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=1e-6), rule, streaming=streaming, track_geometry=geometry
+        )
 
         def wrapped_step(opt=opt, backend=backend):
             with fused.use_backend(backend):
@@ -80,8 +107,12 @@ def measure(
                 opt.backward_forget(lf)
                 opt.backward_retain(lr)
                 opt.step()
+                _ = opt.geometry  # read every step, as a logger would (None when not tracked)
 
-        name = f"{rule}{' streaming' if streaming else ''}{' compiled' if backend == 'compiled' else ''}"
+        name = (
+            f"{rule}{' streaming' if streaming else ''}{' compiled' if backend == 'compiled' else ''}"
+            f"{' +geometry' if geometry else ''}"
+        )
         steps[name] = wrapped_step
     warmup = {}
     for name, step in steps.items():
@@ -89,23 +120,33 @@ def measure(
         step()  # optimizer state, compiled kernels
         warmup[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for rep in range(reps):
         # A different order each round, so that no variant always follows the same one.
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
             step = steps[name]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             step()
+            cpu[name].append(time.thread_time() - start_cpu)
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["naive"])
+    base_cpu = statistics.median(cpu["naive"])
     return {
+        "model": model_kind,
         "params": sum(p.numel() for p in model.parameters()),
         "config": dict(hidden=hidden, layers=layers, vocab=vocab, batch=batch, seq=seq, reps=reps),
         "naive_ms": base * 1e3,
+        "naive_cpu_ms": base_cpu * 1e3,
         "variants": {
             name: {
                 "ms": statistics.median(t) * 1e3,
                 "ratio": statistics.median(t) / base,
+                "cpu_ratio": statistics.median(cpu[name]) / base_cpu,
+                # Spread: the middle half of the CPU-time ratios (each rep against the naive median).
+                "cpu_ratio_q1_q3": [q / base_cpu for q in statistics.quantiles(cpu[name], n=4)[::2]]
+                if len(cpu[name]) > 1
+                else None,
                 "first_step_s": warmup[name],
             }
             for name, t in times.items()
@@ -116,15 +157,23 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("llama", "mlp"), default="llama")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = measure(args.hidden, args.layers, reps=args.reps)
-    print(f"{result['params'] / 1e6:.1f}M parameters, naive step {result['naive_ms']:.1f} ms")
+    result = measure(args.hidden, args.layers, batch=args.batch, reps=args.reps, model_kind=args.model)
+    print(
+        f"{args.model}: {result['params'] / 1e6:.1f}M parameters, naive step {result['naive_ms']:.1f} ms "
+        f"(CPU {result['naive_cpu_ms']:.1f} ms)"
+    )
+    print(f"{'step':28s} {'wall ms':>8s} {'x wall':>7s} {'x CPU':>7s} {'CPU q1-q3':>12s}")
     for name, row in result["variants"].items():
-        print(f"{name:20s} {row['ms']:8.1f} ms  x{row['ratio']:.3f}")
+        q = row["cpu_ratio_q1_q3"]
+        spread = f"{q[0]:.3f}-{q[1]:.3f}" if q else ""
+        print(f"{name:28s} {row['ms']:8.1f} {row['ratio']:7.3f} {row['cpu_ratio']:7.3f} {spread:>12s}")
 
 
 if __name__ == "__main__":

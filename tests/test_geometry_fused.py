@@ -99,3 +99,50 @@ def test_the_sums_stay_tensors_until_read():
     get_rule("pcgrad").combine(f, r, alpha=1.0, gamma=1.0, out=r, geometry=sink)
     (part,) = sink._parts.values()
     assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in part)
+
+
+@pytest.mark.parametrize("rule", ["sago", "pcgrad", "sum"])
+def test_without_the_c_kernel_the_chunks_are_measured_in_float64(rule, monkeypatch):
+    """Two threads (the C kernels run on one): the float64 Gram path of `measured`."""
+    from gradsynth.rules import native
+
+    torch.set_num_threads(2)
+    assert not native.add_geometry(torch.zeros(7, dtype=torch.float64), *(torch.ones(3),) * 3)
+    forgets, retains = _grads(torch.float32)
+    plain, _ = _step(rule, forgets, retains, torch.float32, track=False)
+    tracked, geometry = _step(rule, forgets, retains, torch.float32, track=True)
+    assert all(torch.equal(a, b) for a, b in zip(tracked, plain, strict=True))
+    for key, value in oracle.geometry(forgets, retains, tracked).items():
+        assert geometry.as_dict()[key] == pytest.approx(value, rel=1e-12), key
+
+
+@pytest.fixture
+def mesh(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_dtensor_shards_give_partial_sums_reduced_once(mesh, rule):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    fs, rs = _grads(torch.float32)
+    rule = get_rule(rule)
+    want, got = GeometryAccumulator(), GeometryAccumulator()
+    plain_context = rule.prepare(fs, rs, alpha=[0.5] * 4, gamma=[2.0] * 4)
+    for f, r in zip(fs, rs, strict=True):
+        combine_one(rule, f, r.clone(), alpha=0.5, gamma=2.0, context=plain_context, geometry=want)
+    fd, rd = ([distribute_tensor(t, mesh, [Shard(0)]) for t in ts] for ts in (fs, rs))
+    context = rule.prepare(fd, rd, alpha=[0.5] * 4, gamma=[2.0] * 4)
+    for f, r in zip(fd, rd, strict=True):
+        combine_one(rule, f, r, alpha=0.5, gamma=2.0, context=context, geometry=got)
+    assert len(got._totals) == 1  # one mesh: one partial sum, one collective at reduce()
+    got.reduce()
+    assert got.result().as_dict() == pytest.approx(want.result().as_dict(), rel=1e-12)

@@ -11,10 +11,11 @@ chunk at a time into a cache-sized scratch buffer, adds that chunk's sums, and o
 the chunk of ``g`` into ``out``. No gradient-sized temporary is needed; each chunk is read from
 memory once.
 
-Precision: each chunk of ``f``, ``r`` and ``g`` is widened to float64 (every float32, bfloat16
-and float16 value is exact there) and the six inner products come from one float64 matrix
-product of the ``3 x chunk`` matrix with its transpose (every product exact, summed in float64),
-as `gradsynth.rules.reductions.dot64` sums them.
+Precision: every product is formed exactly in float64 and summed in float64, as
+`gradsynth.rules.reductions.dot64` does. For float32 and bfloat16 on the CPU with one thread a C
+kernel (`gradsynth.rules.native.add_geometry`) takes the sums of a chunk in one read of the
+cached ``f``, ``r``, ``g``; elsewhere each chunk is widened to float64 and the six inner products
+come from one float64 matrix product of the ``3 x chunk`` matrix with its transpose.
 
 Nothing is read on the host: the sums stay tensors on the gradients' device (for DTensor shards,
 partial sums that the caller reduces once per step). A *sink* receives them: any object with
@@ -29,6 +30,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from gradsynth.rules import native
 from gradsynth.rules.reductions import dot64, sign_conflict
 
 SUMS = ("ff", "rr", "fr", "gg", "gf", "gr", "conflicts")
@@ -91,13 +93,27 @@ def measured(
     count = -(-numel // _chunk_size(forget.device))
     size = -(-numel // count)
     device = forget.device
-    wide = torch.empty(3, size, dtype=torch.float64, device=device)
     scratch = torch.empty(size, dtype=out.dtype, device=device)
+    flats = [t.view(-1) for t in (forget, retain, out)]
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
+    if device.type == "cpu" and out.dtype == forget.dtype == retain.dtype:
+        f, r, o = (t[:size] for t in flats)
+        combine(f, r, scratch[: f.numel()])
+        if native.add_geometry(sums, f, r, scratch[: f.numel()]):
+            o.copy_(scratch[: f.numel()])
+            for start in range(size, numel, size):
+                f, r, o = (t[start : start + size] for t in flats)
+                g = scratch[: f.numel()]
+                combine(f, r, g)
+                native.add_geometry(sums, f, r, g)
+                o.copy_(g)
+            sink.add_sums(sums, numel)
+            return out
+        # No C kernel here: the first chunk is measured below, combined once more (nothing was written).
+    wide = torch.empty(3, size, dtype=torch.float64, device=device)
     sign_f = torch.empty(size, dtype=forget.dtype, device=device)
     sign_r = torch.empty(size, dtype=forget.dtype, device=device)
     gram = torch.zeros(3, 3, dtype=torch.float64, device=device)
-    conflicts = torch.zeros((), dtype=torch.float64, device=device)
-    flats = [t.view(-1) for t in (forget, retain, out)]
     for start in range(0, numel, size):
         f, r, o = (t[start : start + size] for t in flats)
         n = f.numel()
@@ -108,8 +124,8 @@ def measured(
         rows[1].copy_(r)
         rows[2].copy_(g)
         gram.addmm_(rows, rows.t())
-        conflicts += sign_conflict(f, r, out=sign_f[:n], work=sign_r[:n]).sum(dtype=torch.float64)
+        sums[6] += sign_conflict(f, r, out=sign_f[:n], work=sign_r[:n]).sum(dtype=torch.float64)
         o.copy_(g)
-    sums = torch.cat([gram.view(-1)[_GRAM_INDEX.to(device)], conflicts.view(1)])
+    sums[:6] = gram.view(-1)[_GRAM_INDEX.to(device)]
     sink.add_sums(sums, numel)
     return out

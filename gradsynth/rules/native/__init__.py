@@ -269,3 +269,52 @@ def apply_bf16(kernel: str, out: Tensor, forget: Tensor, retain: Tensor, alpha: 
     # Written behind torch's back: count it as an in-place write, as the other paths do.
     torch.autograd.graph.increment_version(out)
     return True
+
+
+# ----- geometry sums of one chunk (gradsynth.rules.geometry_sums) ---------------------------------
+
+_GEOMETRY = {torch.float32: "gradsynth_geometry_f32", torch.bfloat16: "gradsynth_geometry_bf16"}
+#: Symbols whose argument types are set and whose first result was checked (set on first use, so
+#: that the loading above stays as it is).
+_geometry_ready: dict[str, bool] = {}
+
+
+def _geometry_function(symbol: str) -> Any:
+    loaded = library() if torch.get_num_threads() == 1 else None
+    if loaded is None:
+        return None
+    ready = _geometry_ready.get(symbol)
+    function = getattr(loaded, symbol, None)
+    if ready is None and function is not None:
+        function.argtypes = [*[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_void_p]
+        function.restype = None
+        ready = _geometry_ready[symbol] = _check_geometry(function, symbol)
+    return function if ready else None
+
+
+def _check_geometry(function: Any, symbol: str) -> bool:
+    """One call on values whose float64 sums are known exactly (vector loop and tail both run)."""
+    dtype = torch.float32 if symbol.endswith("f32") else torch.bfloat16
+    f = (torch.arange(-20.0, 21.0) / 8).to(dtype)
+    r = (torch.arange(41.0).flip(0) / 4 - 3).to(dtype)
+    g = (torch.arange(41.0) / 16 - 1).to(dtype)
+    acc = torch.zeros(7, dtype=torch.float64)
+    function(f.data_ptr(), r.data_ptr(), g.data_ptr(), f.numel(), acc.data_ptr())
+    a, b, c = (t.double().tolist() for t in (f, r, g))
+    pairs = [(a, a), (b, b), (a, b), (c, c), (c, a), (c, b)]
+    want = [math.fsum(x * y for x, y in zip(u, v, strict=True)) for u, v in pairs]
+    want.append(float(sum(x * y < 0 for x, y in zip(a, b, strict=True))))
+    return acc.tolist() == want
+
+
+def add_geometry(sums: Tensor, forget: Tensor, retain: Tensor, update: Tensor) -> bool:
+    """Add the 7 geometry sums of contiguous float32 or bfloat16 CPU tensors of one shape into the
+    float64 CPU tensor ``sums`` (written in place, nothing read on the host); False where the
+    caller must compute them (one thread only, like the other kernels)."""
+    symbol = _GEOMETRY.get(forget.dtype)
+    function = None if symbol is None else _geometry_function(symbol)
+    if function is None:
+        return False
+    function(forget.data_ptr(), retain.data_ptr(), update.data_ptr(), forget.numel(), sums.data_ptr())
+    torch.autograd.graph.increment_version(sums)
+    return True
