@@ -274,22 +274,25 @@ def apply_bf16(kernel: str, out: Tensor, forget: Tensor, retain: Tensor, alpha: 
 # ----- geometry sums of one chunk (gradsynth.rules.geometry_sums) ---------------------------------
 
 _GEOMETRY = {torch.float32: "gradsynth_geometry_f32", torch.bfloat16: "gradsynth_geometry_bf16"}
-#: Symbols whose argument types are set and whose first result was checked (set on first use, so
-#: that the loading above stays as it is).
-_geometry_ready: dict[str, bool] = {}
+#: Per symbol: the library it was set up on (argument types, first result checked) and the
+#: function, or None if it failed its check. Set on first use, so the loading above stays as it
+#: is; a library loaded again (`reset`) is set up again.
+_geometry_functions: dict[str, tuple[ctypes.CDLL, Any]] = {}
 
 
 def _geometry_function(symbol: str) -> Any:
     loaded = library() if torch.get_num_threads() == 1 else None
     if loaded is None:
         return None
-    ready = _geometry_ready.get(symbol)
-    function = getattr(loaded, symbol, None)
-    if ready is None and function is not None:
-        function.argtypes = [*[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_void_p]
-        function.restype = None
-        ready = _geometry_ready[symbol] = _check_geometry(function, symbol)
-    return function if ready else None
+    entry = _geometry_functions.get(symbol)
+    if entry is None or entry[0] is not loaded:
+        function = getattr(loaded, symbol, None)
+        if function is not None:
+            function.argtypes = [*[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_void_p]
+            function.restype = None
+            function = function if _check_geometry(function, symbol) else None
+        entry = _geometry_functions[symbol] = (loaded, function)
+    return entry[1]
 
 
 def _check_geometry(function: Any, symbol: str) -> bool:
