@@ -33,6 +33,10 @@ CONFIGS = [
     ("wrapper, backward_*(None), 2 interleaved micro-batches", "sago", "none", 2),
     ("wrapper, streaming=True", "sago", "streaming", 1),
     ("wrapper, streaming=True", "pcgrad", "streaming", 1),
+    ("wrapper, losses passed, track_geometry=True", "sago", "loss+geometry", 1),
+    ("wrapper, losses passed, track_geometry=True", "pcgrad", "loss+geometry", 1),
+    ("wrapper, losses passed, track_geometry=True", "sum", "loss+geometry", 1),
+    ("wrapper, streaming=True, track_geometry=True", "sago", "streaming+geometry", 1),
 ]
 
 
@@ -60,10 +64,16 @@ def measure(rule: str, mode: str, micro: int, layers: int, width: int) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    geometry = mode.endswith("+geometry")  # e.g. "loss+geometry": track_geometry=True, read each step
+    mode = mode.removesuffix("+geometry")
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
     grad_set_kib = sum(p.numel() * p.element_size() for p in model.parameters()) / 1024
     base = torch.optim.SGD(model.parameters(), lr=1e-6)
-    opt = base if mode == "plain" else SynthesizingOptimizer(base, rule, streaming=mode == "streaming")
+    opt = (
+        base
+        if mode == "plain"
+        else SynthesizingOptimizer(base, rule, streaming=mode == "streaming", track_geometry=geometry)
+    )
     x = torch.randn(2, width)
 
     def losses(seed: int):
@@ -85,6 +95,8 @@ def measure(rule: str, mode: str, micro: int, layers: int, width: int) -> dict:
                 lr.backward()
                 opt.backward_retain(None)
         opt.step()
+        if geometry:
+            assert opt.geometry is not None
 
     step(0)  # warm-up: lazily allocated state and buffers
     opt.zero_grad(set_to_none=True)

@@ -218,6 +218,7 @@ def machine(threads: int, numel: int) -> dict:
 def memory_rows(layers: int, width: int) -> dict[str, float]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     configs = [(rule, "loss") for rule in RULES] + [("sago", "streaming"), ("sago", "plain")]
+    configs += [(rule, "loss+geometry") for rule in ("sago", "pcgrad")] + [("sago", "streaming+geometry")]
     result = {}
     for rule, mode in configs:
         out = subprocess.run(
@@ -230,7 +231,13 @@ def memory_rows(layers: int, width: int) -> dict[str, float]:
             capture_output=True,
             text=True,
         )
-        name = {"loss": rule, "streaming": f"{rule} streaming", "plain": "plain training"}[mode]
+        name = {
+            "loss": rule,
+            "streaming": f"{rule} streaming",
+            "plain": "plain training",
+            "loss+geometry": f"{rule} +geometry",
+            "streaming+geometry": f"{rule} streaming +geometry",
+        }[mode]
         result[name] = json.loads(out.stdout.strip().splitlines()[-1])["extra_sets"]
     return result
 
