@@ -253,6 +253,7 @@ def test_compiles_under_warnings_as_errors(monkeypatch):
     # a failed compilation and a silent fallback.
     monkeypatch.setattr(fused, "_compiled", {})
     monkeypatch.setattr(fused, "_status", {})
+    monkeypatch.setattr(fused.geometry_sums, "_ran", {})  # (geometry tracked by earlier tests)
     f, r = _pair(torch.float32, n=fused.MIN_NUMEL)
     with fused.use_backend("compiled"), warnings.catch_warnings():
         warnings.simplefilter("error")

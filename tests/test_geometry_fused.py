@@ -114,6 +114,21 @@ def test_without_the_c_kernel_the_chunks_are_measured_in_float64(rule, monkeypat
     assert all(torch.equal(a, b) for a, b in zip(tracked, plain, strict=True))
     for key, value in oracle.geometry(forgets, retains, tracked).items():
         assert geometry.as_dict()[key] == pytest.approx(value, rel=1e-12), key
+    assert fused.status()["geometry[float32, cpu]"] == "float64 matrix product"
+
+
+def test_status_says_how_the_sums_were_taken():
+    f, r = torch.randn(3000), torch.randn(3000)
+    get_rule("sago").combine(f, r, alpha=1.0, gamma=1.0, out=r, geometry=GeometryAccumulator())
+    assert fused.status()["geometry[float32, cpu]"] == "C kernel"
+    fv, rv = f.view(60, 50).t(), r.view(60, 50).t()  # not contiguous: measured whole
+    sink = GeometryAccumulator()
+    want = oracle.sago(fv, rv, 1.0, 1.0)
+    expected = oracle.geometry([fv], [rv], [want])
+    get_rule("sago").combine(fv, rv, alpha=1.0, gamma=1.0, out=rv, geometry=sink)
+    assert fused.status()["geometry[float32, cpu]"] == "whole tensor"
+    torch.testing.assert_close(rv.double(), want, rtol=0, atol=0)
+    assert sink.result().as_dict() == pytest.approx(expected | {"numel": 3000}, rel=1e-12)
 
 
 @pytest.fixture

@@ -452,6 +452,14 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
             )
 
     @property
+    def pending_geometry(self) -> GeometryAccumulator | None:
+        """The sums behind `geometry` of the last synthesis, not read yet (``.result()`` reads them).
+
+        For a logger that reads every few steps: keeping it costs no host sync now.
+        """
+        return self._geometry
+
+    @property
     def geometry(self) -> GradientGeometry | None:
         """Gradient geometry of the last synthesis (``track_geometry=True``), else ``None``.
 

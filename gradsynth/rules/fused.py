@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradsynth.rules import native
+from gradsynth.rules import geometry_sums, native
 from gradsynth.rules.reductions import dot64
 
 BACKENDS = ("auto", "compiled", "eager")
@@ -167,13 +167,17 @@ def for_step(numel: int) -> Iterator[None]:
 
 
 def status() -> dict[str, str]:
-    """For each kernel variant tried so far: ``"compiled"`` or ``"failed (eager fallback)"``."""
-    return {
+    """For each kernel variant tried so far: ``"compiled"`` or ``"failed (eager fallback)"``; and
+    for geometry tracked in the synthesis pass, how its sums were taken (``geometry[dtype,
+    device]``: ``"C kernel"``, ``"float64 matrix product"`` or ``"whole tensor"``, see
+    `gradsynth.rules.geometry_sums`)."""
+    compiled = {
         f"{name}[{str(dtype).removeprefix('torch.')}, {device}]": "compiled"
         if ok
         else "failed (eager fallback)"
         for (name, dtype, device), ok in _status.items()
     }
+    return compiled | geometry_sums.status()
 
 
 def eligible(*tensors: Tensor) -> bool:

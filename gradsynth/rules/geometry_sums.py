@@ -37,8 +37,31 @@ SUMS = ("ff", "rr", "fr", "gg", "gf", "gr", "conflicts")
 #: Elements per measured chunk: float64 widenings of 3 such chunks (6 MiB on the CPU) stay in cache.
 MEASURE_CHUNK = 1 << 18
 ACCELERATOR_MEASURE_CHUNK = 1 << 22
-# Where each sum sits in the Gram matrix of the rows (f, r, g).
-_GRAM_INDEX = torch.tensor([0, 4, 1, 8, 6, 7])
+# Where each sum sits in the flat Gram matrix of the rows (f, r, g), per device: made there
+# once, since a copy from the host each time would wait for the device.
+_GRAM_INDEX = (0, 4, 1, 8, 6, 7)
+_gram_index: dict[torch.device, Tensor] = {}
+
+
+def _index_on(device: torch.device) -> Tensor:
+    index = _gram_index.get(device)
+    if index is None:
+        index = _gram_index[device] = torch.tensor(_GRAM_INDEX, device=device)
+    return index
+
+
+# (dtype, device type) -> how the sums were last taken: "C kernel", "float64 matrix product"
+# (no C kernel here: more than one thread, another dtype, or no compiler) or "whole tensor" (a
+# DTensor shard or a non-contiguous view). Reported by `gradsynth.rules.fused.status`.
+_ran: dict[tuple[torch.dtype, str], str] = {}
+
+
+def status() -> dict[str, str]:
+    """How the geometry sums were taken, per dtype and device, so far in this process."""
+    return {
+        f"geometry[{str(dtype).removeprefix('torch.')}, {device}]": how
+        for (dtype, device), how in _ran.items()
+    }
 
 
 class GeometrySink(Protocol):
@@ -83,6 +106,7 @@ def measured(
     numel = forget.numel()
     plain = all(type(t) is Tensor and t.is_contiguous() for t in (forget, retain, out))
     if not plain or numel == 0:
+        _ran[(forget.dtype, forget.device.type)] = "whole tensor"
         update = torch.empty_like(out)
         combine(forget, retain, update)
         sink.add_sums(sums_of(forget, retain, update), numel)
@@ -100,6 +124,7 @@ def measured(
         f, r, o = (t[:size] for t in flats)
         combine(f, r, scratch[: f.numel()])
         if native.add_geometry(sums, f, r, scratch[: f.numel()]):
+            _ran[(forget.dtype, device.type)] = "C kernel"
             o.copy_(scratch[: f.numel()])
             for start in range(size, numel, size):
                 f, r, o = (t[start : start + size] for t in flats)
@@ -110,6 +135,7 @@ def measured(
             sink.add_sums(sums, numel)
             return out
         # No C kernel here: the first chunk is measured below, combined once more (nothing was written).
+    _ran[(forget.dtype, device.type)] = "float64 matrix product"
     wide = torch.empty(3, size, dtype=torch.float64, device=device)
     sign_f = torch.empty(size, dtype=forget.dtype, device=device)
     sign_r = torch.empty(size, dtype=forget.dtype, device=device)
@@ -126,6 +152,6 @@ def measured(
         gram.addmm_(rows, rows.t())
         sums[6] += sign_conflict(f, r, out=sign_f[:n], work=sign_r[:n]).sum(dtype=torch.float64)
         o.copy_(g)
-    sums[:6] = gram.view(-1)[_GRAM_INDEX.to(device)]
+    sums[:6] = gram.view(-1)[_index_on(device)]
     sink.add_sums(sums, numel)
     return out
