@@ -161,3 +161,28 @@ def test_dtensor_shards_give_partial_sums_reduced_once(mesh, rule):
     assert len(got._totals) == 1  # one mesh: one partial sum, one collective at reduce()
     got.reduce()
     assert got.result().as_dict() == pytest.approx(want.result().as_dict(), rel=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["sago", "sago_prefer_retain"])
+def test_the_c_sago_kernel_with_geometry_is_the_compiled_kernel_bit_for_bit(rule):
+    """Float32 SAGO where the compiled kernel runs: one C loop writes g and takes the sums."""
+    inf, nan = float("inf"), float("nan")
+    f = torch.tensor([inf, -inf, nan, 1.0, -1.0, 2.0, 0.0, 1e-30, 3.0, -0.0] * 4000)
+    r = torch.tensor([1.0, 1.0, 1.0, inf, -inf, nan, inf, -1e-30, -0.5, 2.0] * 4000)
+    f[::7] = torch.randn(f[::7].numel())
+    r[::3] = torch.randn(r[::3].numel())
+    with fused.use_backend("compiled"):
+        want = r.clone()
+        get_rule(rule).combine(f, want, alpha=0.7, gamma=1.9, out=want)
+        got, sink = r.clone(), GeometryAccumulator()
+        get_rule(rule).combine(f, got, alpha=0.7, gamma=1.9, out=got, geometry=sink)
+    assert fused.status()["geometry[float32, cpu]"] == "C kernel with the rule"
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    finite = f.isfinite() & r.isfinite()
+    fs, rs = f[finite], r[finite]
+    check = GeometryAccumulator()
+    with fused.use_backend("compiled"):
+        out = rs.clone()
+        get_rule(rule).combine(fs, out, alpha=0.7, gamma=1.9, out=out, geometry=check)
+    expected = oracle.geometry([fs], [rs], [out])
+    assert check.result().as_dict() == pytest.approx(expected | {"numel": fs.numel()}, rel=1e-12)

@@ -56,6 +56,11 @@ def _index_on(device: torch.device) -> Tensor:
 _ran: dict[tuple[torch.dtype, str], str] = {}
 
 
+def note(dtype: torch.dtype, device: str, how: str) -> None:
+    """Record how a rule took the sums itself (for `status`)."""
+    _ran[(dtype, device)] = how
+
+
 def status() -> dict[str, str]:
     """How the geometry sums were taken, per dtype and device, so far in this process."""
     return {

@@ -321,3 +321,73 @@ def add_geometry(sums: Tensor, forget: Tensor, retain: Tensor, update: Tensor) -
     function(forget.data_ptr(), retain.data_ptr(), update.data_ptr(), forget.numel(), sums.data_ptr())
     torch.autograd.graph.increment_version(sums)
     return True
+
+
+def _sago_geometry_function() -> Any:
+    loaded = library() if torch.get_num_threads() == 1 else None
+    if loaded is None:
+        return None
+    symbol = "gradsynth_sago_geometry_f32"
+    entry = _geometry_functions.get(symbol)
+    if entry is None or entry[0] is not loaded:
+        function = getattr(loaded, symbol, None)
+        if function is not None:
+            function.argtypes = [
+                *[ctypes.c_void_p] * 3,
+                ctypes.c_int64,
+                ctypes.c_float,
+                ctypes.c_float,
+                ctypes.c_int,
+                ctypes.c_void_p,
+            ]
+            function.restype = None
+            function = function if _check_sago_geometry(function) else None
+        entry = _geometry_functions[symbol] = (loaded, function)
+    return entry[1]
+
+
+def _check_sago_geometry(function: Any) -> bool:
+    """Both rules on values with known results (infinities, NaN, zeros, underflowing products):
+    the update as `expected_applies`, the sums exactly (small dyadic values)."""
+    f = torch.tensor([2**-8 + 2**-15, -(2.0**-8), 2**-8, 0.0, -1.5, 0.25, 1e-30] * 7)
+    r = torch.tensor([1.0, 1.0 + 2**-7, -3.0, 2**-133, 0.5, -0.75, -1e-30] * 7)
+    for prefer, name in ((0, "sago"), (1, "prefer")):
+        out, acc = torch.empty_like(r), torch.zeros(7, dtype=torch.float64)
+        function(out.data_ptr(), f.data_ptr(), r.data_ptr(), f.numel(), 0.5, 2.0, prefer, acc.data_ptr())
+        if not torch.equal(out, expected_applies(f, r, 0.5, 2.0)[name]):
+            return False
+        a, b, c = (t.double().tolist() for t in (f, r, out))
+        pairs = [(a, a), (b, b), (a, b), (c, c), (c, a), (c, b)]
+        want = [math.fsum(x * y for x, y in zip(u, v, strict=True)) for u, v in pairs]
+        want.append(float(sum(x * y < 0 for x, y in zip(a, b, strict=True))))
+        # 1e-30 * 1e-30 etc. are not dyadic-small: compare those sums to rounding, the rest exactly.
+        got = acc.tolist()
+        if got[6] != want[6] or any(
+            abs(x - y) > 1e-15 * max(abs(y), 1.0) for x, y in zip(got, want, strict=True)
+        ):
+            return False
+    return True
+
+
+def sago_geometry_f32(
+    out: Tensor, forget: Tensor, retain: Tensor, alpha: float, gamma: float, prefer: bool, sums: Tensor
+) -> bool:
+    """SAGO (or ``prefer``: sago_prefer_retain) of contiguous float32 CPU tensors into ``out``, the
+    compiled kernels' float32 operations, with the 7 geometry sums added into the float64 tensor
+    ``sums``, in one loop; False (nothing written) where the caller must compute it."""
+    function = _sago_geometry_function()
+    if function is None:
+        return False
+    function(
+        out.data_ptr(),
+        forget.data_ptr(),
+        retain.data_ptr(),
+        out.numel(),
+        alpha,
+        gamma,
+        int(prefer),
+        sums.data_ptr(),
+    )
+    torch.autograd.graph.increment_version(out)
+    torch.autograd.graph.increment_version(sums)
+    return True

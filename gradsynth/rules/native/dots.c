@@ -74,3 +74,52 @@ void gradsynth_geometry_f32(const float *f, const float *r, const float *g, int6
     }
     for (int k = 0; k < 7; ++k) acc[k] += s[k];
 }
+
+/* SAGO (prefer = 0) or sago_prefer_retain (prefer = 1) on float32, written into out (which may be
+ * f or r: each element is read before it is written), with the geometry sums of f, r and the
+ * written g added into acc[0..6] in the same loop. The elementwise operations are the compiled
+ * kernels' (gradsynth/rules/fused.py), in their order, in float32, with no contraction (the library
+ * is built with -ffp-contract=off): c = (f S)(r S) < 0, S = 2^117; a = r alpha, b = gamma f;
+ *   sago: c ? a + (b - b) : b + (a - a)        prefer: a + (c ? b - b : b)                     */
+void gradsynth_sago_geometry_f32(float *out, const float *f, const float *r, int64_t n, float alpha, float gamma,
+                                 int prefer, double *acc) {
+    const float S = 0x1p117f;
+    double ff[LANES] = {0}, rr[LANES] = {0}, fr[LANES] = {0}, gg[LANES] = {0}, gf[LANES] = {0};
+    double gr[LANES] = {0}, cc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        __builtin_prefetch(f + i + AHEAD);
+        __builtin_prefetch(r + i + AHEAD);
+        for (int j = 0; j < LANES; ++j) {
+            float x = f[i + j], y = r[i + j];
+            float a = y * alpha, b = gamma * x, da = a - a, db = b - b;
+            int c = (x * S) * (y * S) < 0;
+            float v = prefer ? a + (c ? db : b) : (c ? a : b) + (c ? db : da);
+            out[i + j] = v;
+            double p = (double)x * (double)y, u = v;
+            ff[j] = __builtin_fma((double)x, (double)x, ff[j]);
+            rr[j] = __builtin_fma((double)y, (double)y, rr[j]);
+            fr[j] += p;
+            gg[j] = __builtin_fma(u, u, gg[j]);
+            gf[j] = __builtin_fma(u, (double)x, gf[j]);
+            gr[j] = __builtin_fma(u, (double)y, gr[j]);
+            cc[j] += (double)(p < 0);
+        }
+    }
+    double s[7] = {0};
+    for (; i < n; ++i) {
+        float x = f[i], y = r[i];
+        float a = y * alpha, b = gamma * x, da = a - a, db = b - b;
+        int c = (x * S) * (y * S) < 0;
+        float v = prefer ? a + (c ? db : b) : (c ? a : b) + (c ? db : da);
+        out[i] = v;
+        double p = (double)x * (double)y, u = v;
+        s[0] += (double)x * x, s[1] += (double)y * y, s[2] += p, s[3] += u * u, s[4] += u * x, s[5] += u * y;
+        s[6] += (double)(p < 0);
+    }
+    for (int j = 0; j < LANES; ++j) {
+        s[0] += ff[j], s[1] += rr[j], s[2] += fr[j], s[3] += gg[j], s[4] += gf[j], s[5] += gr[j];
+        s[6] += cc[j];
+    }
+    for (int k = 0; k < 7; ++k) acc[k] += s[k];
+}
