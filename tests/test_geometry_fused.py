@@ -163,9 +163,9 @@ def test_dtensor_shards_give_partial_sums_reduced_once(mesh, rule):
     assert got.result().as_dict() == pytest.approx(want.result().as_dict(), rel=1e-12)
 
 
-@pytest.mark.parametrize("rule", ["sago", "sago_prefer_retain"])
-def test_the_c_sago_kernel_with_geometry_is_the_compiled_kernel_bit_for_bit(rule):
-    """Float32 SAGO where the compiled kernel runs: one C loop writes g and takes the sums."""
+@pytest.mark.parametrize("rule", ["sago", "sago_prefer_retain", "sum", "pcgrad"])
+def test_the_c_kernels_with_geometry_are_the_compiled_kernels_bit_for_bit(rule):
+    """Float32 where the compiled kernels run: one C loop writes g and takes the sums."""
     inf, nan = float("inf"), float("nan")
     f = torch.tensor([inf, -inf, nan, 1.0, -1.0, 2.0, 0.0, 1e-30, 3.0, -0.0] * 4000)
     r = torch.tensor([1.0, 1.0, 1.0, inf, -inf, nan, inf, -1e-30, -0.5, 2.0] * 4000)

@@ -604,6 +604,13 @@ def _host_weight(alpha: float) -> str | None:
     return "linear_wide" if 0 < alpha < _FLOAT32_NORMAL else "linear"
 
 
+def float32_linear_applies(forget: Tensor, retain: Tensor, out: Tensor, weight: float) -> bool:
+    """Whether the float32 ``linear`` kernel (not the float64 or eager one) applies ``weight`` here."""
+    return (
+        forget.dtype == torch.float32 and _host_weight(weight) == "linear" and eligible(forget, retain, out)
+    )
+
+
 def _native_linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float) -> bool:
     # The C kernel computes what the float32 "linear" kernel does (the caller checked the tensors).
     return _host_weight(alpha) == "linear" and native.apply_bf16("linear", out, forget, retain, alpha, gamma)

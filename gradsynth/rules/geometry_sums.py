@@ -56,11 +56,6 @@ def _index_on(device: torch.device) -> Tensor:
 _ran: dict[tuple[torch.dtype, str], str] = {}
 
 
-def note(dtype: torch.dtype, device: str, how: str) -> None:
-    """Record how a rule took the sums itself (for `status`)."""
-    _ran[(dtype, device)] = how
-
-
 def status() -> dict[str, str]:
     """How the geometry sums were taken, per dtype and device, so far in this process."""
     return {
@@ -88,6 +83,20 @@ def sums_of(forget: Tensor, retain: Tensor, update: Tensor) -> Tensor:
             sign_conflict(forget, retain).sum(dtype=torch.float64),
         ]
     )
+
+
+def fused_measured(
+    kind: str, forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float, sink: GeometrySink
+) -> bool:
+    """Float32 ``sago``, ``prefer`` or ``linear`` (see `native.rule_geometry_f32`) with its sums in
+    one loop, where the caller has checked that the compiled kernel of that name would run (the C
+    loop performs its operations); False (nothing written) where it cannot."""
+    sums = torch.zeros(7, dtype=torch.float64)
+    if not native.rule_geometry_f32(kind, out, forget, retain, alpha, gamma, sums):
+        return False
+    _ran[(forget.dtype, "cpu")] = "C kernel with the rule"
+    sink.add_sums(sums, forget.numel())
+    return True
 
 
 def _chunk_size(device: torch.device) -> int:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from gradsynth.rules import fused
 from gradsynth.rules.base import Rule
-from gradsynth.rules.geometry_sums import GeometrySink, measured
+from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
 from gradsynth.rules.reductions import dot64, settled
 from gradsynth.rules.weighted_sum import weighted_sum
 
@@ -87,6 +87,12 @@ def pcgrad(
         if plan is not None:
             # The weight of the whole tensor, then the apply the plain path runs, measured by chunks.
             weight, large = plan
+            if (
+                large
+                and fused.float32_linear_applies(forget, retain, out, weight)
+                and fused_measured("linear", forget, retain, out, weight, gamma, geometry)
+            ):
+                return out  # the compiled apply's operations and the sums in one C loop
 
             def apply(f: Tensor, r: Tensor, g: Tensor) -> None:
                 if not fused.pcgrad_apply(f, r, g, weight, large, gamma=gamma):

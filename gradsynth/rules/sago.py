@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradsynth.rules import fused, native
+from gradsynth.rules import fused
 from gradsynth.rules.base import Rule
-from gradsynth.rules.geometry_sums import GeometrySink, measured, note
+from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
 from gradsynth.rules.reductions import fit, flat_chunks, scratch, sign_conflict
 
 
@@ -39,14 +39,15 @@ def _blend(
     if out is None:
         out = torch.empty_like(retain)
     if geometry is not None:
-        if forget.dtype == torch.float32 and fused.eligible(forget, retain, out):
-            # Where the compiled kernel would run: the C kernel of its operations, which writes g
-            # and takes the sums in one loop.
-            sums = torch.zeros(7, dtype=torch.float64)
-            if native.sago_geometry_f32(out, forget, retain, alpha, gamma, keep_retain, sums):
-                note(forget.dtype, "cpu", "C kernel with the rule")
-                geometry.add_sums(sums, forget.numel())
-                return out
+        # Where the compiled kernel would run: the C kernel of its operations, which writes g and
+        # takes the sums in one loop.
+        kind = "prefer" if keep_retain else "sago"
+        if (
+            forget.dtype == torch.float32
+            and fused.eligible(forget, retain, out)
+            and fused_measured(kind, forget, retain, out, alpha, gamma, geometry)
+        ):
+            return out
         # The same kernels, a chunk at a time, measured before each chunk of g is written.
         return measured(
             lambda f, r, g: _blend(f, r, alpha, gamma, g, keep_retain), forget, retain, out, geometry

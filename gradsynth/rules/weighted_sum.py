@@ -13,7 +13,7 @@ from torch import Tensor
 
 from gradsynth.rules import fused
 from gradsynth.rules.base import Rule
-from gradsynth.rules.geometry_sums import GeometrySink, measured
+from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
 from gradsynth.rules.reductions import fit, flat_chunks, scratch
 
 
@@ -38,6 +38,15 @@ def weighted_sum(
     if out is None:
         out = torch.empty_like(retain)
     if geometry is not None:
+        weight = alpha
+        if isinstance(weight, Tensor) and type(weight) is Tensor and weight.device.type == "cpu":
+            weight = float(weight)  # as the fused path reads it (a CPU tensor: waits for nothing)
+        if (
+            not isinstance(weight, Tensor)
+            and fused.float32_linear_applies(forget, retain, out, weight)
+            and fused_measured("linear", forget, retain, out, weight, gamma, geometry)
+        ):
+            return out  # the compiled kernel's operations and the sums in one C loop
         return measured(
             lambda f, r, g: weighted_sum(f, r, alpha=alpha, gamma=gamma, out=g), forget, retain, out, geometry
         )

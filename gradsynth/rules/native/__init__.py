@@ -323,11 +323,11 @@ def add_geometry(sums: Tensor, forget: Tensor, retain: Tensor, update: Tensor) -
     return True
 
 
-def _sago_geometry_function() -> Any:
+def _rule_geometry_function() -> Any:
     loaded = library() if torch.get_num_threads() == 1 else None
     if loaded is None:
         return None
-    symbol = "gradsynth_sago_geometry_f32"
+    symbol = "gradsynth_rule_geometry_f32"
     entry = _geometry_functions.get(symbol)
     if entry is None or entry[0] is not loaded:
         function = getattr(loaded, symbol, None)
@@ -341,19 +341,23 @@ def _sago_geometry_function() -> Any:
                 ctypes.c_void_p,
             ]
             function.restype = None
-            function = function if _check_sago_geometry(function) else None
+            function = function if _check_rule_geometry(function) else None
         entry = _geometry_functions[symbol] = (loaded, function)
     return entry[1]
 
 
-def _check_sago_geometry(function: Any) -> bool:
-    """Both rules on values with known results (infinities, NaN, zeros, underflowing products):
+#: The rules of ``gradsynth_rule_geometry_f32``, by its ``kind`` argument.
+RULE_KINDS = {"sago": 0, "prefer": 1, "linear": 2}
+
+
+def _check_rule_geometry(function: Any) -> bool:
+    """The three rules on values with known results (infinities, NaN, zeros, underflowing products):
     the update as `expected_applies`, the sums exactly (small dyadic values)."""
     f = torch.tensor([2**-8 + 2**-15, -(2.0**-8), 2**-8, 0.0, -1.5, 0.25, 1e-30] * 7)
     r = torch.tensor([1.0, 1.0 + 2**-7, -3.0, 2**-133, 0.5, -0.75, -1e-30] * 7)
-    for prefer, name in ((0, "sago"), (1, "prefer")):
+    for name, kind in RULE_KINDS.items():
         out, acc = torch.empty_like(r), torch.zeros(7, dtype=torch.float64)
-        function(out.data_ptr(), f.data_ptr(), r.data_ptr(), f.numel(), 0.5, 2.0, prefer, acc.data_ptr())
+        function(out.data_ptr(), f.data_ptr(), r.data_ptr(), f.numel(), 0.5, 2.0, kind, acc.data_ptr())
         if not torch.equal(out, expected_applies(f, r, 0.5, 2.0)[name]):
             return False
         a, b, c = (t.double().tolist() for t in (f, r, out))
@@ -369,13 +373,14 @@ def _check_sago_geometry(function: Any) -> bool:
     return True
 
 
-def sago_geometry_f32(
-    out: Tensor, forget: Tensor, retain: Tensor, alpha: float, gamma: float, prefer: bool, sums: Tensor
+def rule_geometry_f32(
+    kind: str, out: Tensor, forget: Tensor, retain: Tensor, alpha: float, gamma: float, sums: Tensor
 ) -> bool:
-    """SAGO (or ``prefer``: sago_prefer_retain) of contiguous float32 CPU tensors into ``out``, the
+    """Kernel ``kind`` of `RULE_KINDS` (``linear``: ``alpha * r + gamma * f``, the caller keeping
+    ``alpha`` 0 or a normal float32 number) on contiguous float32 CPU tensors into ``out``, the
     compiled kernels' float32 operations, with the 7 geometry sums added into the float64 tensor
     ``sums``, in one loop; False (nothing written) where the caller must compute it."""
-    function = _sago_geometry_function()
+    function = _rule_geometry_function()
     if function is None:
         return False
     function(
@@ -385,7 +390,7 @@ def sago_geometry_f32(
         out.numel(),
         alpha,
         gamma,
-        int(prefer),
+        RULE_KINDS[kind],
         sums.data_ptr(),
     )
     torch.autograd.graph.increment_version(out)

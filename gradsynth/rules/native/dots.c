@@ -75,14 +75,17 @@ void gradsynth_geometry_f32(const float *f, const float *r, const float *g, int6
     for (int k = 0; k < 7; ++k) acc[k] += s[k];
 }
 
-/* SAGO (prefer = 0) or sago_prefer_retain (prefer = 1) on float32, written into out (which may be
- * f or r: each element is read before it is written), with the geometry sums of f, r and the
- * written g added into acc[0..6] in the same loop. The elementwise operations are the compiled
- * kernels' (gradsynth/rules/fused.py), in their order, in float32, with no contraction (the library
- * is built with -ffp-contract=off): c = (f S)(r S) < 0, S = 2^117; a = r alpha, b = gamma f;
- *   sago: c ? a + (b - b) : b + (a - a)        prefer: a + (c ? b - b : b)                     */
-void gradsynth_sago_geometry_f32(float *out, const float *f, const float *r, int64_t n, float alpha, float gamma,
-                                 int prefer, double *acc) {
+/* SAGO (kind 0), sago_prefer_retain (kind 1) or the linear apply (kind 2: sum, PCGrad) on
+ * float32, written into out (which may be f or r: each element is read before it is written),
+ * with the geometry sums of f, r and the written g added into acc[0..6] in the same loop. The
+ * elementwise operations are the compiled kernels' (gradsynth/rules/fused.py), in their order, in
+ * float32, with no contraction (the library is built with -ffp-contract=off):
+ * c = (f S)(r S) < 0, S = 2^117; a = r alpha, b = gamma f;
+ *   sago: c ? a + (b - b) : b + (a - a)    prefer: a + (c ? b - b : b)    linear: a + b       */
+#define RULE(kind, a, b, c, da, db) ((kind) == 2 ? (a) + (b) : (kind) == 1 ? (a) + ((c) ? (db) : (b)) \
+                                                  : ((c) ? (a) : (b)) + ((c) ? (db) : (da)))
+void gradsynth_rule_geometry_f32(float *out, const float *f, const float *r, int64_t n, float alpha, float gamma,
+                                 int kind, double *acc) {
     const float S = 0x1p117f;
     double ff[LANES] = {0}, rr[LANES] = {0}, fr[LANES] = {0}, gg[LANES] = {0}, gf[LANES] = {0};
     double gr[LANES] = {0}, cc[LANES] = {0};
@@ -94,7 +97,7 @@ void gradsynth_sago_geometry_f32(float *out, const float *f, const float *r, int
             float x = f[i + j], y = r[i + j];
             float a = y * alpha, b = gamma * x, da = a - a, db = b - b;
             int c = (x * S) * (y * S) < 0;
-            float v = prefer ? a + (c ? db : b) : (c ? a : b) + (c ? db : da);
+            float v = RULE(kind, a, b, c, da, db);
             out[i + j] = v;
             double p = (double)x * (double)y, u = v;
             ff[j] = __builtin_fma((double)x, (double)x, ff[j]);
@@ -111,7 +114,7 @@ void gradsynth_sago_geometry_f32(float *out, const float *f, const float *r, int
         float x = f[i], y = r[i];
         float a = y * alpha, b = gamma * x, da = a - a, db = b - b;
         int c = (x * S) * (y * S) < 0;
-        float v = prefer ? a + (c ? db : b) : (c ? a : b) + (c ? db : da);
+        float v = RULE(kind, a, b, c, da, db);
         out[i] = v;
         double p = (double)x * (double)y, u = v;
         s[0] += (double)x * x, s[1] += (double)y * y, s[2] += p, s[3] += u * u, s[4] += u * x, s[5] += u * y;
