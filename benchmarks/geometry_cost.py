@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import llama_shapes  # noqa: E402
+from run import llama_shapes
 
-from gradsynth.optim.combine import combine_all  # noqa: E402
-from gradsynth.optim.geometry import GeometryAccumulator  # noqa: E402
-from gradsynth.rules import fused, get_rule  # noqa: E402
+from gradsynth.optim.combine import combine_all
+from gradsynth.optim.geometry import GeometryAccumulator
+from gradsynth.rules import fused, get_rule
 
 
 def main() -> None:
