@@ -38,6 +38,10 @@ CONFIGS = [
     ("wrapper, backward_*(None), 2 interleaved micro-batches", "sago", "none", 2),
     ("wrapper, streaming=True", "sago", "streaming", 1),
     ("wrapper, streaming=True", "pcgrad", "streaming", 1),
+    ("wrapper, losses passed, track_geometry=True", "sago", "loss+geometry", 1),
+    ("wrapper, losses passed, track_geometry=True", "pcgrad", "loss+geometry", 1),
+    ("wrapper, losses passed, track_geometry=True", "sum", "loss+geometry", 1),
+    ("wrapper, streaming=True, track_geometry=True", "sago", "streaming+geometry", 1),
 ]
 
 
@@ -109,6 +113,8 @@ def measure(rule: str, mode: str, micro: int, layers: int, width: int, device: s
                 lr.backward()
                 opt.backward_retain(None)
         opt.step()
+        if geometry:
+            assert opt.geometry is not None
 
     step(0)  # warm-up: lazily allocated state and buffers
     opt.zero_grad(set_to_none=True)

@@ -302,6 +302,7 @@ def machine(threads: int, numel: int, device: str = "cpu") -> dict:
 
 
 MEMORY_CONFIGS = [(rule, "loss") for rule in RULES] + [("sago", "streaming"), ("sago", "plain")]
+MEMORY_CONFIGS += [(rule, "loss+geometry") for rule in ("sago", "pcgrad")] + [("sago", "streaming+geometry")]
 MEMORY_NAMES = {"loss": "{rule}", "streaming": "{rule} streaming", "plain": "plain training"}
 
 

@@ -197,6 +197,7 @@ def broken_compiler(monkeypatch):
     monkeypatch.setattr(fused.torch, "compile", failing_compile)
     monkeypatch.setattr(fused, "_compiled", {})
     monkeypatch.setattr(fused, "_status", {})
+    monkeypatch.setattr(fused.geometry_sums, "_ran", {})  # (geometry tracked by earlier tests)
 
 
 @pytest.mark.parametrize("rule", list(FUNCTIONS))
@@ -253,6 +254,7 @@ def test_compiles_under_warnings_as_errors(monkeypatch):
     # a failed compilation and a silent fallback.
     monkeypatch.setattr(fused, "_compiled", {})
     monkeypatch.setattr(fused, "_status", {})
+    monkeypatch.setattr(fused.geometry_sums, "_ran", {})  # (geometry tracked by earlier tests)
     f, r = _pair(torch.float32, n=fused.MIN_NUMEL)
     with fused.use_backend("compiled"), warnings.catch_warnings():
         warnings.simplefilter("error")

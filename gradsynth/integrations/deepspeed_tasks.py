@@ -15,7 +15,7 @@ task, `DeepSpeedTasks`:
    fp32 partition keeps accumulating through ``engine.zero_grad()``).
 
 At the last micro-batch of a window, `step` synthesizes ``g = rule(f, r)`` with the same
-`gradsynth.optim.combine.combine_all` the optimizer shell uses, under the `SynthesizingOptimizer`'s
+`gradsynth.optim.combine.synthesize` loop the optimizer shell uses, under the `SynthesizingOptimizer`'s
 settings (its rule, ``alpha``, ``gamma``, per-param-group keys, geometry), writes ``g`` back
 (``p.grad`` / ``safe_set_full_grad`` / ``safe_set_local_grad``) and calls ``engine.step()``: the
 engine's loss-scale handling, ``gradient_clipping`` and optimizer step act on ``g``.
@@ -39,7 +39,7 @@ from torch import Tensor
 from gradsynth.integrations.distributed import check_engine
 from gradsynth.integrations.unwrap import find_synthesizing_optimizer
 from gradsynth.optim import SynthesizingOptimizer
-from gradsynth.optim.combine import combine_all
+from gradsynth.optim.combine import synthesize
 from gradsynth.optim.geometry import GeometryAccumulator, GradientGeometry
 from gradsynth.optim.task_gradients import FORGET, RETAIN, TASKS
 
@@ -211,24 +211,20 @@ class DeepSpeedTasks:
         """
         if not any(self._sums.values()):
             return
+        groups = [(self.optimizer.group_settings(group), params) for group, params in self._groups()]
         geometry = GeometryAccumulator() if self.optimizer.track_geometry else None
-        params, entries = [], []
-        for group, group_params in self._groups():
-            rule, alpha, gamma = self.optimizer.group_settings(group)
-            for p in group_params:
-                forget, retain = self._sums[FORGET].pop(p, None), self._sums[RETAIN].pop(p, None)
-                if forget is None and retain is None:
-                    continue
-                if self.stage == 3:
-                    forget = None if forget is None else self._shard(p, forget)
-                    retain = None if retain is None else self._shard(p, retain)
-                params.append(p)
-                entries.append((rule, alpha, gamma, forget, retain))
-        for p, update in zip(params, combine_all(entries, geometry), strict=True):
+        done = synthesize(groups, self._take, geometry)
+        for p, update in zip(done.params, done.updates, strict=True):
             self._write(p, update)
-        if geometry is not None:
-            geometry.reduce()
-        self._geometry = geometry
+        self._geometry = done.geometry
+
+    def _take(self, p: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The window's task sums of ``p``, taken out (ZeRO-3 partitions as DTensor shards)."""
+        forget, retain = self._sums[FORGET].pop(p, None), self._sums[RETAIN].pop(p, None)
+        if self.stage == 3:
+            forget = None if forget is None else self._shard(p, forget)
+            retain = None if retain is None else self._shard(p, retain)
+        return forget, retain
 
     def step(self, boundary: bool | None = None) -> bool:
         """Call once per micro-batch: on the window's last one, synthesize and ``engine.step()``.

@@ -315,7 +315,8 @@ class SynthesizingTrainer(Trainer):
         forget, retain = forget.detach(), retain.detach()
         self._step_stats.add_losses(forget, retain)
         if tasks.synthesize():
-            self._step_stats.end_step(tasks.optimizer.geometry if tasks.optimizer.track_geometry else None)
+            optimizer = tasks.optimizer
+            self._step_stats.end_step(optimizer.pending_geometry if optimizer.track_geometry else None)
             self._step_open = False
         return forget + retain
 

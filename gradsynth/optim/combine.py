@@ -1,20 +1,24 @@
 """The synthesis of a set of parameters: ``g = rule.combine(f, r; alpha, gamma)``, with geometry if tracked.
 
-`combine_all` is the one place where a step's task gradients become update gradients: it
-groups the tensors by rule (so that a rule's scope, e.g. ``pcgrad_global``'s, spans param
-groups), lets each rule `prepare` its scope-wide quantities, and combines tensor by tensor.
-The optimizer shell calls it on its stashes; engine integrations (DeepSpeed) call it on the
-gradients they read out of the engine. Sharded tensors (DTensors) make every scope-wide sum
-global, as the rules do for FSDP2.
+`synthesize` is the one synthesis loop: it walks the param groups with their settings, asks the
+caller for each parameter's two task gradients, combines them with `combine_all` and settles the
+geometry (one collective for sharded sums). The optimizer shell runs it on its stashes; engine
+integrations (DeepSpeed) on the gradients they read out of the engine. `combine_all` groups the
+tensors by rule (so that a rule's scope, e.g. ``pcgrad_global``'s, spans param groups), lets each
+rule `prepare` its scope-wide quantities, and combines tensor by tensor. Sharded tensors
+(DTensors) make every scope-wide sum global, as the rules do for FSDP2.
 
-Without geometry an update is written over the retain gradient (no allocation). With geometry,
-``f`` and ``r`` must survive the combination to be measured against ``g``, so ``g`` goes into a
-new tensor the size of the parameter.
+An update is written over the retain gradient (no allocation). With geometry, a built-in rule
+(``Rule.measures_geometry``) takes the sums in the same pass, chunk by chunk before each chunk of
+``g`` is written (`gradsynth.rules.geometry_sums`): no extra gradient set. A custom rule's ``g``
+goes into a new tensor, measured against ``f`` and ``r`` after (so a custom rule that raises
+leaves the task gradients intact).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +31,49 @@ from gradsynth.rules.base import Rule
 #: One tensor's share of a synthesis: ``(rule, alpha, gamma, forget, retain)``; ``None`` for a
 #: task that did not reach the tensor (it counts as zero), never both.
 Entry = tuple[Rule, float, float, Tensor | None, Tensor | None]
+#: A param group's ``(rule, alpha, gamma)`` and the parameters it covers.
+Group = tuple[tuple[Rule, float, float], Iterable[Tensor]]
+#: A parameter's ``(forget, retain)`` gradients, ``None`` for a task that did not reach it.
+Gradients = Callable[[Tensor], tuple[Tensor | None, Tensor | None]]
+
+
+@dataclass
+class Synthesis:
+    """What `synthesize` produced: each reached parameter's update, in order, and the geometry."""
+
+    params: list[Tensor]
+    updates: list[Tensor]
+    geometry: GeometryAccumulator | None
+
+
+def synthesize(
+    groups: Iterable[Group],
+    gradients: Gradients,
+    geometry: GeometryAccumulator | None = None,
+    *,
+    written: list[int] | None = None,
+) -> Synthesis:
+    """Synthesize every parameter that a task reached: the loop the shell and the engines share.
+
+    ``gradients(p)`` gives ``(forget, retain)`` of a parameter (it may take them out of the
+    caller's storage, or leave them there); parameters neither task reached are skipped. The
+    geometry (if given, possibly holding sums already, as streaming leaves it) is reduced once at
+    the end: a collective for sharded tensors, so every rank calls this. ``written`` is as in
+    `combine_all`.
+    """
+    params: list[Tensor] = []
+    entries: list[Entry] = []
+    for (rule, alpha, gamma), group_params in groups:
+        for p in group_params:
+            forget, retain = gradients(p)
+            if forget is None and retain is None:
+                continue
+            params.append(p)
+            entries.append((rule, alpha, gamma, forget, retain))
+    updates = combine_all(entries, geometry, written=written)
+    if geometry is not None:
+        geometry.reduce()
+    return Synthesis(params, updates, geometry)
 
 
 def combine_one(
@@ -39,9 +86,15 @@ def combine_one(
     context: Any = None,
     geometry: GeometryAccumulator | None = None,
 ) -> Tensor:
-    """Return one parameter's synthesized gradient: in ``retain``'s buffer, or new with geometry."""
+    """Return one parameter's synthesized gradient: in ``retain``'s buffer (new for a custom rule
+    with geometry)."""
     if geometry is None:
         rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=retain, context=context)
+        return retain
+    if rule.measures_geometry:
+        rule.combine(  # type: ignore[call-arg]
+            forget, retain, alpha=alpha, gamma=gamma, out=retain, context=context, geometry=geometry
+        )
         return retain
     update = torch.empty_like(retain)
     rule.combine(forget, retain, alpha=alpha, gamma=gamma, out=update, context=context)

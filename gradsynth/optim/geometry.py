@@ -6,9 +6,11 @@ Over all managed parameters, with f, r, g the forget, retain and synthesized gra
     conflict_fraction = #{i : sign(f_i) = -sign(r_i) != 0} / #coordinates
     norm_f = |f|,  norm_r = |r|,  norm_g = |g|
 
-Sums stay 0-dim float64 tensors on each device while the optimizer loops over parameters; they
-are read on the host once, when `GeometryAccumulator.result` is called. A cosine with a
-zero-norm side is NaN.
+The sums (`gradsynth.rules.geometry_sums`) are taken by the rules themselves, in the pass that
+writes ``g``; they stay float64 tensors on each device while the optimizer loops over parameters
+(nothing is read on the host during a step) and are added up once, in `GeometryAccumulator.reduce`,
+and read on the host only when `GeometryAccumulator.result` is called (the logging decides when).
+A cosine with a zero-norm side is NaN.
 
 Sharded gradients (FSDP2 DTensors) give partial sums, one per rank; `GeometryAccumulator.reduce`
 turns them into global ones with one all-reduce of seven numbers per device mesh. It is a
@@ -24,9 +26,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from gradsynth.rules.reductions import dot64, sign_conflict
+from gradsynth.rules.geometry_sums import SUMS, sums_of
 
-_FF, _RR, _FR, _GG, _GF, _GR, _CONFLICTS = range(7)
+_FF, _RR, _FR, _GG, _GF, _GR, _CONFLICTS = (SUMS.index(name) for name in SUMS)
 
 
 @dataclass(frozen=True)
@@ -57,35 +59,41 @@ class GeometryAccumulator:
 
     def __init__(self) -> None:
         # Keyed by device and device mesh (None for plain tensors): partial sums over a mesh
-        # cannot be added to plain tensors or to partial sums over another mesh.
+        # cannot be added to plain tensors or to partial sums over another mesh. Plain tensors'
+        # sums are kept in a list and added up at `reduce` (one operation, not one per tensor).
+        self._parts: dict[tuple[torch.device, object], list[Tensor]] = {}
         self._totals: dict[tuple[torch.device, object], Tensor] = {}
         self._numel = 0
 
     def add(self, forget: Tensor, retain: Tensor, update: Tensor) -> None:
-        """Account for one parameter tensor; no host sync."""
-        sums = torch.stack(
-            [
-                dot64(forget, forget),
-                dot64(retain, retain),
-                dot64(forget, retain),
-                dot64(update, update),
-                dot64(update, forget),
-                dot64(update, retain),
-                sign_conflict(forget, retain).sum(dtype=torch.float64),
-            ]
-        )
+        """Account for one parameter tensor from its three gradients, measured after; no host sync."""
+        self.add_sums(sums_of(forget, retain, update), forget.numel())
+
+    def add_sums(self, sums: Tensor, numel: int) -> None:
+        """Account for one parameter tensor's 7 sums (`gradsynth.rules.geometry_sums.SUMS`)."""
         key = (sums.device, getattr(sums, "device_mesh", None))
-        if key in self._totals:
-            self._totals[key] += sums
+        if key[1] is None:
+            self._parts.setdefault(key, []).append(sums)
+        elif key in self._totals:
+            # Out of place: DTensor partial sums.
+            self._totals[key] = self._totals[key] + sums
         else:
             self._totals[key] = sums
-        self._numel += forget.numel()
+        self._numel += numel
+
+    def _gather(self) -> None:
+        for key, parts in self._parts.items():
+            total = torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+            self._totals[key] = total + self._totals[key] if key in self._totals else total
+        self._parts.clear()
 
     def reduce(self) -> None:
         """Make the sums of sharded tensors (DTensors) global; a collective call on every rank.
 
-        No-op for plain tensors. Without it, `result` would see one rank's share only.
+        All of a mesh's sums are reduced together, once. No-op for plain tensors. Without it,
+        `result` would see one rank's share only.
         """
+        self._gather()
         for key, total in self._totals.items():
             full_tensor = getattr(total, "full_tensor", None)
             if full_tensor is not None:
@@ -93,6 +101,7 @@ class GeometryAccumulator:
 
     def result(self) -> GradientGeometry | None:
         """Read the sums (one host sync per device) and form the geometry; None if empty."""
+        self._gather()
         if not self._totals:
             return None
         total = sum(t.to("cpu") for t in self._totals.values())

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradsynth.optim.combine import Entry, combine_all
+from gradsynth.optim.combine import Group, Synthesis, synthesize
 from gradsynth.optim.geometry import GeometryAccumulator, GradientGeometry
 from gradsynth.optim.streaming import StreamingBackward, check_streamable
 from gradsynth.optim.task_gradients import FORGET, RETAIN, TaskGradients, other_task
@@ -384,36 +384,29 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _synthesize(self, geometry: GeometryAccumulator | None) -> None:
         self._refuse_unattributed()
-        params, entries = [], []
-        for group in self._base.param_groups:
-            rule, alpha, gamma = self.group_settings(group)
-            for p in group["params"]:
-                if self._tasks.reached(p):
-                    params.append(p)
-                    entries.append((rule, alpha, gamma, *self._tasks.peek(p)))
-        # The task gradients stay in their stashes until every update is computed, so that a
-        # rule that raises leaves them pending as they were (see `_combine_all`).
-        updates = self._combine_all(entries, geometry)
-        for p, update in zip(params, updates, strict=True):
+        groups = [(self.group_settings(group), group["params"]) for group in self._base.param_groups]
+        # The task gradients stay in their stashes (peeked, not taken) until every update is
+        # computed, so that a rule that raises leaves them pending as they were (see `_combine`).
+        done = self._combine(groups, geometry)
+        for p, update in zip(done.params, done.updates, strict=True):
             self._tasks.take(p)
             self._tasks.place(p, update)
-        if geometry is not None:
-            geometry.reduce()
-        self._geometry = geometry
+        self._geometry = done.geometry
         self._geometry_result = None
         self._synthesized = True
 
-    def _combine_all(self, entries: list[Entry], geometry: GeometryAccumulator | None) -> list[Tensor]:
-        """Every parameter's update (`combine_all`); the pending task gradients are left in place.
+    def _combine(self, groups: list[Group], geometry: GeometryAccumulator | None) -> Synthesis:
+        """Every parameter's update (`synthesize`); the pending task gradients are left in place.
 
         If a rule raises, the pending gradients are as they were when nothing was written over
-        them yet: the rule failed in ``prepare``, on the first parameter, or with geometry
-        tracked (updates then go to new tensors). Otherwise (an in-place update already replaced
-        some retain gradients) they are dropped and a ``RuntimeError`` says to redo the step.
+        them yet: the rule failed in ``prepare``, on the first parameter, or it is a custom rule
+        with geometry tracked (its updates then go to new tensors). Otherwise (an in-place update
+        already replaced some retain gradients) they are dropped and a ``RuntimeError`` says to
+        redo the step.
         """
         written: list[int] = []
         try:
-            return combine_all(entries, geometry, written=written)
+            return synthesize(groups, self._tasks.peek, geometry, written=written)
         except Exception as err:
             if not written:
                 raise
@@ -421,7 +414,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"the synthesis failed ({type(err).__name__}: {err}) after some retain gradients were "
                 "replaced in place by their update; this step's task gradients were dropped: fix the "
-                "rule and redo the step's backward passes (track_geometry=True keeps them intact)"
+                "rule and redo the step's backward passes"
             ) from err
 
     @contextlib.contextmanager
@@ -429,7 +422,7 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         """Within the block, ``step()`` passes straight to the wrapped optimizer, any number of times.
 
         For engine integrations that read the task gradients out of an engine, synthesize them
-        with `gradsynth.optim.combine.combine_all` under this wrapper's `group_settings` and write
+        with `gradsynth.optim.combine.synthesize` under this wrapper's `group_settings` and write
         the update back into the engine, whose own optimizer then calls this wrapper's ``step``
         on its flat partitions (DeepSpeed's ZeRO does, once per param group). `geometry` reports
         ``geometry`` (already reduced) from then on.
@@ -457,6 +450,14 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
                 "backward_forget()/backward_retain() call, so it belongs to no task; call "
                 "backward_forget(None) or backward_retain(None) right after that backward"
             )
+
+    @property
+    def pending_geometry(self) -> GeometryAccumulator | None:
+        """The sums behind `geometry` of the last synthesis, not read yet (``.result()`` reads them).
+
+        For a logger that reads every few steps: keeping it costs no host sync now.
+        """
+        return self._geometry
 
     @property
     def geometry(self) -> GradientGeometry | None:

@@ -34,6 +34,10 @@ class Rule(ABC):
 
     #: The name the rule is registered and saved under.
     name: str = ""
+    #: True when `combine` takes ``geometry=``, a sink for the tensor's geometry sums taken in the
+    #: same pass that writes ``out`` (`gradsynth.rules.geometry_sums`). Otherwise the optimizer
+    #: combines into a new tensor and measures ``f``, ``r`` and ``g`` after.
+    measures_geometry: bool = False
 
     def prepare(
         self,
@@ -60,7 +64,9 @@ class Rule(ABC):
         """Write the synthesized gradient of one parameter tensor into ``out``."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        # A rule registered under a name of its own (a renamed copy) says so.
+        renamed = self.name != type(self).name
+        return f"{type(self).__name__}({f'name={self.name!r}' if renamed else ''})"
 
 
 class FunctionRule(Rule):

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.rules.base import Rule
+from gradsynth.rules.geometry_sums import GeometrySink, measured
 from gradsynth.rules.pcgrad import scope_inner_products
 from gradsynth.rules.weighted_sum import weighted_sum
 
@@ -57,11 +58,31 @@ class Blur(Rule):
         total = scope_inner_products(retain, forget, alpha)
         return blur_coefficient(total[0], total[1])
 
+    measures_geometry = True
+
     def combine(
-        self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None
+        self,
+        forget: Tensor,
+        retain: Tensor,
+        *,
+        alpha: float,
+        gamma: float,
+        out: Tensor,
+        context: Any = None,
+        geometry: GeometrySink | None = None,
     ) -> None:
         if not isinstance(context, Tensor):
             raise RuntimeError("blur.combine needs the coefficient returned by its prepare()")
         # weighted_sum(a, b, alpha=w_b, gamma=w_a) = w_a*a + w_b*b takes a 0-dim tensor weight on b
         # only, so the roles are swapped: the tensor weight (gamma - C) lands on f.
-        weighted_sum(retain, forget, alpha=gamma - context.to(forget.device), gamma=alpha, out=out)
+        weight = gamma - context.to(forget.device)
+        if geometry is None:
+            weighted_sum(retain, forget, alpha=weight, gamma=alpha, out=out)
+        else:  # measured with f and r in their own roles
+            measured(
+                lambda f, r, g: weighted_sum(r, f, alpha=weight, gamma=alpha, out=g),
+                forget,
+                retain,
+                out,
+                geometry,
+            )

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradsynth.rules import native
+from gradsynth.rules import geometry_sums, native
 from gradsynth.rules.reductions import dot64
 
 BACKENDS = ("auto", "compiled", "eager")
@@ -167,13 +167,17 @@ def for_step(numel: int) -> Iterator[None]:
 
 
 def status() -> dict[str, str]:
-    """For each kernel variant tried so far: ``"compiled"`` or ``"failed (eager fallback)"``."""
-    return {
+    """For each kernel variant tried so far: ``"compiled"`` or ``"failed (eager fallback)"``; and
+    for geometry tracked in the synthesis pass, how its sums were taken (``geometry[dtype,
+    device]``: ``"C kernel"``, ``"float64 matrix product"`` or ``"whole tensor"``, see
+    `gradsynth.rules.geometry_sums`)."""
+    compiled = {
         f"{name}[{str(dtype).removeprefix('torch.')}, {device}]": "compiled"
         if ok
         else "failed (eager fallback)"
         for (name, dtype, device), ok in _status.items()
     }
+    return compiled | geometry_sums.status()
 
 
 def eligible(*tensors: Tensor) -> bool:
@@ -600,6 +604,13 @@ def _host_weight(alpha: float) -> str | None:
     return "linear_wide" if 0 < alpha < _FLOAT32_NORMAL else "linear"
 
 
+def float32_linear_applies(forget: Tensor, retain: Tensor, out: Tensor, weight: float) -> bool:
+    """Whether the float32 ``linear`` kernel (not the float64 or eager one) applies ``weight`` here."""
+    return (
+        forget.dtype == torch.float32 and _host_weight(weight) == "linear" and eligible(forget, retain, out)
+    )
+
+
 def _native_linear_into(forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float) -> bool:
     # The C kernel computes what the float32 "linear" kernel does (the caller checked the tensors).
     return _host_weight(alpha) == "linear" and native.apply_bf16("linear", out, forget, retain, alpha, gamma)
@@ -710,29 +721,46 @@ _TINY64 = torch.finfo(torch.float64).tiny
 def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, gamma: float) -> bool:
     """Fused `gradsynth.rules.pcgrad` on the CPU; False (nothing written) where the caller must run it.
 
-    Tensors that `eligible` takes, and bfloat16 tensors of any size where the C kernels run.
+    Tensors that `eligible` takes, and bfloat16 tensors of any size where the C kernels run:
+    `pcgrad_weight`, then `pcgrad_apply`.
+    """
+    plan = pcgrad_weight(forget, retain, out, alpha=alpha, gamma=gamma)
+    return plan is not None and pcgrad_apply(forget, retain, out, *plan, gamma=gamma)
 
-    The two inner products come from one read (`dots`); the weight ``alpha - gamma * k`` is then
-    formed from them as Python floats, which are float64 like the tensor formula of
+
+def pcgrad_weight(
+    forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, gamma: float
+) -> tuple[float, bool] | None:
+    """PCGrad's retain weight ``alpha - gamma * k`` of one CPU tensor as a float, and whether the
+    tensor is large enough for the compiled apply (else the C one); None where eager must run.
+
+    The two inner products come from one read (`dots`); the weight is then formed from them as
+    Python floats, which are float64 like the tensor formula of
     `gradsynth.rules.pcgrad.projection_coefficient` and give the same value (the same IEEE
     operations, NaN and infinity included) without its half-dozen tiny tensor operations per
     parameter. Reading the products waits for nothing on the CPU.
     """
     if retain.device.type != "cpu":
-        return False
+        return None
     # Checked once: each check costs microseconds, a mid-size tensor's kernel not much more.
     large = eligible(forget, retain, out)
     if not (large or _small_bf16(forget, retain, out)):
-        return False  # (a small bfloat16 tensor takes the C kernels: microseconds, not 200 of eager)
+        return None  # (a small bfloat16 tensor takes the C kernels: microseconds, not 200 of eager)
     kernel = _NATIVE_DOTS.get(forget.dtype)
     pair = kernel(forget, retain) if kernel is not None else None
     if pair is None:
         pair = _compiled_floats(forget, retain)
     if pair is None:
-        return False  # not compiled: the eager rule runs, nothing was written
+        return None  # not compiled: the eager rule runs, nothing was written
     fr, rr = pair
     k = fr / max(rr, _TINY64) if fr < 0 else 0.0
-    weight = alpha - gamma * k
+    return alpha - gamma * k, large
+
+
+def pcgrad_apply(
+    forget: Tensor, retain: Tensor, out: Tensor, weight: float, large: bool, *, gamma: float
+) -> bool:
+    """``out = weight * r + gamma * f`` with the kernel `pcgrad_weight` chose; False if eager must run."""
     if large:
         return _host_linear_into(forget, retain, out, weight, gamma)
     return _native_linear_into(forget, retain, out, weight, gamma)

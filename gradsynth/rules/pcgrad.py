@@ -34,6 +34,7 @@ from torch import Tensor
 
 from gradsynth.rules import fused
 from gradsynth.rules.base import Rule
+from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
 from gradsynth.rules.reductions import dot64, settled
 from gradsynth.rules.weighted_sum import weighted_sum
 
@@ -63,15 +64,43 @@ def inner_products(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def pcgrad(
-    forget: Tensor, retain: Tensor, *, alpha: float = 1.0, gamma: float = 1.0, out: Tensor | None = None
+    forget: Tensor,
+    retain: Tensor,
+    *,
+    alpha: float = 1.0,
+    gamma: float = 1.0,
+    out: Tensor | None = None,
+    geometry: GeometrySink | None = None,
 ) -> Tensor:
-    """One-sided PCGrad on one tensor (see the module docstring)."""
+    """One-sided PCGrad on one tensor (see the module docstring).
+
+    With ``geometry``, the tensor's geometry sums go to it, taken in the apply's pass
+    (`gradsynth.rules.geometry_sums`).
+    """
     if out is None:
         out = torch.empty_like(retain)
-    if fused.pcgrad_into(forget, retain, out, alpha=alpha, gamma=gamma):
-        return out
+    if geometry is None:
+        if fused.pcgrad_into(forget, retain, out, alpha=alpha, gamma=gamma):
+            return out
+    else:
+        plan = fused.pcgrad_weight(forget, retain, out, alpha=alpha, gamma=gamma)
+        if plan is not None:
+            # The weight of the whole tensor, then the apply the plain path runs, measured by chunks.
+            weight, large = plan
+            if (
+                large
+                and fused.float32_linear_applies(forget, retain, out, weight)
+                and fused_measured("linear", forget, retain, out, weight, gamma, geometry)
+            ):
+                return out  # the compiled apply's operations and the sums in one C loop
+
+            def apply(f: Tensor, r: Tensor, g: Tensor) -> None:
+                if not fused.pcgrad_apply(f, r, g, weight, large, gamma=gamma):
+                    weighted_sum(f, r, alpha=torch.tensor(weight, dtype=torch.float64), gamma=gamma, out=g)
+
+            return measured(apply, forget, retain, out, geometry)
     k = projection_coefficient(*inner_products(forget, retain))
-    return weighted_sum(forget, retain, alpha=alpha - gamma * k, gamma=gamma, out=out)
+    return weighted_sum(forget, retain, alpha=alpha - gamma * k, gamma=gamma, out=out, geometry=geometry)
 
 
 def scope_inner_products(xs: Sequence[Tensor], ys: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -102,11 +131,20 @@ class PCGrad(Rule):
     """Rule ``"pcgrad"``: `pcgrad` per parameter tensor."""
 
     name = "pcgrad"
+    measures_geometry = True
 
     def combine(
-        self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None
+        self,
+        forget: Tensor,
+        retain: Tensor,
+        *,
+        alpha: float,
+        gamma: float,
+        out: Tensor,
+        context: Any = None,
+        geometry: GeometrySink | None = None,
     ) -> None:
-        pcgrad(forget, retain, alpha=alpha, gamma=gamma, out=out)
+        pcgrad(forget, retain, alpha=alpha, gamma=gamma, out=out, geometry=geometry)
 
 
 class PCGradGlobal(Rule):
@@ -128,9 +166,20 @@ class PCGradGlobal(Rule):
         total = scope_inner_products(forget, retain, gamma)
         return projection_coefficient(total[0], total[1])
 
+    measures_geometry = True
+
     def combine(
-        self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None
+        self,
+        forget: Tensor,
+        retain: Tensor,
+        *,
+        alpha: float,
+        gamma: float,
+        out: Tensor,
+        context: Any = None,
+        geometry: GeometrySink | None = None,
     ) -> None:
         if not isinstance(context, Tensor):
             raise RuntimeError("pcgrad_global.combine needs the coefficient returned by its prepare()")
-        weighted_sum(forget, retain, alpha=alpha - context.to(retain.device), gamma=gamma, out=out)
+        weight = alpha - context.to(retain.device)
+        weighted_sum(forget, retain, alpha=weight, gamma=gamma, out=out, geometry=geometry)

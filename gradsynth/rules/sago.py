@@ -23,14 +23,35 @@ from torch import Tensor
 
 from gradsynth.rules import fused
 from gradsynth.rules.base import Rule
+from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
 from gradsynth.rules.reductions import fit, flat_chunks, scratch, sign_conflict
 
 
 def _blend(
-    forget: Tensor, retain: Tensor, alpha: float, gamma: float, out: Tensor | None, keep_retain: bool
+    forget: Tensor,
+    retain: Tensor,
+    alpha: float,
+    gamma: float,
+    out: Tensor | None,
+    keep_retain: bool,
+    geometry: GeometrySink | None = None,
 ) -> Tensor:
     if out is None:
         out = torch.empty_like(retain)
+    if geometry is not None:
+        # Where the compiled kernel would run: the C kernel of its operations, which writes g and
+        # takes the sums in one loop.
+        kind = "prefer" if keep_retain else "sago"
+        if (
+            forget.dtype == torch.float32
+            and fused.eligible(forget, retain, out)
+            and fused_measured(kind, forget, retain, out, alpha, gamma, geometry)
+        ):
+            return out
+        # The same kernels, a chunk at a time, measured before each chunk of g is written.
+        return measured(
+            lambda f, r, g: _blend(f, r, alpha, gamma, g, keep_retain), forget, retain, out, geometry
+        )
     run_fused = fused.prefer_retain_into if keep_retain else fused.sago_into
     if run_fused(forget, retain, out, alpha=alpha, gamma=gamma):
         return out
@@ -55,36 +76,71 @@ def _blend(
 
 
 def sago(
-    forget: Tensor, retain: Tensor, *, alpha: float = 1.0, gamma: float = 1.0, out: Tensor | None = None
+    forget: Tensor,
+    retain: Tensor,
+    *,
+    alpha: float = 1.0,
+    gamma: float = 1.0,
+    out: Tensor | None = None,
+    geometry: GeometrySink | None = None,
 ) -> Tensor:
-    """SAGO: retain wins where signs conflict, forget alone elsewhere (see the module docstring)."""
-    return _blend(forget, retain, alpha, gamma, out, keep_retain=False)
+    """SAGO: retain wins where signs conflict, forget alone elsewhere (see the module docstring).
+
+    With ``geometry``, the tensor's geometry sums go to it, taken in the same pass
+    (`gradsynth.rules.geometry_sums`).
+    """
+    return _blend(forget, retain, alpha, gamma, out, False, geometry)
 
 
 def sago_prefer_retain(
-    forget: Tensor, retain: Tensor, *, alpha: float = 1.0, gamma: float = 1.0, out: Tensor | None = None
+    forget: Tensor,
+    retain: Tensor,
+    *,
+    alpha: float = 1.0,
+    gamma: float = 1.0,
+    out: Tensor | None = None,
+    geometry: GeometrySink | None = None,
 ) -> Tensor:
-    """SAGO variant: retain alone where signs conflict, ``gamma*f + alpha*r`` elsewhere."""
-    return _blend(forget, retain, alpha, gamma, out, keep_retain=True)
+    """SAGO variant: retain alone where signs conflict, ``gamma*f + alpha*r`` elsewhere (``geometry``
+    as in `sago`)."""
+    return _blend(forget, retain, alpha, gamma, out, True, geometry)
 
 
 class Sago(Rule):
     """Rule ``"sago"``: `sago` per parameter tensor."""
 
     name = "sago"
+    measures_geometry = True
 
     def combine(
-        self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None
+        self,
+        forget: Tensor,
+        retain: Tensor,
+        *,
+        alpha: float,
+        gamma: float,
+        out: Tensor,
+        context: Any = None,
+        geometry: GeometrySink | None = None,
     ) -> None:
-        sago(forget, retain, alpha=alpha, gamma=gamma, out=out)
+        sago(forget, retain, alpha=alpha, gamma=gamma, out=out, geometry=geometry)
 
 
 class SagoPreferRetain(Rule):
     """Rule ``"sago_prefer_retain"``: `sago_prefer_retain` per parameter tensor."""
 
     name = "sago_prefer_retain"
+    measures_geometry = True
 
     def combine(
-        self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None
+        self,
+        forget: Tensor,
+        retain: Tensor,
+        *,
+        alpha: float,
+        gamma: float,
+        out: Tensor,
+        context: Any = None,
+        geometry: GeometrySink | None = None,
     ) -> None:
-        sago_prefer_retain(forget, retain, alpha=alpha, gamma=gamma, out=out)
+        sago_prefer_retain(forget, retain, alpha=alpha, gamma=gamma, out=out, geometry=geometry)

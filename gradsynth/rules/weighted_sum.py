@@ -13,6 +13,7 @@ from torch import Tensor
 
 from gradsynth.rules import fused
 from gradsynth.rules.base import Rule
+from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
 from gradsynth.rules.reductions import fit, flat_chunks, scratch
 
 
@@ -23,8 +24,12 @@ def weighted_sum(
     alpha: float | Tensor = 1.0,
     gamma: float = 1.0,
     out: Tensor | None = None,
+    geometry: GeometrySink | None = None,
 ) -> Tensor:
     """Return ``gamma * f + alpha * r``, written into ``out`` (which may be ``f`` or ``r``).
+
+    With ``geometry``, the tensor's geometry sums go to it, taken in the same pass
+    (`gradsynth.rules.geometry_sums`).
 
     ``alpha`` may be a 0-dim tensor, applied without reading it on the host; then the sum is
     formed in float64, because such a weight (PCGrad's ``alpha - gamma * k``) may lie beyond the
@@ -32,6 +37,19 @@ def weighted_sum(
     """
     if out is None:
         out = torch.empty_like(retain)
+    if geometry is not None:
+        weight = alpha
+        if isinstance(weight, Tensor) and type(weight) is Tensor and weight.device.type == "cpu":
+            weight = float(weight)  # as the fused path reads it (a CPU tensor: waits for nothing)
+        if (
+            not isinstance(weight, Tensor)
+            and fused.float32_linear_applies(forget, retain, out, weight)
+            and fused_measured("linear", forget, retain, out, weight, gamma, geometry)
+        ):
+            return out  # the compiled kernel's operations and the sums in one C loop
+        return measured(
+            lambda f, r, g: weighted_sum(f, r, alpha=alpha, gamma=gamma, out=g), forget, retain, out, geometry
+        )
     if fused.linear_into(forget, retain, out, alpha=alpha, gamma=gamma):
         return out
     if isinstance(alpha, Tensor):
@@ -53,8 +71,17 @@ class WeightedSum(Rule):
     """Rule ``"sum"``: `weighted_sum`, the naive baseline with no conflict handling."""
 
     name = "sum"
+    measures_geometry = True
 
     def combine(
-        self, forget: Tensor, retain: Tensor, *, alpha: float, gamma: float, out: Tensor, context: Any = None
+        self,
+        forget: Tensor,
+        retain: Tensor,
+        *,
+        alpha: float,
+        gamma: float,
+        out: Tensor,
+        context: Any = None,
+        geometry: GeometrySink | None = None,
     ) -> None:
-        weighted_sum(forget, retain, alpha=alpha, gamma=gamma, out=out)
+        weighted_sum(forget, retain, alpha=alpha, gamma=gamma, out=out, geometry=geometry)

@@ -393,3 +393,130 @@ def apply_bf16(kernel: str, out: Tensor, forget: Tensor, retain: Tensor, alpha: 
     # Written behind torch's back: count it as an in-place write, as the other paths do.
     torch.autograd.graph.increment_version(out)
     return True
+
+
+# ----- geometry sums of one chunk (gradsynth.rules.geometry_sums) ---------------------------------
+
+_GEOMETRY = {torch.float32: "gradsynth_geometry_f32", torch.bfloat16: "gradsynth_geometry_bf16"}
+#: Per symbol: the library it was set up on (argument types, first result checked) and the
+#: function, or None if it failed its check. Set on first use, so the loading above stays as it
+#: is; a library loaded again (`reset`) is set up again.
+_geometry_functions: dict[str, tuple[ctypes.CDLL, Any]] = {}
+
+
+def _geometry_function(symbol: str) -> Any:
+    loaded = library() if torch.get_num_threads() == 1 else None
+    if loaded is None:
+        return None
+    entry = _geometry_functions.get(symbol)
+    if entry is None or entry[0] is not loaded:
+        function = getattr(loaded, symbol, None)
+        if function is not None:
+            function.argtypes = [*[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_void_p]
+            function.restype = None
+            function = function if _check_geometry(function, symbol) else None
+        entry = _geometry_functions[symbol] = (loaded, function)
+    return entry[1]
+
+
+def _check_geometry(function: Any, symbol: str) -> bool:
+    """One call on values whose float64 sums are known exactly (vector loop and tail both run)."""
+    dtype = torch.float32 if symbol.endswith("f32") else torch.bfloat16
+    f = (torch.arange(-20.0, 21.0) / 8).to(dtype)
+    r = (torch.arange(41.0).flip(0) / 4 - 3).to(dtype)
+    g = (torch.arange(41.0) / 16 - 1).to(dtype)
+    acc = torch.zeros(7, dtype=torch.float64)
+    function(f.data_ptr(), r.data_ptr(), g.data_ptr(), f.numel(), acc.data_ptr())
+    a, b, c = (t.double().tolist() for t in (f, r, g))
+    pairs = [(a, a), (b, b), (a, b), (c, c), (c, a), (c, b)]
+    want = [math.fsum(x * y for x, y in zip(u, v, strict=True)) for u, v in pairs]
+    want.append(float(sum(x * y < 0 for x, y in zip(a, b, strict=True))))
+    return acc.tolist() == want
+
+
+def add_geometry(sums: Tensor, forget: Tensor, retain: Tensor, update: Tensor) -> bool:
+    """Add the 7 geometry sums of contiguous float32 or bfloat16 CPU tensors of one shape into the
+    float64 CPU tensor ``sums`` (written in place, nothing read on the host); False where the
+    caller must compute them (one thread only, like the other kernels)."""
+    symbol = _GEOMETRY.get(forget.dtype)
+    function = None if symbol is None else _geometry_function(symbol)
+    if function is None:
+        return False
+    function(forget.data_ptr(), retain.data_ptr(), update.data_ptr(), forget.numel(), sums.data_ptr())
+    torch.autograd.graph.increment_version(sums)
+    return True
+
+
+def _rule_geometry_function() -> Any:
+    loaded = library() if torch.get_num_threads() == 1 else None
+    if loaded is None:
+        return None
+    symbol = "gradsynth_rule_geometry_f32"
+    entry = _geometry_functions.get(symbol)
+    if entry is None or entry[0] is not loaded:
+        function = getattr(loaded, symbol, None)
+        if function is not None:
+            function.argtypes = [
+                *[ctypes.c_void_p] * 3,
+                ctypes.c_int64,
+                ctypes.c_float,
+                ctypes.c_float,
+                ctypes.c_int,
+                ctypes.c_void_p,
+            ]
+            function.restype = None
+            function = function if _check_rule_geometry(function) else None
+        entry = _geometry_functions[symbol] = (loaded, function)
+    return entry[1]
+
+
+#: The rules of ``gradsynth_rule_geometry_f32``, by its ``kind`` argument.
+RULE_KINDS = {"sago": 0, "prefer": 1, "linear": 2}
+
+
+def _check_rule_geometry(function: Any) -> bool:
+    """The three rules on values with known results (infinities, NaN, zeros, underflowing products):
+    the update as `expected_applies`, the sums exactly (small dyadic values)."""
+    f = torch.tensor([2**-8 + 2**-15, -(2.0**-8), 2**-8, 0.0, -1.5, 0.25, 1e-30] * 7)
+    r = torch.tensor([1.0, 1.0 + 2**-7, -3.0, 2**-133, 0.5, -0.75, -1e-30] * 7)
+    for name, kind in RULE_KINDS.items():
+        out, acc = torch.empty_like(r), torch.zeros(7, dtype=torch.float64)
+        function(out.data_ptr(), f.data_ptr(), r.data_ptr(), f.numel(), 0.5, 2.0, kind, acc.data_ptr())
+        if not torch.equal(out, expected_applies(f, r, 0.5, 2.0)[name]):
+            return False
+        a, b, c = (t.double().tolist() for t in (f, r, out))
+        pairs = [(a, a), (b, b), (a, b), (c, c), (c, a), (c, b)]
+        want = [math.fsum(x * y for x, y in zip(u, v, strict=True)) for u, v in pairs]
+        want.append(float(sum(x * y < 0 for x, y in zip(a, b, strict=True))))
+        # 1e-30 * 1e-30 etc. are not dyadic-small: compare those sums to rounding, the rest exactly.
+        got = acc.tolist()
+        if got[6] != want[6] or any(
+            abs(x - y) > 1e-15 * max(abs(y), 1.0) for x, y in zip(got, want, strict=True)
+        ):
+            return False
+    return True
+
+
+def rule_geometry_f32(
+    kind: str, out: Tensor, forget: Tensor, retain: Tensor, alpha: float, gamma: float, sums: Tensor
+) -> bool:
+    """Kernel ``kind`` of `RULE_KINDS` (``linear``: ``alpha * r + gamma * f``, the caller keeping
+    ``alpha`` 0 or a normal float32 number) on contiguous float32 CPU tensors into ``out``, the
+    compiled kernels' float32 operations, with the 7 geometry sums added into the float64 tensor
+    ``sums``, in one loop; False (nothing written) where the caller must compute it."""
+    function = _rule_geometry_function()
+    if function is None:
+        return False
+    function(
+        out.data_ptr(),
+        forget.data_ptr(),
+        retain.data_ptr(),
+        out.numel(),
+        alpha,
+        gamma,
+        RULE_KINDS[kind],
+        sums.data_ptr(),
+    )
+    torch.autograd.graph.increment_version(out)
+    torch.autograd.graph.increment_version(sums)
+    return True

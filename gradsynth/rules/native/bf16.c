@@ -32,6 +32,39 @@ static inline uint16_t narrow(float x) {
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+/* The geometry sums of one bfloat16 chunk (as gradsynth_geometry_f32 in dots.c: every value and
+ * product exact in float64), added into acc[0..6]. Plain C, any processor. */
+#define GLANES 16
+void gradsynth_geometry_bf16(const uint16_t *f, const uint16_t *r, const uint16_t *g, int64_t n, double *acc) {
+    double ff[GLANES] = {0}, rr[GLANES] = {0}, fr[GLANES] = {0}, gg[GLANES] = {0}, gf[GLANES] = {0};
+    double gr[GLANES] = {0}, cc[GLANES] = {0};
+    int64_t i = 0;
+    for (; i + GLANES <= n; i += GLANES) {
+        for (int j = 0; j < GLANES; ++j) {
+            double a = widen(f[i + j]), b = widen(r[i + j]), c = widen(g[i + j]), p = a * b;
+            /* fused multiply-adds of exact products: the same roundings as the sum of the product */
+            ff[j] = __builtin_fma(a, a, ff[j]);
+            rr[j] = __builtin_fma(b, b, rr[j]);
+            fr[j] += p;
+            gg[j] = __builtin_fma(c, c, gg[j]);
+            gf[j] = __builtin_fma(c, a, gf[j]);
+            gr[j] = __builtin_fma(c, b, gr[j]);
+            cc[j] += (double)(p < 0);
+        }
+    }
+    double s[7] = {0};
+    for (; i < n; ++i) {
+        double a = widen(f[i]), b = widen(r[i]), c = widen(g[i]), p = a * b;
+        s[0] += a * a, s[1] += b * b, s[2] += p, s[3] += c * c, s[4] += c * a, s[5] += c * b;
+        s[6] += p < 0 ? 1.0 : 0.0;
+    }
+    for (int j = 0; j < GLANES; ++j) {
+        s[0] += ff[j], s[1] += rr[j], s[2] += fr[j], s[3] += gg[j], s[4] += gf[j], s[5] += gr[j];
+        s[6] += cc[j];
+    }
+    for (int k = 0; k < 7; ++k) acc[k] += s[k];
+}
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define TARGET __attribute__((target("avx2,fma")))
