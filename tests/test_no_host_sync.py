@@ -186,7 +186,25 @@ _CPU = "reads a plain CPU tensor (checked just before): waiting for nothing"
 _SETTING = "a Python setting, not a tensor"
 
 #: (file under gradsynth/, function, call) -> why it reads no accelerator's memory in step().
+_LOAD_CHECK = "the C library's load-time check: Python test values on the CPU, once per process"
 ALLOWED: dict[tuple[str, str, str], str] = {
+    ("rules/native/__init__.py", "_check_geometry", "acc.tolist()"): _LOAD_CHECK,
+    (
+        "rules/native/__init__.py",
+        "_check_geometry",
+        "float(sum((x * y < 0 for x, y in zip(a, b, strict=True))))",
+    ): _LOAD_CHECK,
+    ("rules/native/__init__.py", "_check_geometry", "t.double().tolist()"): _LOAD_CHECK,
+    ("rules/native/__init__.py", "_check_rule_geometry", "acc.tolist()"): _LOAD_CHECK,
+    (
+        "rules/native/__init__.py",
+        "_check_rule_geometry",
+        "float(sum((x * y < 0 for x, y in zip(a, b, strict=True))))",
+    ): _LOAD_CHECK,
+    ("rules/native/__init__.py", "_check_rule_geometry", "t.double().tolist()"): _LOAD_CHECK,
+    ("rules/weighted_sum.py", "weighted_sum", "float(weight)"): (
+        "a plain CPU tensor (checked first: type and device), as the fused path reads it"
+    ),
     ("optim/geometry.py", "GeometryAccumulator.result", "total.tolist()"): (
         "outside step(): the `geometry` property, documented as one host sync per device"
     ),
