@@ -13,7 +13,13 @@ from gradsynth.cli.errors import CliError
 from gradsynth.cli.output_folder import check_output_folder, staged_output
 from gradsynth.cli.parser import parse_list
 from gradsynth.cli.tables import benchmark_table
-from gradsynth.unlearning.benchmarks import EvalExtraMissing, UnknownTask, evaluate_tasks, require_lm_eval
+from gradsynth.unlearning.benchmarks import (
+    EvalExtraMissing,
+    EvalFailed,
+    UnknownTask,
+    evaluate_tasks,
+    require_lm_eval,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             num_fewshot=args.num_fewshot,
             chat_template=args.chat_template,
         )
-    except UnknownTask as err:
+    except (UnknownTask, EvalFailed) as err:
         raise CliError(f"--tasks: {err}") from err
     print(benchmark_table({"score": scores}))
     if args.out is not None:

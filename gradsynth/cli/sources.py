@@ -131,6 +131,9 @@ def _check_tokenizer(path: str, model: Any, tokenizer: Any) -> None:
 def _load_model(path: str, dtype: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from gradsynth.cli.memory import check_model_fits
+
+    check_model_fits(path, DTYPES[dtype])  # before anything is allocated: a 70B config was OOM-killed
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], output_loading_info=True
@@ -204,6 +207,10 @@ def load_task(args: argparse.Namespace, seed: int, log: Any = print) -> Task:
         if args.forget or args.retain:
             raise CliError("--forget/--retain go with --model; without --model the embedded world is used")
         task = world_task(args.world, seed, log)
+        # --dtype is honoured for the world too (it was ignored): the cached weights are float32.
+        dtype = getattr(args, "dtype", "float32")
+        task.model.to(DTYPES[dtype])
+        task.description["dtype"] = dtype
     else:
         task = model_task(args)
     scope = getattr(args, "loss_scope", None)
