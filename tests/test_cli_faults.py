@@ -437,3 +437,300 @@ def test_two_concurrent_runs_on_one_cold_cache_train_once_and_both_succeed(cache
     entries = [p for p in cache.iterdir() if not p.name.endswith(".lock")]
     assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()
     _no_strays(tmp_path)
+
+
+# ----- plausible input that crashed, exhausted memory or hung (issue 20, items 3 and 4) ----------
+
+
+def _gradsynth_child(args: list[str], tmp_path: Path, address_space: int | None = None, timeout: int = 300):
+    """``gradsynth ARGS`` in a child process (a crash there is a return code, not a dead pytest),
+    under ``prlimit --as`` when ``address_space`` is given (whatever it allocates is bounded)."""
+    command = [sys.executable, "-m", "gradsynth.cli", *args]
+    if address_space is not None:
+        if shutil.which("prlimit") is None:
+            pytest.skip("prlimit is not installed")
+        command = ["prlimit", f"--as={address_space}", *command]
+    return subprocess.run(
+        command,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _child_error(run: subprocess.CompletedProcess, *parts: str) -> str:
+    assert run.returncode == 2, (run.returncode, run.stderr[-2000:])
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradsynth: error: "), run.stderr[-2000:]
+    for part in parts:
+        assert part in lines[0], lines[0]
+    return lines[0]
+
+
+def _requirements_closure(requirements: list[str]) -> set[str]:
+    """The distributions ``requirements`` install, transitively, with the extras they name."""
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[tuple[str, str]] = set()
+    todo = [(Requirement(r), "") for r in requirements]
+    names: set[str] = set()
+    while todo:
+        requirement, extra = todo.pop()
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(requirement.name)
+        for wanted in ["", *requirement.extras]:
+            if (name, wanted) in seen:
+                continue
+            seen.add((name, wanted))
+            names.add(name)
+            try:
+                requires = metadata.requires(name) or []
+            except metadata.PackageNotFoundError:
+                continue
+            todo += [(Requirement(r), wanted) for r in requires]
+    return names
+
+
+def test_the_eval_extra_installs_everything_lm_evals_hf_model_imports():
+    import ast
+    import importlib.metadata as metadata
+
+    from packaging.utils import canonicalize_name
+
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    huggingface = pytest.importorskip("lm_eval.models.huggingface")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def expand(items: list[str]) -> list[str]:  # gradsynth[lm] -> the lm extra's requirements
+        out = []
+        for item in items:
+            if item.startswith("gradsynth["):
+                for extra in item[len("gradsynth[") : -1].split(","):
+                    out += expand(extras[extra])
+            else:
+                out.append(item)
+        return out
+
+    installed = _requirements_closure(project["dependencies"] + expand(extras["eval"]))
+    tree = ast.parse(Path(huggingface.__file__).read_text())
+    roots = {
+        alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names
+    }
+    roots |= {
+        node.module.split(".")[0]
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level
+    }
+    providers = metadata.packages_distributions()
+    missing = sorted(
+        root
+        for root in roots - set(sys.stdlib_module_names) - {"lm_eval", "__future__"}
+        if not {canonicalize_name(d) for d in providers.get(root, [root])} & installed
+    )
+    assert missing == [], (
+        f"the eval extra does not install {missing}, which lm_eval.models.huggingface imports"
+    )
+
+
+def test_a_data_file_name_is_the_file_not_a_pattern(tmp_path, capsys):
+    from gradsynth.unlearning.data import load_examples
+
+    def rows(name: str, answer: str) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"question": "Q?", "answer": answer}) + "\n")
+        return path
+
+    rows("forget1.jsonl", "decoy")  # what the pattern forget[1].jsonl matches
+    assert [e.answer for e in load_examples(rows("forget[1].jsonl", "literal"))] == ["literal"]
+    (tmp_path / "fa.jsonl").write_bytes(b'{"question": "Q?", "answer": "M\xe9"}\n')  # not UTF-8
+    assert [e.answer for e in load_examples(rows("f*.jsonl", "star"))] == ["star"]
+    (tmp_path / "c1.csv").write_text("text\ndecoy\n")
+    (tmp_path / "c[1].csv").write_text("text\nliteral csv\n")
+    assert [e.prompt for e in load_examples(tmp_path / "c[1].csv")] == ["literal csv"]
+    argv = ["unlearn", "--model", str(tmp_path), "--forget", str(tmp_path / "g[1].jsonl")]
+    assert main([*argv, "--retain", str(tmp_path / "fa.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "g[1].jsonl: no such file")
+
+
+def test_a_deeply_nested_json_line_is_one_line_naming_the_line(tmp_path):
+    data = tmp_path / "nested.jsonl"
+    data.write_text('{"question": "q?", "answer": "a"}\n{"text": ' + "[" * 20000 + "]" * 20000 + "}\n")
+    run = _gradsynth_child(
+        ["unlearn", "--model", str(tmp_path), "--forget", str(data), "--retain", str(data)], tmp_path
+    )
+    _child_error(run, f"--forget {data}:2: nested more than")
+
+
+def test_a_30_mb_line_is_cut_before_it_is_tokenized(cache, tmp_path):
+    data = tmp_path / "huge.jsonl"
+    data.write_text(json.dumps({"text": "word " * 6_000_000}) + "\n")  # 30 MB on one line
+    qa = _qa(tmp_path)
+    argv = ["unlearn", "--model", str(next(cache.iterdir())), "--forget", str(data), "--retain", str(qa)]
+    run = _gradsynth_child(
+        [*argv, "--steps", "1", "--no-progress", "--out", str(tmp_path / "o")], tmp_path, 8 << 30
+    )
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])  # it aborted in the tokenizer
+    assert "report.json" in _model_files(tmp_path / "o")
+
+
+def test_a_windowed_tokenization_keeps_the_tokens_of_the_whole_text(cache):
+    from transformers import AutoTokenizer
+
+    from gradsynth.unlearning.encoding import Example, encode, token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(next(cache.iterdir()))
+    text = " ".join(f"Velmora{i} lives in Orsk, a city of {i * 7} souls." for i in range(400))
+    whole = tokenizer(text)["input_ids"]
+    for limit in (1, 16, 64, 300):
+        assert token_ids(tokenizer, text, limit)[:limit] == whole[:limit]
+        assert token_ids(tokenizer, text, limit, from_end=True)[-limit:] == whole[-limit:]
+    ids, labels = encode(tokenizer, Example(text + " Answer:", "Orsk"), 48)
+    prompt = tokenizer(text + " Answer:")["input_ids"]
+    answer = tokenizer(" Orsk", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ids == prompt[-(48 - len(answer)) :] + answer and labels[-len(answer) :] == answer
+
+
+def test_greedy_answers_see_at_most_max_length_prompt_tokens(cache, monkeypatch):
+    from gradsynth.cli.run_one import evaluate, evaluation_batches
+    from gradsynth.cli.sources import Task
+    from gradsynth.world import load_world_model
+
+    model, tokenizer, *_ = load_world_model("ci", log=lambda _: None)
+    widths = []
+
+    def generate(input_ids, **kwargs):
+        widths.append(input_ids.shape[1])
+        return input_ids  # no new tokens: the width is what is checked
+
+    monkeypatch.setattr(model, "generate", generate)
+    from gradsynth.unlearning.encoding import Example, prompt_of
+
+    examples = [Example(prompt_of("Where? " * 3000), "Orsk"), Example(prompt_of("Who?"), "Velmora")]
+    task = Task(model, tokenizer, examples, examples, {"forget": examples}, 48, generate_eval=True)
+    evaluate(model, evaluation_batches(task), task)
+    assert widths and max(widths) <= 48
+
+
+def test_a_model_too_large_for_the_memory_here_is_refused_before_loading(cache, tmp_path):
+    model = _saved_model(cache, tmp_path)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"unused": torch.zeros(1)}, model / "model.safetensors")  # every weight would be allocated
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_size=16384, intermediate_size=53248, num_hidden_layers=2, num_attention_heads=128)
+    config.update(num_key_value_heads=8, vocab_size=128256, head_dim=128)
+    (model / "config.json").write_text(json.dumps(config))  # 8.5B parameters: 34 GB in float32
+    data = _qa(tmp_path)
+    argv = ["unlearn", "--model", str(model), "--forget", str(data), "--retain", str(data), "--steps", "1"]
+    run = _gradsynth_child([*argv, "--no-progress", "--out", str(tmp_path / "o")], tmp_path, 16 << 30)
+    _child_error(run, "its config describes 8.", "B parameters", "GB in float32", "is available here")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_batch_size_whose_logits_cannot_fit_is_one_line(cache, tmp_path):
+    run = _gradsynth_child(
+        ["unlearn", *FAST, "--batch-size", "5000000", "--out", str(tmp_path / "o")], tmp_path, 8 << 30
+    )
+    _child_error(run, "--batch-size 5000000: a micro-batch needs at least", "use --batch-size")
+
+
+@pytest.mark.parametrize("command", ["unlearn", "compare"])
+def test_a_seed_beyond_64_bits_is_one_line(cache, tmp_path, capsys, command):
+    flag = ["--seed", str(2**64)] if command == "unlearn" else ["--quick", "--seeds", f"0,{2**64}"]
+    assert main([command, *flag, *FAST, "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "must be a 64-bit integer")
+
+
+def test_each_example_is_tokenized_once_and_long_phases_show_progress(cache, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    import gradsynth.cli.run_one as run_one
+
+    monkeypatch.setattr(run_one, "LONG_PHASE", 2)  # every phase counts as long here
+    texts: list[str] = []
+    real_call = transformers.PreTrainedTokenizerBase.__call__
+
+    def counting(self, text=None, *args, **kwargs):
+        texts.append(text)
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "__call__", counting)
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"question": f"R{i}?", "answer": f"B{i}"}) + "\n" for i in range(6)))
+    argv = [
+        "unlearn",
+        "--model",
+        str(next(cache.iterdir())),
+        "--forget",
+        str(_qa(tmp_path)),
+        "--retain",
+        str(retain),
+    ]
+    assert main([*argv, "--steps", "2", "--out", str(tmp_path / "o")]) == 0
+    questions = [t for t in texts if isinstance(t, str) and t.startswith("R") and t.endswith("Answer:")]
+    generated = 6  # ROUGE-L generates from each retain question, before and after: 2 per question
+    assert len(questions) == 6 + 2 * generated, questions  # encoded once (it was twice) + generation
+    err = capsys.readouterr().err
+    assert "encoding the retain split" in err and "scoring retain" in err
+
+
+def test_one_diverging_cell_of_compare_keeps_every_finished_cell(cache, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--quick", "--rules", "sum,sago", "--lrs", "1e-3,1e30", "--steps", "2"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted((r["rule"], r["lr"]) for r in results["runs"]) == [("sago", 1e-3), ("sum", 1e-3)]
+    assert sorted((d["rule"], d["lr"]) for d in results["diverged"]) == [("sago", 1e30), ("sum", 1e30)]
+    assert all("diverged" in d["error"] for d in results["diverged"])
+    assert "## Diverged runs" in (out / "results.md").read_text()
+    assert "2 of 4 runs diverged" in capsys.readouterr().out
+    argv = ["compare", "--quick", "--rules", "sum", "--lrs", "1e30", "--steps", "2", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "all")]) == 2
+    _one_line_error(capsys, "every run diverged")
+    assert not (tmp_path / "all").exists()
+
+
+def test_an_lm_eval_failure_inside_a_task_is_one_line(cache, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    missing = json.dumps(str(tmp_path / "absent.jsonl"))
+    (tasks / "broken.yaml").write_text(
+        f"task: broken\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {missing}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: options\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
+    )
+    model = next(cache.iterdir())
+    assert main(["eval", str(model), "--tasks", "broken", "--include-path", str(tasks)]) == 2
+    _one_line_error(capsys, "--tasks: lm-eval failed on broken")
+
+
+def test_dtype_is_honoured_for_the_world(cache, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    assert main(["unlearn", *FAST, "--dtype", "bfloat16", "--out", str(out)]) == 0
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118
+    assert dtypes == {"BF16"}
+    assert json.loads((out / "report.json").read_text())["settings"]["task"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(("name", "content"), [("bad.parquet", b"garbage"), ("bad.csv", b'a,b\n1,2,3,4\n"x')])
+def test_a_file_datasets_cannot_read_is_one_line_with_no_log_line(tmp_path, name, content):
+    # In a child: in-process, pytest's log capture would swallow the line datasets logs.
+    data = tmp_path / name
+    data.write_bytes(content)
+    argv = ["unlearn", "--model", str(tmp_path), "--forget", str(data), "--retain", str(data)]
+    run = _gradsynth_child([*argv, "--out", str(tmp_path / "o")], tmp_path)
+    _child_error(run, f"--forget {data}: could not be read as")

@@ -35,11 +35,11 @@ class BenchmarkPlan:
         """``{task: {metric: value}}``, or ``{}`` without tasks."""
         if not self.tasks:
             return {}
-        from gradsynth.unlearning.benchmarks import UnknownTask, evaluate_tasks
+        from gradsynth.unlearning.benchmarks import EvalFailed, UnknownTask, evaluate_tasks
 
         try:
             return evaluate_tasks(model, tokenizer, self.tasks, self.include_path, self.limit)
-        except UnknownTask as err:
+        except (UnknownTask, EvalFailed) as err:
             raise CliError(f"--eval-tasks: {err}") from err
 
 

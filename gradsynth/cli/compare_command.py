@@ -13,6 +13,10 @@ weights unless ``--alpha`` etc. are given). With ``--forget-target`` every run f
 comparable-forgetting protocol of `gradsynth.unlearning.protocol`: each ``--lrs`` value is the
 first rung of a ladder (default one ladder from 1e-3), and the table reports the steps and
 learning rate each (objective, rule) needed.
+
+A cell that diverges (a non-finite loss or weight) does not end the comparison: it is listed
+under "Diverged runs" in results.md and ``diverged`` in results.json, left out of the tables,
+and the other cells go on. Only when every cell diverges is the result an error (exit 2).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.compare_paired import paired, paired_markdown
 from gradsynth.cli.compare_ranking import rank, ranking_markdown, tradeoff_plot, utility_kept
 from gradsynth.cli.compare_results import aggregate, markdown_report, pareto_plot
+from gradsynth.cli.errors import CliError, RunDiverged
 from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.parser import (
     COMPARE_LRS,
@@ -35,6 +40,7 @@ from gradsynth.cli.parser import (
     check_positive_finite,
     check_protocol,
     check_rules,
+    check_seeds,
     parse_list,
 )
 from gradsynth.cli.progress import phase
@@ -84,6 +90,13 @@ def _run_record(
     return record
 
 
+def diverged_markdown(diverged: list[dict[str, Any]]) -> str:
+    """results.md's list of the cells that diverged (not in any table)."""
+    lines = ["## Diverged runs (left out of the tables)", ""]
+    lines += [f"- forget loss {d['objective']}, {d['error']}" for d in diverged]
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     rules = parse_list(args.rules, str, "--rules")
     check_rules(rules, "--rules")
@@ -99,12 +112,14 @@ def run(args: argparse.Namespace) -> int:
     lrs = parse_list(lrs_text, float, "--lrs")
     check_positive_finite(lrs, "--lrs", lrs_text)
     seeds = parse_list(args.seeds, int, "--seeds")
+    check_seeds(seeds, "--seeds")
     out = args.out or default_out("compare")
     check_output_folder(out, args.overwrite, run_inputs(args))
     device = resolve_device(args.device)
     start = time.perf_counter()
     runs = []
     targets: dict[int, float | None] = {}  # the forget target of each seed (per seed with "reference")
+    diverged: list[dict[str, Any]] = []
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -118,12 +133,12 @@ def run(args: argparse.Namespace) -> int:
                 task.max_length = args.max_length
             for objective in objectives:
                 check_rmu(task, settings_for(args, rules[0], lrs[0], seed, len(task.forget), objective))
-            batches = evaluation_batches(task)
+            batches = evaluation_batches(task, progress=bar is not None)
             log = print if bar is None else bar.write
             targets[seed] = forget_target_for(args, seed, batches["forget"][0], log=log)
             task.model.to(device)
             with phase(f"evaluating {split_sizes(task)} before unlearning"):
-                before = evaluate(task.model, batches, task)
+                before = evaluate(task.model, batches, task, progress=bar is not None)
             plan = plan_from_args(args, task)
             bench_before = plan.run(task.model, task.tokenizer)
             if args.rank_by:  # refuse an unknown metric now, not after every run
@@ -139,24 +154,33 @@ def run(args: argparse.Namespace) -> int:
                         )
                         if bar is not None:
                             bar.set_postfix(seed=seed, objective=objective, rule=rule, lr=f"{lr:g}")
-                        _, outcome = run_unlearning(
-                            task,
-                            settings,
-                            device,
-                            eval_batches=batches,
-                            before=before,
-                            plan=plan,
-                            benchmarks_before=bench_before,
-                            ladder=ladder_for(args, lr),
-                            min_steps=args.min_steps or 1,
-                            ladder_factor=args.ladder_factor or LADDER_FACTOR,
-                        )
-                        runs.append(_run_record(seed, objective, rule, lr, settings, task, outcome))
+                        try:
+                            _, outcome = run_unlearning(
+                                task,
+                                settings,
+                                device,
+                                eval_batches=batches,
+                                before=before,
+                                plan=plan,
+                                benchmarks_before=bench_before,
+                                ladder=ladder_for(args, lr),
+                                min_steps=args.min_steps or 1,
+                                ladder_factor=args.ladder_factor or LADDER_FACTOR,
+                            )
+                        except RunDiverged as err:  # keep every finished cell; note this one
+                            cell = {"seed": seed, "objective": objective, "rule": rule, "lr": lr}
+                            diverged.append({**cell, "error": str(err)})
+                            (print if bar is None else bar.write)(f"Diverged: forget loss {objective}, {err}")
+                        else:
+                            runs.append(_run_record(seed, objective, rule, lr, settings, task, outcome))
                         if bar is not None:
                             bar.update(1)
     finally:
         if bar is not None:
             bar.close()
+    if not runs:
+        cell = diverged[0]
+        raise CliError(f"every run diverged (forget loss {cell['objective']}, {cell['error']}); lower --lrs")
     splits = list(task.splits)
     as_pct = all(before[s]["recall"] is not None for s in splits)
     table = aggregate(runs, splits)
@@ -177,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
         report += "\n" + paired_markdown(pairs)
     if args.rank_by:
         report += "\n" + ranking_markdown(runs, args.rank_by)
+    if diverged:
+        report += "\n" + diverged_markdown(diverged)
     settings = {**first.as_dict(), "device": device}
     task_info = {k: v for k, v in task.description.items() if k not in ("targets", "neighbours")}
     settings.update(
@@ -200,11 +226,15 @@ def run(args: argparse.Namespace) -> int:
             "aggregate": table,
             "paired": pairs,
             "runs": runs,
+            "diverged": diverged,
         }
         dump_json(staging / "results.json", payload)
         pareto_plot(staging / "pareto.png", table, splits, as_pct)
         tradeoff_plot(staging / "tradeoff.png", runs)
     print(report)
+    if diverged:
+        total = len(runs) + len(diverged)
+        print(f"{len(diverged)} of {total} runs diverged (listed above, not in the tables)")
     print(
         f"{len(runs)} runs in {time.perf_counter() - start:.0f}s. "
         f"Wrote {out}/ (results.md, results.json, pareto.png, tradeoff.png)"

@@ -17,7 +17,13 @@ from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_
 from gradsynth.cli.parser import parse_list
 from gradsynth.cli.progress import phase
 from gradsynth.cli.tables import benchmark_table, split_table
-from gradsynth.unlearning.benchmarks import EvalExtraMissing, UnknownTask, evaluate_tasks, require_lm_eval
+from gradsynth.unlearning.benchmarks import (
+    EvalExtraMissing,
+    EvalFailed,
+    UnknownTask,
+    evaluate_tasks,
+    require_lm_eval,
+)
 
 
 def score_splits(model: Any, tokenizer: Any, splits: dict[str, list], args: argparse.Namespace) -> dict:
@@ -89,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                     num_fewshot=args.num_fewshot,
                     chat_template=args.chat_template,
                 )
-        except UnknownTask as err:
+        except (UnknownTask, EvalFailed) as err:
             raise CliError(f"--tasks: {err}") from err
         print(benchmark_table({"score": scores}))
     if args.out is not None:

@@ -59,6 +59,32 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+# torch.manual_seed takes a signed or unsigned 64-bit integer: anything else was a ValueError traceback.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _seed_problem(value: int) -> str | None:
+    if SEED_MIN <= value <= SEED_MAX:
+        return None
+    return f"must be a 64-bit integer (from -2**63 to 2**64-1), got {value}"
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    problem = _seed_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def check_seeds(values: list[int], flag: str) -> None:
+    """Refuse a seed that torch cannot take (outside 64 bits)."""
+    for value in values:
+        problem = _seed_problem(value)
+        if problem:
+            raise CliError(f"{flag}: {problem}")
+
+
 def _thread_count(text: str) -> int:
     value = _positive_int(text)
     cores = os.cpu_count() or 1
@@ -261,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument(
         "--lr", type=_positive, default=DEFAULT_LR, help=f"AdamW learning rate ({DEFAULT_LR:g})"
     )
-    unlearn.add_argument("--seed", type=int, default=0, help="seed of the batches (and the world's targets)")
+    unlearn.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the batches (and the world's targets)"
+    )
     unlearn.add_argument(
         "--audit",
         action="store_true",
@@ -304,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--world", choices=sorted(SIZES), default="default", help="the world it was unlearned on"
     )
-    audit.add_argument("--seed", type=int, default=0, help="the seed of the world's targets (unlearn --seed)")
+    audit.add_argument(
+        "--seed", type=_seed, default=0, help="the seed of the world's targets (unlearn --seed)"
+    )
     refs = audit.add_mutually_exclusive_group()
     refs.add_argument(
         "--reference-model",

@@ -1,10 +1,16 @@
-"""One unlearning run on a `Task`: metrics before, the loop with a live progress bar, metrics after."""
+"""One unlearning run on a `Task`: metrics before, the loop with a live progress bar, metrics after.
+
+Each example is encoded once per task (`encodings`: the evaluation splits and the training sets
+share it, and every cell of a comparison reuses it), and the long phases (encoding or scoring
+`LONG_PHASE` examples or more) show a progress bar of their own when progress is on.
+"""
 
 from __future__ import annotations
 
 import copy
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -12,17 +18,21 @@ import torch
 from torch import Tensor
 
 from gradsynth.cli.benchmark_plan import BenchmarkPlan
-from gradsynth.cli.errors import CliError
+from gradsynth.cli.errors import CliError, RunDiverged
+from gradsynth.cli.memory import check_batch_fits, vocabulary_of
 from gradsynth.cli.progress import StepLines, phase
 from gradsynth.cli.sources import Task
 from gradsynth.unlearning.answers import answer_scores
-from gradsynth.unlearning.encoding import IGNORE_INDEX, encode, make_batches, pad_id_of
+from gradsynth.unlearning.encoding import IGNORE_INDEX, collate, encode_many, pad_id_of
 from gradsynth.unlearning.loop import Diverged, StepRecord, UnlearnSettings, unlearn
 from gradsynth.unlearning.protocol import Rung, climb
 from gradsynth.unlearning.reference import is_peft_model
 from gradsynth.unlearning.split_scores import score_splits
 
 EVAL_BATCH = 64
+LONG_PHASE = 5000  # examples: a phase this long gets a progress bar (300k rows were silent 15 min)
+# Per tokenizer and max length, each (prompt, answer) encoded once (see `encodings`).
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -39,18 +49,57 @@ class RunOutcome:
     rungs: list[Rung] = field(default_factory=list)  # the ladder climbed (with a forget target)
 
 
-def split_batches(task: Task, name: str) -> tuple[list[dict[str, Tensor]], bool]:
+def _bar(total: int, desc: str, progress: bool) -> Any:
+    """A transient progress bar on stderr for a phase of ``total`` examples, or None if short/off."""
+    if not progress or total < LONG_PHASE:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="ex", mininterval=1.0)
+
+
+def encodings(task: Task, examples: list, what: str, progress: bool = False) -> list:
+    """`encode_many` of ``examples`` with the task's tokenizer and max length, shared across calls."""
+    memo = _MEMOS.setdefault(task.tokenizer, {}).setdefault(task.max_length, {})
+    bar = _bar(len(examples), f"encoding {what}", progress)
+    try:
+        return encode_many(
+            task.tokenizer, examples, task.max_length, memo, None if bar is None else bar.update
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def split_batches(task: Task, name: str, progress: bool = False) -> tuple[list[dict[str, Tensor]], bool]:
     """One split's evaluation batches and whether it has answers (so that recall means something)."""
     examples = task.splits[name]
+    encoded = encodings(task, examples, f"the {name} split", progress)
+    pad = pad_id_of(task.tokenizer)
     return (
-        make_batches(task.tokenizer, examples, EVAL_BATCH, task.max_length),
+        [collate(encoded[i : i + EVAL_BATCH], pad) for i in range(0, len(encoded), EVAL_BATCH)],
         all(e.answer is not None for e in examples),
     )
 
 
-def evaluation_batches(task: Task) -> dict[str, tuple[list[dict[str, Tensor]], bool]]:
+def evaluation_batches(task: Task, progress: bool = False) -> dict[str, tuple[list[dict[str, Tensor]], bool]]:
     """Each split's batches and whether it has answers (so that recall means something)."""
-    return {name: split_batches(task, name) for name in task.splits}
+    return {name: split_batches(task, name, progress) for name in task.splits}
+
+
+def _counted(name: str, batches: list, progress: bool) -> Any:
+    """One split's batches; when the split is long, counted on a progress bar as they are scored."""
+    bar = _bar(sum(int(b["labels"].shape[0]) for b in batches), f"scoring {name}", progress)
+    return batches if bar is None else _counting(batches, bar)
+
+
+def _counting(batches: list, bar: Any) -> Any:
+    try:
+        for batch in batches:
+            yield batch
+            bar.update(int(batch["labels"].shape[0]))
+    finally:
+        bar.close()
 
 
 def check_learnable(encoded: list[tuple[list[int], list[int]]], name: str, max_length: int) -> None:
@@ -68,17 +117,21 @@ def evaluate(
     batches: dict[str, tuple[list[dict[str, Tensor]], bool]],
     task: Task | None = None,
     generate: bool = True,
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """NLL and recall per split; the multiple-choice accuracy of splits that have questions; with a
     task that asks for it (and ``generate``), also ROUGE-L recall of greedy answers. A task whose
     recall is ``contains`` scores recall and ROUGE-L on greedy answers always (`answer_scores`)."""
+    shown = {name: (_counted(name, b, progress), answers) for name, (b, answers) in batches.items()}
     if task is None:
-        return score_splits(model, None, batches)
+        return score_splits(model, None, shown)
     answered = {name: examples for name, examples in task.splits.items() if batches[name][1]}
     if task.recall == "contains":
-        return score_splits(model, task.tokenizer, batches, task.choices, contained=answered)
+        return score_splits(
+            model, task.tokenizer, shown, task.choices, max_length=task.max_length, contained=answered
+        )
     rouge = answered if task.generate_eval and generate else {}
-    return score_splits(model, task.tokenizer, batches, task.choices, rouge)
+    return score_splits(model, task.tokenizer, shown, task.choices, rouge, max_length=task.max_length)
 
 
 def run_unlearning(
@@ -111,11 +164,12 @@ def run_unlearning(
             "--forget-target needs question/answer forget data (recall is measured on the answers); "
             "this forget set is plain text"
         )
-    eval_batches = eval_batches if eval_batches is not None else evaluation_batches(task)
+    check_batch_fits(settings.batch_size, task.max_length, vocabulary_of(task.model), device)
+    eval_batches = eval_batches if eval_batches is not None else evaluation_batches(task, progress)
     if before is None:
         task.model.to(device)
         with phase(f"evaluating {split_sizes(task)} before unlearning"):
-            before = evaluate(task.model, eval_batches, task)
+            before = evaluate(task.model, eval_batches, task, progress=progress)
     if target is not None and before["forget"]["recall"] <= target:
         raise CliError(
             f"--forget-target {target:g}: the forget set's recall is already "
@@ -130,8 +184,8 @@ def run_unlearning(
         benchmarks["before"] = (
             benchmarks_before if benchmarks_before is not None else plan.run(task.model, task.tokenizer)
         )
-    forget = [encode(task.tokenizer, e, task.max_length) for e in task.forget]
-    retain = [encode(task.tokenizer, e, task.max_length) for e in task.retain]
+    forget = encodings(task, task.forget, "the forget set", progress)
+    retain = encodings(task, task.retain, "the retain set", progress)
     check_learnable(forget, "forget", task.max_length)
     check_learnable(retain, "retain", task.max_length)
     lrs = ladder if (ladder and target is not None) else [settings.lr]
@@ -163,7 +217,7 @@ def run_unlearning(
     # The result's run: after a descent that no longer forgot, it is not the last one.
     lr, _, curve, _ = next(run for run in runs if run[1] is records)
     with phase(f"evaluating {split_sizes(task)} after unlearning"):
-        after = evaluate(model, eval_batches, task)
+        after = evaluate(model, eval_batches, task, progress=progress)
     if plan.tasks:
         benchmarks["after"] = plan.run(model, task.tokenizer)
     if plan.every:
@@ -255,7 +309,7 @@ def _loop(
             recall_of=recall_of,
         )
     except Diverged as err:
-        raise CliError(f"rule {settings.rule}, lr {settings.lr:g}, seed {settings.seed}: {err}") from err
+        raise RunDiverged(f"rule {settings.rule}, lr {settings.lr:g}, seed {settings.seed}: {err}") from err
     finally:
         if bar is not None:
             bar.close()

@@ -123,7 +123,11 @@ def _check_tokenizer(path: str, model: Any, tokenizer: Any) -> None:
 def _load_model(path: str, dtype: str, gguf_file: str | None = None) -> tuple[Any, Any]:
     """The model and tokenizer of ``--model`` (see `gradsynth.cli.models` for what it may be)."""
     from gradsynth.cli import models
+    from gradsynth.cli.memory import check_model_fits
 
+    folder, gguf = models.resolve(path, gguf_file)
+    if gguf is None:  # a GGUF's config is inside the file; it is checked by models.check_gguf
+        check_model_fits(folder, DTYPES[dtype])  # before anything is allocated: a 70B config was OOM-killed
     try:
         model, tokenizer, info = models.load(path, DTYPES[dtype], gguf_file)
     except CliError:
@@ -251,6 +255,10 @@ def load_task(args: argparse.Namespace, seed: int, log: Any = print) -> Task:
             task = world_task(args.world, seed, log)
         if getattr(args, "recall", None):
             task.recall = args.recall
+        # --dtype is honoured for the world too (it was ignored): the cached weights are float32.
+        dtype = getattr(args, "dtype", "float32")
+        task.model.to(DTYPES[dtype])
+        task.description["dtype"] = dtype
     else:
         task = model_task(args)
     scope = getattr(args, "loss_scope", None)

@@ -87,9 +87,12 @@ def contains(gold: str, generated: str) -> bool:
     return bool(want) and f" {want} " in f" {normalise(generated)} "
 
 
-def answer_scores(model: Any, tokenizer: Any, examples: list[Example]) -> dict[str, float | None]:
-    """Over the examples with answers, from one greedy generation each (32 new tokens):
-    ``recall`` (share whose answer `contains` the gold one) and ``rougeL_recall`` (mean ROUGE-L recall)."""
+def answer_scores(
+    model: Any, tokenizer: Any, examples: list[Example], max_length: int | None = None
+) -> dict[str, float | None]:
+    """Over the examples with answers, from one greedy generation each (32 new tokens; each prompt
+    cut to its last ``max_length`` tokens if given): ``recall`` (share whose answer `contains` the
+    gold one) and ``rougeL_recall`` (mean ROUGE-L recall)."""
     from gradsynth.unlearning.generation import greedy_answers, rouge_l_recall
 
     chosen = [e for e in examples if e.answer is not None]
@@ -97,7 +100,7 @@ def answer_scores(model: Any, tokenizer: Any, examples: list[Example]) -> dict[s
         return {"recall": None, "rougeL_recall": None}
     was_training = model.training
     model.eval()
-    generated = greedy_answers(model, tokenizer, [e.prompt for e in chosen])
+    generated = greedy_answers(model, tokenizer, [e.prompt for e in chosen], max_length=max_length)
     model.train(was_training)
     pairs = list(zip([e.answer or "" for e in chosen], generated, strict=True))
     return {

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradsynth.unlearning.quiet import quiet_loggers
+
 INSTALL_HINT = "pip install 'gradsynth[eval]'"
 
 
@@ -25,10 +27,24 @@ class UnknownTask(ValueError):
     """A task name lm-eval does not know, with the way to find the right one."""
 
 
+class EvalFailed(RuntimeError):
+    """lm-eval raised while building or running the tasks (a bad task YAML, a missing data file,
+    ...): its first line, with the tasks it was running."""
+
+
+def _failed(tasks: Sequence[str], err: Exception) -> EvalFailed:
+    reason = (str(err).strip().splitlines() or [""])[0][:200] or type(err).__name__
+    return EvalFailed(
+        f"lm-eval failed on {', '.join(tasks)} ({type(err).__name__}: {reason}); check the task "
+        "files and their data"
+    )
+
+
 def require_lm_eval() -> None:
-    """Raise `EvalExtraMissing` (one line, naming the extra) when lm-eval cannot be imported."""
+    """Raise `EvalExtraMissing` (one line, naming the extra) when lm-eval, or what its HF model
+    imports (accelerate, ...), cannot be imported."""
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval.models.huggingface  # noqa: F401  (lm-eval, and accelerate, imported at its top)
     except ImportError as err:
         raise EvalExtraMissing(
             f"benchmark evaluation needs the 'eval' extra ({err.name} is missing): {INSTALL_HINT}"
@@ -85,10 +101,14 @@ def evaluate_tasks(
     # Indexing lm-eval's own thousands of task files takes most of a minute on a small CPU:
     # skip it when the include path has every task asked for.
     manager = None
-    if paths:
-        manager = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
-    if manager is None or any(t not in manager.all_tasks for t in tasks):
-        manager = TaskManager(include_path=[str(p) for p in paths] or None)
+    try:
+        with quiet_loggers():
+            if paths:
+                manager = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
+            if manager is None or any(t not in manager.all_tasks for t in tasks):
+                manager = TaskManager(include_path=[str(p) for p in paths] or None)
+    except Exception as err:  # lm-eval raises anything from a task folder it cannot index
+        raise _failed(tasks, err) from err
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UnknownTask(
@@ -105,18 +125,21 @@ def evaluate_tasks(
     model.eval()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=manager,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            apply_chat_template=chat_template,
-            fewshot_as_multiturn=chat_template and bool(num_fewshot),
-            bootstrap_iters=0,
-            log_samples=False,
-        )
+        with quiet_loggers():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                task_manager=manager,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                apply_chat_template=chat_template,
+                fewshot_as_multiturn=chat_template and bool(num_fewshot),
+                bootstrap_iters=0,
+                log_samples=False,
+            )
+    except Exception as err:  # a task's YAML, data or metric failed inside lm-eval: one line
+        raise _failed(tasks, err) from err
     finally:
         model.train(was_training)
     return _flatten(output["results"])

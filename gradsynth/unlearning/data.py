@@ -4,16 +4,24 @@ Accepted: ``.jsonl``/``.json``, ``.csv``, ``.parquet`` and ``.txt`` (one example
 row needs either a ``text`` column (labelled on every token) or ``question`` and ``answer``
 columns (labelled on the answer only). Every problem is raised as `DataError` with a message
 that names the file and the fix.
+
+A path is a file name, never a pattern: JSON is read by `gradsynth.unlearning.jsonl` (literal
+path, nesting guarded), and the path handed to ``datasets`` for the other formats has its glob
+characters escaped (``forget[1].csv`` is that file, not ``forget1.csv``). ``datasets``' and
+transformers' loggers are silenced while it reads, so that a failure is the one line we print.
 """
 
 from __future__ import annotations
 
 import codecs
+import glob
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from gradsynth.unlearning.encoding import Example, prompt_of
+from gradsynth.unlearning.jsonl import JsonRowsError, read_json_rows
+from gradsynth.unlearning.quiet import quiet_loggers
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -40,6 +48,32 @@ def _check_utf8(path: Path, what: str) -> None:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError as err:
         raise DataError(f"{what} {path}: not UTF-8 text (it ends mid-character); save it as UTF-8") from err
+
+
+def _read_table(path: Path, builder: str, what: str) -> dict[str, list[Any]]:
+    """The file's rows as ``{column: values}``; the path is taken literally."""
+    if builder == "json":
+        try:
+            return read_json_rows(path, what)
+        except JsonRowsError as err:
+            raise DataError(str(err)) from err
+    import datasets
+
+    datasets.disable_progress_bars()
+    # datasets resolves data_files as glob patterns: escape them so the name means this one file.
+    literal = glob.escape(str(path.resolve()))
+    try:
+        # A private cache removed at once, the table kept in memory: nothing of the forget or
+        # retain data is left in the shared datasets cache (which is readable by others).
+        with quiet_loggers(), tempfile.TemporaryDirectory(prefix="gradsynth-data-") as private:
+            table = datasets.load_dataset(
+                builder, data_files=literal, split="train", cache_dir=private, keep_in_memory=True
+            )
+    except Exception as err:
+        cause = err.__cause__ or err  # datasets wraps the parser's error in a generic one
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"{what} {path}: could not be read as {builder} ({reason[:200]})") from err
+    return {name: table[name] for name in table.column_names}
 
 
 def _string(value: Any, column: str, row: int, what: str, path: Path) -> str:
@@ -69,22 +103,9 @@ def load_examples(path: str | Path, what: str = "data") -> list[Example]:
         raise DataError(f"{what} {path}: the file has no rows; give at least one example")
     if builder != "parquet":
         _check_utf8(path, what)
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    try:
-        # A private cache removed at once, the table kept in memory: nothing of the forget or
-        # retain data is left in the shared datasets cache (which is readable by others).
-        with tempfile.TemporaryDirectory(prefix="gradsynth-data-") as private:
-            table = datasets.load_dataset(
-                builder, data_files=str(path), split="train", cache_dir=private, keep_in_memory=True
-            )
-    except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{what} {path}: could not be read as {builder} ({reason})") from err
-    columns = set(table.column_names)
-    if len(table) == 0:
+    table = _read_table(path, builder, what)
+    columns = set(table)
+    if not table or not any(len(values) for values in table.values()):
         raise DataError(f"{what} {path}: the file has no rows; give at least one example")
     if {"question", "answer"} <= columns:
         return [

@@ -13,6 +13,11 @@ The *loss scope* of a question/answer example says which tokens carry the loss:
   language-model loss on the whole text. On the embedded world the answer-only forget gradient
   was measured 10 to 10^4 times the retain gradient's norm during gradient ascent, the full-text
   one 2 to 8 times, with the paper's ordering of cos(g, r) (sum < PCGrad < SAGO).
+
+Only a window of each text is tokenized (`token_ids`): ``limit * CHARS_PER_TOKEN`` characters at
+the end that is kept, widened until it yields `MARGIN` tokens more than are kept. A 30 MB line
+tokenized whole aborted the process inside the tokenizer; the window gives the same kept tokens
+as the whole text whenever the word cut at its edge lies past them (the margin sees to that).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 LOSS_SCOPES = ("answer", "full")
+CHARS_PER_TOKEN = 32  # generous: byte-level BPE tokens of prose average 3-5 characters
+MARGIN = 8  # tokens past the kept ones, so that the word cut at the window's edge is not kept
 
 
 @dataclass(frozen=True)
@@ -56,19 +63,60 @@ def with_loss_scope(examples: list[Example], scope: str) -> list[Example]:
     return [replace(e, full_text=scope == "full") for e in examples]
 
 
+def token_ids(
+    tokenizer: Any, text: str, limit: int, from_end: bool = False, special: bool = True
+) -> list[int]:
+    """Token ids of ``text``, of which at least the first (``from_end``: the last) ``limit`` are those
+    of the whole text; only a window of characters is tokenized (see the module docstring)."""
+    window = max(limit, 1) * CHARS_PER_TOKEN
+    while True:
+        piece = text if len(text) <= window else (text[-window:] if from_end else text[:window])
+        ids = tokenizer(piece, add_special_tokens=special)["input_ids"]
+        if len(piece) == len(text) or len(ids) >= limit + MARGIN:
+            return ids
+        window *= 4
+
+
 def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]]:
     """Token ids and labels of one example, cut to ``max_length`` tokens (the answer kept if it fits)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if example.answer is None:
-        ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"] + eos
+        ids = token_ids(tokenizer, example.prompt, max_length) + eos
         ids = ids[:max_length]
         return ids, list(ids)
-    prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-    answer = tokenizer(example.separator + example.answer, add_special_tokens=False)["input_ids"] + eos
+    prompt = token_ids(tokenizer, example.prompt, max_length, from_end=True)
+    answer = token_ids(tokenizer, example.separator + example.answer, max_length, special=False) + eos
     answer = answer[:max_length]
     prompt = prompt[-(max_length - len(answer)) :] if max_length > len(answer) else []
     ids = prompt + answer
     return ids, list(ids) if example.full_text else [IGNORE_INDEX] * len(prompt) + answer
+
+
+Encoded = tuple[list[int], list[int]]
+
+
+def encode_many(
+    tokenizer: Any,
+    examples: list[Example],
+    max_length: int,
+    memo: dict[tuple[str, str | None], Encoded] | None = None,
+    each: Any = None,
+) -> list[Encoded]:
+    """`encode` of every example, each distinct (prompt, answer) tokenized once: ``memo`` carries
+    the answer-scope encodings between calls (an evaluation split and the training set of one
+    file, every cell of a comparison), and a ``"full"``-scope example labels those same ids.
+    ``each`` is called after every example (a progress bar's ``update``)."""
+    memo = {} if memo is None else memo
+    encoded = []
+    for example in examples:
+        key = (example.prompt, example.answer)
+        if key not in memo:
+            memo[key] = encode(tokenizer, replace(example, full_text=False), max_length)
+        ids, labels = memo[key]
+        encoded.append((ids, list(ids)) if example.full_text else (ids, labels))
+        if each is not None:
+            each()
+    return encoded
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:

@@ -7,6 +7,8 @@ characters separate words and are dropped, so ``"Velmora."`` matches ``"Velmora"
 whitespace split, which gradsynth used before, counted them as different words; on text without
 such characters the two agree, tests/test_objectives.py checks it). Generation
 stops at the end-of-sentence token; the prompt is left-padded so all rows end at the same place.
+With ``max_length``, a prompt keeps its last ``max_length`` tokens, as training keeps them (a
+200 KB question was otherwise decoded over its whole length, for minutes).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gradsynth.unlearning.encoding import Example, pad_id_of
+from gradsynth.unlearning.encoding import Example, pad_id_of, token_ids
 
 MAX_NEW_TOKENS = 32
 
@@ -38,15 +40,20 @@ def rouge_l_recall(reference: str, generated: str) -> float:
 
 
 @torch.no_grad()
-def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], batch_size: int = 16) -> list[str]:
-    """The model's greedy continuation of each prompt, decoded without special tokens."""
+def greedy_answers(
+    model: Any, tokenizer: Any, prompts: list[str], batch_size: int = 16, max_length: int | None = None
+) -> list[str]:
+    """The model's greedy continuation of each prompt (its last ``max_length`` tokens, if given),
+    decoded without special tokens."""
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [
-            tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start : start + batch_size]
-        ]
+        chunk = prompts[start : start + batch_size]
+        if max_length is None:
+            encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in chunk]
+        else:
+            encoded = [token_ids(tokenizer, p, max_length, from_end=True)[-max_length:] for p in chunk]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
         attention = torch.tensor(
@@ -64,14 +71,17 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], batch_size: i
     return answers
 
 
-def rouge_l_of(model: Any, tokenizer: Any, examples: list[Example], limit: int = 100) -> float | None:
-    """Mean ROUGE-L recall of greedy answers over the first ``limit`` examples (None without answers)."""
+def rouge_l_of(
+    model: Any, tokenizer: Any, examples: list[Example], limit: int = 100, max_length: int | None = None
+) -> float | None:
+    """Mean ROUGE-L recall of greedy answers over the first ``limit`` examples (None without answers);
+    each prompt cut to its last ``max_length`` tokens, if given."""
     chosen = [e for e in examples if e.answer is not None][:limit]
     if not chosen:
         return None
     was_training = model.training
     model.eval()
-    generated = greedy_answers(model, tokenizer, [e.prompt for e in chosen])
+    generated = greedy_answers(model, tokenizer, [e.prompt for e in chosen], max_length=max_length)
     model.train(was_training)
     return sum(rouge_l_recall(e.answer or "", g) for e, g in zip(chosen, generated, strict=True)) / len(
         chosen

@@ -35,6 +35,7 @@ def score_splits(
     batches: Batches,
     choices: Mapping[str, list[Choice]] | None = None,
     generate: Mapping[str, list[Example]] | None = None,
+    max_length: int | None = None,
     *,
     contained: Mapping[str, list[Example]] | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -42,17 +43,18 @@ def score_splits(
 
     ``batches``: each split's encoded batches and whether it has answers; ``choices``: the
     multiple-choice questions of the splits that have them; ``generate``: the splits whose greedy
-    answers are scored by ROUGE-L recall; ``contained``: the splits whose recall is that of
-    instruction-tuned models instead, a greedy answer that contains the gold one
-    (`gradsynth.unlearning.answers.answer_scores`, with ROUGE-L from the same generation).
+    answers are scored by ROUGE-L recall, each prompt cut to its last ``max_length`` tokens if given
+    (as training cuts it: a 200 KB question was otherwise decoded whole); ``contained``: the splits
+    whose recall is that of instruction-tuned models instead, a greedy answer that contains the gold
+    one (`gradsynth.unlearning.answers.answer_scores`, with ROUGE-L from the same generation).
     """
     metrics = {name: split_metrics(model, b, answers) for name, (b, answers) in batches.items()}
     for name, questions in (choices or {}).items():
         metrics[name]["mc_acc"] = mc_accuracy(model, tokenizer, questions)
     for name, examples in (generate or {}).items():
-        metrics[name]["rougeL_recall"] = rouge_l_of(model, tokenizer, examples)
+        metrics[name]["rougeL_recall"] = rouge_l_of(model, tokenizer, examples, max_length=max_length)
     for name, examples in (contained or {}).items():
-        metrics[name].update(answer_scores(model, tokenizer, examples))
+        metrics[name].update(answer_scores(model, tokenizer, examples, max_length=max_length))
     return metrics
 
 
@@ -98,7 +100,7 @@ class SplitScores:
         empty = [name for name, examples in splits.items() if not examples]
         if empty:
             raise ValueError(f"split {empty[0]!r} has no examples")
-        self.tokenizer = tokenizer
+        self.tokenizer, self.max_length = tokenizer, max_length
         self.batches: Batches = {
             name: (
                 make_batches(tokenizer, list(examples), batch_size, max_length),
@@ -113,7 +115,9 @@ class SplitScores:
         self.tasks, self.include_path, self.limit = tuple(tasks), include_path, limit
 
     def __call__(self, model: Any) -> dict[str, float]:
-        flat = _flatten(score_splits(model, self.tokenizer, self.batches, self.choices, self.generate))
+        flat = _flatten(
+            score_splits(model, self.tokenizer, self.batches, self.choices, self.generate, self.max_length)
+        )
         if self.tasks:
             from gradsynth.unlearning.benchmarks import evaluate_tasks
 
