@@ -103,3 +103,25 @@ class FunctionRule(Rule):
 
     def __repr__(self) -> str:
         return f"FunctionRule({self.name!r})"
+
+
+class TensorRule(Rule):
+    """A rule that is one function of a tensor pair, ``fn(f, r, *, alpha, gamma, out, geometry)``
+    (`sago`, `sago_prefer_retain`, `pcgrad`, `weighted_sum`): `combine` calls it, geometry included."""
+
+    measures_geometry = True
+    #: The per-tensor function (a ``staticmethod`` of the subclass).
+    function: Callable[..., Tensor]
+
+    def combine(
+        self,
+        forget: Tensor,
+        retain: Tensor,
+        *,
+        alpha: float,
+        gamma: float,
+        out: Tensor,
+        context: Any = None,
+        geometry: Any = None,
+    ) -> None:
+        type(self).function(forget, retain, alpha=alpha, gamma=gamma, out=out, geometry=geometry)

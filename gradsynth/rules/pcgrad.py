@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.rules import fused
-from gradsynth.rules.base import Rule
+from gradsynth.rules.base import Rule, TensorRule
 from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
 from gradsynth.rules.reductions import dot64, settled
 from gradsynth.rules.weighted_sum import weighted_sum
@@ -127,24 +127,11 @@ def scope_inner_products(xs: Sequence[Tensor], ys: Sequence[Tensor], weights: Se
     return settled(total)
 
 
-class PCGrad(Rule):
+class PCGrad(TensorRule):
     """Rule ``"pcgrad"``: `pcgrad` per parameter tensor."""
 
     name = "pcgrad"
-    measures_geometry = True
-
-    def combine(
-        self,
-        forget: Tensor,
-        retain: Tensor,
-        *,
-        alpha: float,
-        gamma: float,
-        out: Tensor,
-        context: Any = None,
-        geometry: GeometrySink | None = None,
-    ) -> None:
-        pcgrad(forget, retain, alpha=alpha, gamma=gamma, out=out, geometry=geometry)
+    function = staticmethod(pcgrad)
 
 
 class PCGradGlobal(Rule):

@@ -16,13 +16,11 @@ wins must still make a ``GradScaler`` skip the step.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from gradsynth.rules import fused
-from gradsynth.rules.base import Rule
+from gradsynth.rules.base import TensorRule
 from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
 from gradsynth.rules.reductions import fit, flat_chunks, scratch, sign_conflict
 
@@ -106,41 +104,15 @@ def sago_prefer_retain(
     return _blend(forget, retain, alpha, gamma, out, True, geometry)
 
 
-class Sago(Rule):
+class Sago(TensorRule):
     """Rule ``"sago"``: `sago` per parameter tensor."""
 
     name = "sago"
-    measures_geometry = True
-
-    def combine(
-        self,
-        forget: Tensor,
-        retain: Tensor,
-        *,
-        alpha: float,
-        gamma: float,
-        out: Tensor,
-        context: Any = None,
-        geometry: GeometrySink | None = None,
-    ) -> None:
-        sago(forget, retain, alpha=alpha, gamma=gamma, out=out, geometry=geometry)
+    function = staticmethod(sago)
 
 
-class SagoPreferRetain(Rule):
+class SagoPreferRetain(TensorRule):
     """Rule ``"sago_prefer_retain"``: `sago_prefer_retain` per parameter tensor."""
 
     name = "sago_prefer_retain"
-    measures_geometry = True
-
-    def combine(
-        self,
-        forget: Tensor,
-        retain: Tensor,
-        *,
-        alpha: float,
-        gamma: float,
-        out: Tensor,
-        context: Any = None,
-        geometry: GeometrySink | None = None,
-    ) -> None:
-        sago_prefer_retain(forget, retain, alpha=alpha, gamma=gamma, out=out, geometry=geometry)
+    function = staticmethod(sago_prefer_retain)

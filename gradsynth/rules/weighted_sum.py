@@ -6,13 +6,11 @@ Also the final step of both PCGrad rules, which differ from it only in the retai
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from gradsynth.rules import fused
-from gradsynth.rules.base import Rule
+from gradsynth.rules.base import TensorRule
 from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
 from gradsynth.rules.reductions import fit, flat_chunks, scratch
 
@@ -67,21 +65,8 @@ def weighted_sum(
     return torch.mul(retain, alpha, out=out).add_(forget, alpha=gamma)
 
 
-class WeightedSum(Rule):
+class WeightedSum(TensorRule):
     """Rule ``"sum"``: `weighted_sum`, the naive baseline with no conflict handling."""
 
     name = "sum"
-    measures_geometry = True
-
-    def combine(
-        self,
-        forget: Tensor,
-        retain: Tensor,
-        *,
-        alpha: float,
-        gamma: float,
-        out: Tensor,
-        context: Any = None,
-        geometry: GeometrySink | None = None,
-    ) -> None:
-        weighted_sum(forget, retain, alpha=alpha, gamma=gamma, out=out, geometry=geometry)
+    function = staticmethod(weighted_sum)
