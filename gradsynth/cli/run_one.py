@@ -295,7 +295,7 @@ def _loop(
             forget_split = task.splits["forget"]
 
             def recall_of(m: Any) -> float:
-                return answer_scores(m, task.tokenizer, forget_split)["recall"] or 0.0
+                return answer_scores(m, task.tokenizer, forget_split, task.max_length)["recall"] or 0.0
 
         return unlearn(
             model,
