@@ -172,3 +172,15 @@ def test_forget_target_reference_stops_at_the_never_learned_recall(
     ]
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
     assert "--forget-target reference needs the embedded world" in capsys.readouterr().err
+
+
+def test_compare_audit_adds_the_audit_of_every_run(world_cache, never_learned, tmp_path):
+    out = tmp_path / "compare"
+    argv = ["compare", "--world", "ci", "--rules", "sum,sago", "--forget-target", "0.1", "--steps", "20"]
+    assert main([*argv, "--lrs", "2e-3", "--audit", "--no-relearn", "--no-progress", "--out", str(out)]) == 0
+    results = (out / "results.md").read_text()
+    assert "Audit of the forgetting (forget facts against fresh-name twins)" in results
+    for row in ("| ga+sum |", "| ga+sago |", "| never-learned reference |"):
+        assert row in results, row
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert all(set(r["audit"]) >= {"model", "reference", "forget_quality"} for r in runs)

@@ -120,3 +120,29 @@ def test_plots_of_the_objective_matrix_give_every_curve_its_own_colour_and_marke
     assert len({(s["color"], s["marker"]) for s in styles.values()}) == len(names) == 20
     assert len({styles[f"{o}+sago"]["color"] for o in objectives}) == 1  # a rule keeps its colour
     assert len({styles[f"rmu+{r}"]["marker"] for r in rules}) == 1  # an objective keeps its marker
+
+
+def _audited(run, gap, truth_ratio, quality, reference_ratio=0.5):
+    run["audit"] = {
+        "model": {"mia": {"loss": {"auc": 0.5 - gap, "gap": gap}}, "mean_log_truth_ratio": truth_ratio},
+        "reference": {"mean_log_truth_ratio": reference_ratio},
+        "forget_quality": quality,
+    }
+    return run
+
+
+def test_audited_runs_are_paired_on_their_distance_from_the_never_learned_model():
+    runs = [_audited(_run("sago", s, 0.9), 0.1, 1.0 + s, 0.6) for s in range(3)]
+    runs += [_audited(_run("sum", s, 0.8), 0.3, 2.0 + s, 0.2) for s in range(3)]
+    entries = paired(runs, SPLITS, True)
+    gap = _entry(entries, "sago", "sum", "MIA AUC gap from 0.5 (LOSS)")
+    assert gap["difference"]["mean"] == pytest.approx(-0.2) and gap["ahead"] == 3  # nearer 0.5
+    ratio = _entry(entries, "sago", "sum", "log TR gap to reference")
+    assert ratio["difference"]["mean"] == pytest.approx(-1.0) and ratio["ahead"] == 3
+    quality = _entry(entries, "sago", "sum", "forget quality")
+    assert quality["difference"]["mean"] == pytest.approx(0.4) and quality["ahead"] == 3
+    text = paired_markdown(entries)
+    assert "| MIA AUC gap from 0.5 (LOSS) |" in text and "-0.20 ± 0.00 (3/0/0, p 0.25)" in text
+    # Runs without an audit pair on the usual metrics only.
+    plain = [_run(rule, s, 0.5) for rule in ("sago", "sum") for s in range(2)]
+    assert "forget quality" not in {e["metric"] for e in paired(plain, SPLITS, True)}

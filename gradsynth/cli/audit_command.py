@@ -11,8 +11,10 @@ import argparse
 import json
 from typing import Any
 
+from gradsynth.cli.compare_results import cell, summary
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
+from gradsynth.cli.tables import markdown_table
 from gradsynth.unlearning.audit import RelearnSettings, audit_model
 from gradsynth.world.never_learned import (
     forget_facts,
@@ -108,6 +110,52 @@ def audit_table(result: dict[str, Any]) -> str:
             for task, curve in result[name]["relearning"].items():
                 text += f"\n| {name} | {task} | " + " | ".join(f"{100 * v:.0f}%" for v in curve) + " |"
     return text
+
+
+def audit_markdown(runs: list[dict[str, Any]]) -> str:
+    """``compare --audit``: per objective and rule, the audit's numbers over the seeds (mean ± sd),
+    the never-learned reference's beside them (the same model for every rule of a seed)."""
+    audited = [r for r in runs if "audit" in r]
+    if not audited:
+        return ""
+
+    def row(label: str, audits: list[dict[str, Any]], who: str) -> list[str]:
+        values = {
+            "loss": [a[who]["mia"]["loss"]["auc"] for a in audits],
+            "min_k_pp": [a[who]["mia"]["min_k_pp"]["auc"] for a in audits],
+            "tr": [a[who]["mean_log_truth_ratio"] for a in audits],
+            "last": [100 * a[who]["ranks_last"] for a in audits],
+            "recall": [100 * a[who]["forget_recall"] for a in audits],
+        }
+        cells = [cell(summary(values[k]), 1.0, 2, median=False) for k in ("loss", "min_k_pp", "tr")]
+        cells += [cell(summary(values[k]), 1.0, 0, median=False) for k in ("last", "recall")]
+        quality = [a["forget_quality"] for a in audits if "forget_quality" in a and who == "model"]
+        cells.append(cell(summary(quality), 1.0, 3, median=False) if quality else "-")
+        return [label, *cells]
+
+    head = [
+        "objective+rule",
+        "MIA AUC LOSS",
+        "MIA AUC Min-K%++",
+        "mean log truth ratio",
+        "true ranks last %",
+        "forget recall %",
+        "forget quality p",
+    ]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in audited:
+        groups.setdefault((r["objective"], r["rule"]), []).append(r["audit"])
+    rows = [row(f"{o}+{rule}", audits, "model") for (o, rule), audits in groups.items()]
+    by_seed = {r["seed"]: r["audit"] for r in audited if "reference" in r["audit"]}
+    if by_seed:
+        rows.append(row("never-learned reference", list(by_seed.values()), "reference"))
+    intro = (
+        f"Audit of the forgetting (forget facts against fresh-name twins), mean ± standard deviation "
+        f"over {len({r['seed'] for r in audited})} seed(s); an AUC of 0.5 and the reference's truth "
+        "ratio are where a model that never learned the facts sits; forget quality: the KS test of "
+        "each run's truth ratios against the reference's."
+    )
+    return "\n".join([intro, "", markdown_table(head, rows)]) + "\n"
 
 
 def relearn_settings(args: argparse.Namespace) -> RelearnSettings | None:

@@ -25,6 +25,7 @@ import argparse
 import time
 from typing import Any
 
+from gradsynth.cli.audit_command import audit_markdown, relearn_settings, world_audit
 from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.compare_paired import paired, paired_markdown
 from gradsynth.cli.compare_ranking import rank, ranking_markdown, tradeoff_plot, utility_kept
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     check_seeds(seeds, "--seeds")
     out = args.out or default_out("compare")
     check_output_folder(out, args.overwrite, run_inputs(args))
+    relearn = relearn_settings(args) if args.audit else None
     device = resolve_device(args.device)
     start = time.perf_counter()
     runs = []
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
                         if bar is not None:
                             bar.set_postfix(seed=seed, objective=objective, rule=rule, lr=f"{lr:g}")
                         try:
-                            _, outcome = run_unlearning(
+                            model, outcome = run_unlearning(
                                 task,
                                 settings,
                                 device,
@@ -173,6 +175,11 @@ def run(args: argparse.Namespace) -> int:
                             (print if bar is None else bar.write)(f"Diverged: forget loss {objective}, {err}")
                         else:
                             runs.append(_run_record(seed, objective, rule, lr, settings, task, outcome))
+                            if args.audit:
+                                runs[-1]["audit"] = world_audit(
+                                    model, task.tokenizer, args.world, seed, relearn=relearn, log=log
+                                )
+                            del model  # one unlearned copy at a time
                         if bar is not None:
                             bar.update(1)
     finally:
@@ -196,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
         if args.forget_target == REFERENCE:
             protocol["targets"] = {str(seed): target for seed, target in targets.items()}
     report = markdown_report(table, splits, as_pct, len(seeds), first.steps, protocol)
+    if args.audit:
+        report += "\n" + audit_markdown(runs)
     pairs = paired(runs, splits, as_pct)
     if pairs:
         report += "\n" + paired_markdown(pairs)

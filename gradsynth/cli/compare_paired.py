@@ -50,8 +50,37 @@ def sign_flip_p(diffs: list[float]) -> float:
 Metric = tuple[str, Callable[[dict], float | None], float, bool]
 
 
+def _audit_value(path: tuple[str, ...]) -> Callable[[dict], float | None]:
+    def value(run: dict) -> float | None:
+        found: Any = run.get("audit")
+        for key in path:
+            if not isinstance(found, dict) or key not in found:
+                return None
+            found = found[key]
+        return found
+
+    return value
+
+
+def _truth_ratio_gap(run: dict) -> float | None:
+    audit = run.get("audit") or {}
+    if "reference" not in audit:
+        return None
+    return abs(audit["model"]["mean_log_truth_ratio"] - audit["reference"]["mean_log_truth_ratio"])
+
+
+#: With ``compare --audit``: how far from a never-learned model each run ends (nearer is ahead):
+#: ``|AUC - 0.5|`` of the LOSS attack, ``|mean log TR - the reference's|``, the forget quality.
+AUDIT_METRICS: list[Metric] = [
+    ("MIA AUC gap from 0.5 (LOSS)", _audit_value(("model", "mia", "loss", "gap")), 1.0, False),
+    ("log TR gap to reference", _truth_ratio_gap, 1.0, False),
+    ("forget quality", _audit_value(("forget_quality",)), 1.0, True),
+]
+
+
 def _metrics(splits: list[str], as_pct: bool) -> list[Metric]:
-    """(name, value of a run, scale, higher is ahead) for every compared metric."""
+    """(name, value of a run, scale, higher is ahead) for every compared metric (the audit's are
+    compared only where the runs were audited: elsewhere they have no value)."""
     scale = 100.0 if as_pct else 1.0
     metrics = [(s, lambda run, s=s: score(run["after"][s]), scale, (s == "forget") != as_pct) for s in splits]
     return [
@@ -59,6 +88,7 @@ def _metrics(splits: list[str], as_pct: bool) -> list[Metric]:
         ("utility kept", utility_kept, 100.0, True),
         ("cos(g,r)", lambda run: run["geometry"]["cos_gr"], 1.0, True),
         ("steps", lambda run: run["steps"], 1.0, False),
+        *AUDIT_METRICS,
     ]
 
 
@@ -98,7 +128,8 @@ def paired(runs: list[dict[str, Any]], splits: list[str], as_pct: bool) -> list[
 
 
 def _cell(entry: dict[str, Any]) -> str:
-    d, digits = entry["difference"], 2 if entry["metric"] == "cos(g,r)" else 1
+    precise = entry["metric"] == "cos(g,r)" or entry["metric"] in {m[0] for m in AUDIT_METRICS}
+    d, digits = entry["difference"], 2 if precise else 1
     counts = f"{entry['ahead']}/{entry['level']}/{entry['behind']}"
     if entry.get("p") is not None:
         counts += f", p {entry['p']:.2g}"

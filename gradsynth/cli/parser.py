@@ -266,6 +266,15 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_audit(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        help=f"audit {what} (MIA, truth ratios, relearning; see gradsynth audit)",
+    )
+    _add_relearn(p)
+
+
 def _add_relearn(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-relearn", action="store_true", help="skip the relearning attack")
     p.add_argument(
@@ -290,12 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument(
         "--seed", type=_seed, default=0, help="seed of the batches (and the world's targets)"
     )
-    unlearn.add_argument(
-        "--audit",
-        action="store_true",
-        help="audit the unlearned world model (MIA, truth ratios, relearning; see gradsynth audit)",
-    )
-    _add_relearn(unlearn)
+    _add_audit(unlearn, "the unlearned world model")
     unlearn.add_argument(
         "--eval-every", type=_positive_int, help="evaluate every split (and --eval-tasks) every N steps"
     )
@@ -316,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--seeds", default="0", help="comma-separated seeds (default 0); 5 or more for spread"
     )
+    _add_audit(compare, "every run's unlearned world model, paired by seed")
     compare.add_argument(
         "--rank-by",
         help="rank rules by a metric: SPLIT.METRIC (forget.mc_acc, general.recall) or TASK.METRIC",
@@ -411,6 +416,11 @@ def check_objectives(objectives: list[str], flag: str) -> None:
 def check_protocol(args: argparse.Namespace, objectives: list[str]) -> None:
     """Refuse flags that do not fit together: ladder flags without a target, RMU with another retain loss,
     the never-learned reference's target without the embedded world."""
+    if getattr(args, "audit", False) and getattr(args, "model", None) is not None:
+        raise CliError(
+            "--audit needs the embedded world (its never-learned reference and non-member twins); drop "
+            "--model, or drop --audit"
+        )
     if args.forget_target == "reference" and getattr(args, "model", None) is not None:
         raise CliError(
             "--forget-target reference needs the embedded world (its never-learned reference); with --model "

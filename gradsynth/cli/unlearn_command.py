@@ -172,11 +172,6 @@ def run(args: argparse.Namespace) -> int:
     check_objectives([args.forget_loss], "--forget-loss")
     check_protocol(args, [args.forget_loss])
     out = args.out or default_out("unlearn")
-    if args.audit and args.model is not None:
-        raise CliError(
-            "--audit needs the embedded world (its never-learned reference and non-member twins); drop "
-            "--model, or drop --audit"
-        )
     relearn = relearn_settings(args)
     check_output_folder(out, args.overwrite, run_inputs(args))
     device = resolve_device(args.device)
