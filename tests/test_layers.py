@@ -13,6 +13,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "gradsynth"
 TIERS = [["rules"], ["optim"], ["integrations"], ["unlearning", "world", "cli"]]
 CORE = ["rules", "optim"]
+#: Modules at the package root below every tier: they import the standard library only, and any
+#: layer may use them (gradsynth.owned_files: the ownership checks of the kernel and world caches).
+FOUNDATION = ["gradsynth.owned_files"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -52,7 +55,16 @@ def test_core_depends_on_torch_only():
             root = module.split(".")[0]
             assert root in allowed_roots or root in sys.stdlib_module_names, f"{path}: imports {module}"
             if root == "gradsynth":
-                assert _is_under(module, CORE) or module == "gradsynth", f"{path}: imports {module}"
+                allowed = _is_under(module, CORE) or module in ("gradsynth", *FOUNDATION)
+                assert allowed, f"{path}: imports {module}"
+
+
+def test_foundation_modules_import_the_standard_library_only():
+    for name in FOUNDATION:
+        path = PACKAGE / f"{name.removeprefix('gradsynth.')}.py"
+        for module in _imports(path):
+            root = module.split(".")[0]
+            assert root == "__future__" or root in sys.stdlib_module_names, f"{path}: imports {module}"
 
 
 def test_integrations_package_imports_no_third_party_module():

@@ -123,7 +123,8 @@ def test_unlearn_two_steps_then_save_reload_and_score(smollm2, tmp_path, capsys)
     assert main([*argv, "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr()
     assert "ROUGE-L before" in printed.out
-    for phase in ("before unlearning: done in", "step 2/2", "after unlearning: done in", "saving"):
+    # Phases slower than a second write their line (the save of 135M parameters may be faster).
+    for phase in ("before unlearning: done in", "step 2/2", "after unlearning: done in"):
         assert phase in printed.err, printed.err
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["task"]["prompt_format"] == "chat"
