@@ -28,9 +28,8 @@ ZeRO offload was measured with DeepSpeed 0.19.8 on 2 CPU ranks (its CPU accelera
 with momentum, accumulation 2): plain DeepSpeed with ``offload_optimizer`` at ZeRO-2 and -3 (and
 ``offload_param`` at ZeRO-3) matched one process to 1e-7, but the per-task recipe above did not,
 even for the linear ``sum`` rule (relative error 1.3-3.6, 1.05-3.6 over sago, pcgrad and sum; 1e-7
-without offload): the offloaded
-engine keeps its own host-side gradient buffers, which the read / clear / write-back functions do
-not reach.
+without offload): the offloaded engine keeps its own host-side gradient buffers, which the read /
+clear / write-back functions do not reach.
 
 Nothing here imports DeepSpeed, Accelerate or Transformers: objects are recognised by the
 module their class comes from and by the attributes those libraries set.
