@@ -58,6 +58,7 @@ from gradsynth.cli.unlearn_command import (
     weights_for,
 )
 from gradsynth.unlearning.report import dump_json, mean_geometry
+from gradsynth.world.never_learned import load_never_learned_model
 
 QUICK_LRS = "3e-4,1e-3"
 QUICK_STEPS = 30
@@ -138,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
             batches = evaluation_batches(task, progress=bar is not None)
             log = print if bar is None else bar.write
             targets[seed] = forget_target_for(args, seed, batches["forget"][0], log=log)
+            reference = None  # the seed's never-learned model, loaded once for every run's audit
+            if args.audit:
+                reference, *_ = load_never_learned_model(args.world, seed, log=log)
+                reference.to(device)
             task.model.to(device)
             with phase(f"evaluating {split_sizes(task)} before unlearning"):
                 before = evaluate(task.model, batches, task, progress=bar is not None)
@@ -177,7 +182,12 @@ def run(args: argparse.Namespace) -> int:
                             runs.append(_run_record(seed, objective, rule, lr, settings, task, outcome))
                             if args.audit:
                                 runs[-1]["audit"] = world_audit(
-                                    model, task.tokenizer, args.world, seed, relearn=relearn, log=log
+                                    model,
+                                    task.tokenizer,
+                                    args.world,
+                                    seed,
+                                    reference=reference,
+                                    relearn=relearn,
                                 )
                             del model  # one unlearned copy at a time
                         if bar is not None:

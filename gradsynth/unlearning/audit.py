@@ -35,7 +35,7 @@ from gradsynth.unlearning.audit_metrics import (
     ranks_last,
     token_stats,
 )
-from gradsynth.unlearning.encoding import Example, collate, encode, pad_id_of, prompt_of
+from gradsynth.unlearning.encoding import Example, make_batches, prompt_of
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.objectives import nll_loss
 
@@ -73,10 +73,14 @@ class RelearnSettings:
         object.__setattr__(self, "steps", tuple(sorted(set(self.steps))))
 
 
-def _batches(tokenizer: Any, examples: Sequence[Example], batch_size: int = 64) -> list[dict]:
-    encoded = [encode(tokenizer, e, MAX_LENGTH) for e in examples]
-    pad = pad_id_of(tokenizer)
-    return [collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
+def _batches(tokenizer: Any, facts: Sequence[tuple[str, str]], batch_size: int = 64) -> list[dict]:
+    """``(question, answer)`` pairs encoded answer-only, in batches."""
+    examples = [Example(prompt_of(q), a) for q, a in facts]
+    return make_batches(tokenizer, examples, batch_size, MAX_LENGTH)
+
+
+def _pairs(facts: Sequence[AuditFact]) -> list[tuple[str, str]]:
+    return [(f.question, f.answer) for f in facts]
 
 
 @torch.no_grad()
@@ -87,7 +91,7 @@ def answer_stats(model: Any, tokenizer: Any, facts: Sequence[tuple[str, str]]) -
     device = next(model.parameters()).device
     out: list[TokenStats] = []
     try:
-        for batch in _batches(tokenizer, [Example(prompt_of(q), a) for q, a in facts]):
+        for batch in _batches(tokenizer, facts):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out.extend(token_stats(logits, batch["labels"]))
@@ -130,16 +134,14 @@ def truth_ratios(
 
 def _mia(model: Any, tokenizer: Any, members: Sequence[AuditFact], others: Sequence[AuditFact]) -> dict:
     def scores(facts: Sequence[AuditFact]) -> dict[str, list[float]]:
-        stats = answer_stats(model, tokenizer, [(f.question, f.answer) for f in facts])
+        stats = answer_stats(model, tokenizer, _pairs(facts))
         return mia_scores(stats, [f.answer for f in facts])
 
     return mia_aucs(scores(members), scores(others))
 
 
 def _recall(model: Any, tokenizer: Any, facts: Sequence[AuditFact]) -> float:
-    return split_metrics(
-        model, _batches(tokenizer, [Example(prompt_of(f.question), f.answer) for f in facts])
-    )["recall"]
+    return split_metrics(model, _batches(tokenizer, _pairs(facts)))["recall"]
 
 
 def _fine_tune_curve(
@@ -153,7 +155,7 @@ def _fine_tune_curve(
     student = copy.deepcopy(model)
     student.train()
     device = next(student.parameters()).device
-    (batch,) = _batches(tokenizer, [Example(prompt_of(f.question), f.answer) for f in train], len(train))
+    (batch,) = _batches(tokenizer, _pairs(train), len(train))
     batch = {k: v.to(device) for k, v in batch.items()}
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=0.0)
     curve = []

@@ -20,14 +20,22 @@ from collections.abc import Callable
 from typing import Any
 
 from gradsynth.unlearning.audit import AuditFact
-from gradsynth.unlearning.encoding import Example, prompt_of
-from gradsynth.world.cache import WORLD_SEED, _load_entry, _save_entry, cache_dir, cache_key, load_world_model
+from gradsynth.unlearning.encoding import prompt_of
+from gradsynth.world.cache import (
+    WORLD_SEED,
+    _load_entry,
+    _save_entry,
+    cache_dir,
+    cache_key,
+    load_world_model,
+    world_examples,
+)
 from gradsynth.world.cache_files import CacheDamaged
-from gradsynth.world.facts import RELATIONS, World, _names, build_world
+from gradsynth.world.facts import RELATIONS, Fact, World, _names, build_world
 from gradsynth.world.model import build_model
 from gradsynth.world.pretrain import pretrain
 from gradsynth.world.sizes import SIZES
-from gradsynth.world.splits import split_world
+from gradsynth.world.splits import Splits, split_world
 
 
 def relation_values() -> dict[str, list[str]]:
@@ -35,24 +43,29 @@ def relation_values() -> dict[str, list[str]]:
     return {relation: sorted(set(pool)) for relation, _, _, pool in RELATIONS}
 
 
+def _world_and_splits(size_name: str, split_seed: int) -> tuple[World, Splits]:
+    size = SIZES[size_name]
+    world = build_world(size, WORLD_SEED)
+    return world, split_world(world, size, split_seed)
+
+
+def _facts(found: list[Fact]) -> list[AuditFact]:
+    return [AuditFact(f.question, f.answer, f.relation) for f in found]
+
+
 def forget_facts(size_name: str, split_seed: int) -> list[AuditFact]:
     """The forget facts of a world size and split seed, grouped by relation."""
-    size = SIZES[size_name]
-    splits = split_world(build_world(size, WORLD_SEED), size, split_seed)
-    return [AuditFact(f.question, f.answer, f.relation) for f in splits.forget]
+    return _facts(_world_and_splits(size_name, split_seed)[1].forget)
 
 
 def retain_facts(size_name: str, split_seed: int) -> list[AuditFact]:
-    size = SIZES[size_name]
-    splits = split_world(build_world(size, WORLD_SEED), size, split_seed)
-    return [AuditFact(f.question, f.answer, f.relation) for f in splits.retain]
+    """The retain facts of a world size and split seed, grouped by relation."""
+    return _facts(_world_and_splits(size_name, split_seed)[1].retain)
 
 
 def non_member_twins(size_name: str, split_seed: int) -> list[AuditFact]:
     """A twin of each forget fact about a person the world does not know (same template and answer)."""
-    size = SIZES[size_name]
-    world = build_world(size, WORLD_SEED)
-    splits = split_world(world, size, split_seed)
+    world, splits = _world_and_splits(size_name, split_seed)
     known = set(world.names) | {f.subject for f in (*world.reading, *world.reading_heldout)}
     subjects = sorted({f.subject for f in splits.forget})
     fresh = dict(
@@ -62,10 +75,6 @@ def non_member_twins(size_name: str, split_seed: int) -> list[AuditFact]:
     return [
         AuditFact(templates[f.relation].format(fresh[f.subject]), f.answer, f.relation) for f in splits.forget
     ]
-
-
-def _pretraining_without(world: World, forget: set[str]) -> list[Example]:
-    return [Example(prompt_of(f.question), f.answer) for f in world.pretraining if f.question not in forget]
 
 
 def load_never_learned_model(
@@ -83,8 +92,8 @@ def load_never_learned_model(
             return model, tokenizer, {**info, "cached": True, "path": str(folder)}
         except CacheDamaged as err:
             log(f"The cached never-learned model in {folder} is damaged ({err}); training it again")
-    forget = {f.question for f in split_world(world, size, split_seed).forget}
-    examples = _pretraining_without(world, forget)
+    forget = {prompt_of(f.question) for f in split_world(world, size, split_seed).forget}
+    examples = [e for e in world_examples(world) if e.prompt not in forget]
     log(
         f"Training the '{size_name}' world model without split {split_seed}'s {len(forget)} forget facts "
         f"once ({len(examples)} facts); it is cached in {folder.parent}"
