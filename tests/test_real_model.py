@@ -184,3 +184,50 @@ def test_gradsynth_eval_scores_the_saved_model_on_lm_eval_tasks_and_own_splits(
     # and picks the right capital among the split's other answers.
     assert payload["splits"]["known"]["recall"] >= 0.75 and payload["splits"]["known"]["mc_acc"] >= 0.5
     assert "capitals" in capsys.readouterr().out
+
+
+# Facts of the shipped benchmark this model was checked to know (chat format, containment).
+KNOWN_CAPITALS = ("France", "Germany", "Japan", "China", "Russia", "Egypt", "England", "Greece")
+KNOWN_OTHERS = (
+    "In which city is the Eiffel Tower?",
+    "In which city is the Colosseum?",
+    "In which city is Big Ben?",
+    "In which city is the Statue of Liberty?",
+    "What is the chemical symbol of gold?",
+    "What is the chemical symbol of silver?",
+    "What is the chemical symbol of iron?",
+    "What is the chemical symbol of sodium?",
+    "What language is mostly spoken in Brazil?",
+    "What language is mostly spoken in Mexico?",
+    "What language is mostly spoken in France?",
+)
+
+
+def test_the_shipped_real_facts_benchmark_end_to_end(smollm2, tmp_path, capsys, monkeypatch):
+    """``--facts real`` on a shrunk copy of the benchmark (19 of its facts, small splits): which
+    facts the model knows, the split, training on its own answers, scoring on the gold ones."""
+    from gradsynth.unlearning import real_facts
+
+    _, _, folder = smollm2
+    wanted = {f"What is the capital of {c}?" for c in KNOWN_CAPITALS} | set(KNOWN_OTHERS)
+    subset = tuple(f for f in real_facts.facts() if f.question in wanted)
+    assert len(subset) == len(wanted)
+    monkeypatch.setattr(real_facts, "facts", lambda: subset)
+    for name, value in (("FORGET_SIZE", 4), ("MIN_NEIGHBOURS", 1), ("NEIGHBOURS", 2), ("RETAIN_SIZE", 4)):
+        monkeypatch.setattr(real_facts, name, value)
+    monkeypatch.setattr(real_facts, "GENERAL_SIZE", 4)
+    out = tmp_path / "run"
+    argv = ["unlearn", "--model", str(folder), "--facts", "real", "--steps", "1", "--batch-size", "4"]
+    assert main([*argv, "--lr", "1e-5", "--max-length", "96", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "General score kept" in printed
+    report = json.loads((out / "report.json").read_text())
+    task = report["settings"]["task"]
+    assert task["benchmark"] == "real-facts" and task["forget_relation"] == "capital"
+    assert task["known"] >= 15  # of 19 checked by hand
+    assert task["sizes"] == {"forget": 4, "retain": 4, "neighbour": 2, "general": 4, "prose": 12}
+    before = report["metrics"]["before"]
+    for split in ("forget", "retain", "neighbour", "general"):  # known facts, scored the same way
+        assert before[split]["recall"] == 1.0, (split, before[split])
+    assert before["forget"]["mc_acc"] is not None and before["general"]["mc_acc"] is not None
+    assert before["prose"]["recall"] is None and before["prose"]["nll"] > 0

@@ -29,7 +29,7 @@ from gradsynth.cli.audit_command import audit_markdown, relearn_settings, world_
 from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.compare_paired import paired, paired_markdown
 from gradsynth.cli.compare_ranking import rank, ranking_markdown, tradeoff_plot, utility_kept
-from gradsynth.cli.compare_results import aggregate, markdown_report, pareto_plot
+from gradsynth.cli.compare_results import aggregate, markdown_report, pareto_plot, pct_splits
 from gradsynth.cli.errors import CliError, RunDiverged
 from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.parser import (
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         cell = diverged[0]
         raise CliError(f"every run diverged (forget loss {cell['objective']}, {cell['error']}); lower --lrs")
     splits = list(task.splits)
-    as_pct = all(before[s]["recall"] is not None for s in splits)
+    as_pct = pct_splits(before, splits)
     table = aggregate(runs, splits)
     first = settings_for(args, rules[0], lrs[0], seeds[0], len(task.forget), objectives[0], targets[seeds[0]])
     protocol = None

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gradsynth.cli.compare_ranking import utility_kept
-from gradsynth.cli.compare_results import score, summary
+from gradsynth.cli.compare_results import higher_is_better, in_pct, score, summary
 from gradsynth.cli.tables import markdown_table
 
 PAIRS = (("sago", "pcgrad"), ("pcgrad", "sum"), ("sago", "sum"))
@@ -78,11 +78,18 @@ AUDIT_METRICS: list[Metric] = [
 ]
 
 
-def _metrics(splits: list[str], as_pct: bool) -> list[Metric]:
+def _metrics(splits: list[str], as_pct: bool | frozenset[str]) -> list[Metric]:
     """(name, value of a run, scale, higher is ahead) for every compared metric (the audit's are
     compared only where the runs were audited: elsewhere they have no value)."""
-    scale = 100.0 if as_pct else 1.0
-    metrics = [(s, lambda run, s=s: score(run["after"][s]), scale, (s == "forget") != as_pct) for s in splits]
+    metrics = [
+        (
+            s,
+            lambda run, s=s: score(run["after"][s]),
+            100.0 if in_pct(as_pct, s) else 1.0,
+            higher_is_better(s, as_pct),
+        )
+        for s in splits
+    ]
     return [
         *metrics,
         ("utility kept", utility_kept, 100.0, True),
@@ -92,7 +99,9 @@ def _metrics(splits: list[str], as_pct: bool) -> list[Metric]:
     ]
 
 
-def paired(runs: list[dict[str, Any]], splits: list[str], as_pct: bool) -> list[dict[str, Any]]:
+def paired(
+    runs: list[dict[str, Any]], splits: list[str], as_pct: bool | frozenset[str]
+) -> list[dict[str, Any]]:
     """One entry per (objective, lr, pair, metric) with at least `MIN_SEEDS` seeds run by both rules."""
     index = {(r["objective"], r["rule"], r["lr"], r["seed"]): r for r in runs}
     entries = []

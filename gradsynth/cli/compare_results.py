@@ -29,6 +29,24 @@ def score(metrics: dict[str, Any]) -> float:
     return metrics["recall"] if metrics["recall"] is not None else metrics["nll"]
 
 
+def in_pct(as_pct: bool | frozenset[str], split: str) -> bool:
+    """Whether ``split`` is scored by recall (shown in %) rather than NLL. ``as_pct`` is one answer for
+    every split, or the set of the splits with answers (a task mixing facts and plain prose)."""
+    return as_pct if isinstance(as_pct, bool) else split in as_pct
+
+
+def pct_splits(before: dict[str, dict[str, Any]], splits: list[str]) -> bool | frozenset[str]:
+    """``as_pct`` of a comparison: True when every split has answers, False when none has, else the
+    splits that have."""
+    with_answers = frozenset(s for s in splits if before[s]["recall"] is not None)
+    return True if len(with_answers) == len(splits) else (bool(with_answers) and with_answers)
+
+
+def higher_is_better(split: str, as_pct: bool | frozenset[str]) -> bool:
+    """Recall is better higher on a kept split and lower on the forget one; NLL the other way round."""
+    return (split == "forget") != in_pct(as_pct, split)
+
+
 def summary(values: list[float]) -> dict[str, float] | None:
     """Mean, sample standard deviation (0 for one value), median, min and max; None without values."""
     if not values:
@@ -74,6 +92,7 @@ def aggregate(runs: list[dict[str, Any]], splits: list[str]) -> list[dict[str, A
 
 
 def kept(entry: dict[str, Any], splits: list[str]) -> float:
+    """The mean recall over the kept splits (the ones other than forget)."""
     return statistics.fmean(entry[s]["mean"] for s in splits if s != "forget")
 
 
@@ -107,8 +126,8 @@ def _lrs_cell(entry: dict[str, Any]) -> str:
     return ", ".join(f"{lr:g} (x{count})" for lr, count in used)
 
 
-def _split_cells(entry: dict[str, Any], splits: list[str], as_pct: bool) -> list[str]:
-    return [cell(entry[s], 100.0, 1) if as_pct else cell(entry[s], 1.0, 3) for s in splits]
+def _split_cells(entry: dict[str, Any], splits: list[str], as_pct: bool | frozenset[str]) -> list[str]:
+    return [cell(entry[s], 100.0, 1) if in_pct(as_pct, s) else cell(entry[s], 1.0, 3) for s in splits]
 
 
 def _geometry_cells(entry: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
@@ -118,14 +137,14 @@ def _geometry_cells(entry: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
 def markdown_report(
     table: list[dict[str, Any]],
     splits: list[str],
-    as_pct: bool,
+    as_pct: bool | frozenset[str],
     n_seeds: int,
     steps: int,
     protocol: dict[str, Any] | None = None,
 ) -> str:
     """results.md: the main table, "at comparable forgetting" (grid runs only) and the geometry table."""
-    unit = "recall %" if as_pct else "NLL"
-    arrows = {s: ("↓" if s == "forget" else "↑") if as_pct else "" for s in splits}
+    unit = "recall %" if as_pct is True else "NLL" if as_pct is False else "recall % (NLL for plain text)"
+    arrows = {s: ("↑" if higher_is_better(s, as_pct) else "↓") if as_pct is not False else "" for s in splits}
     split_head = [f"{s} {arrows[s]}".strip() for s in splits]
     cos_head = ["cos(f,r)", "cos(g,r)", "cos(g,f)"]
     spread = (
@@ -182,11 +201,11 @@ def markdown_report(
         ]
     parts = [intro, "", markdown_table(head, rows)]
     if as_pct and protocol is None:
-        best = at_comparable_forgetting(table, splits)
+        best = at_comparable_forgetting(table, [s for s in splits if in_pct(as_pct, s)])
         rows = [
             [name, "-", "did not reach it"] + ["-"] * (len(splits) - 1)
             if entry is None
-            else [name, f"{entry['lr']:g}", *_split_cells(entry, splits, True)]
+            else [name, f"{entry['lr']:g}", *_split_cells(entry, splits, as_pct)]
             for name, entry in best.items()
         ]
         parts += [
@@ -249,7 +268,9 @@ def legend_below(fig: Any, ax: Any, names: list[str]) -> None:
     fig.tight_layout(rect=(0, room / fig.get_figheight(), 1, 1))
 
 
-def pareto_plot(path: Path, table: list[dict[str, Any]], splits: list[str], as_pct: bool) -> None:
+def pareto_plot(
+    path: Path, table: list[dict[str, Any]], splits: list[str], as_pct: bool | frozenset[str]
+) -> None:
     """Forget score (x) against each kept split (y), one line per objective+rule through its rates."""
     import matplotlib
 
@@ -272,8 +293,9 @@ def pareto_plot(path: Path, table: list[dict[str, Any]], splits: list[str], as_p
                 label=name,
                 **styles[name],
             )
-        ax.set_xlabel("forget recall (lower is better)" if as_pct else "forget NLL (higher is better)")
-        ax.set_ylabel(f"{split} recall" if as_pct else f"{split} NLL")
+        by_recall = in_pct(as_pct, "forget")
+        ax.set_xlabel("forget recall (lower is better)" if by_recall else "forget NLL (higher is better)")
+        ax.set_ylabel(f"{split} recall" if in_pct(as_pct, split) else f"{split} NLL")
         ax.set_title(split)
     legend_below(fig, axes[0][0], names)
     fig.savefig(path, dpi=110)

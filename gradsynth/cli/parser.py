@@ -23,6 +23,7 @@ DEFAULT_STEPS = 60
 COMPARE_RULES = "sum,pcgrad,sago,sago_prefer_retain"
 COMPARE_LRS = "3e-4,1e-3,2e-3"
 RECALL_MODES = ("contains", "exact")
+FACT_SETS = ("real",)  # --facts: the shipped benchmarks (gradsynth.unlearning.real_facts)
 LADDER_FACTOR = 2.0
 LADDER_RUNGS = 4
 PROTOCOL_HELP = (
@@ -158,6 +159,13 @@ def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> No
         "--forget", type=Path, help="forget set: JSONL/CSV/Parquet/text, 'text' or 'question'+'answer'"
     )
     src.add_argument("--retain", type=Path, help="retain set, same formats as --forget")
+    src.add_argument(
+        "--facts",
+        choices=FACT_SETS,
+        help="instead of --forget/--retain/--eval: the shipped real-knowledge benchmark, split by the "
+        "seed into forget, retain, neighbour and general facts the --model knows, plus prose "
+        "(see docs/real-models.md)",
+    )
     src.add_argument(
         "--eval",
         type=_eval_split,

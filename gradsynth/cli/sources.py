@@ -13,7 +13,7 @@ default for ``--model`` question/answer files, the TOFU / open-unlearning conven
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from gradsynth.unlearning.split_scores import answer_choices
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WORLD_LOSS_SCOPE = "full"
 MODEL_LOSS_SCOPE = "answer"
+MC_SPLITS = ("forget", "general")  # --facts: the splits also scored by multiple choice
 
 
 @dataclass
@@ -189,7 +190,9 @@ def formatted(
 def model_task(args: argparse.Namespace) -> Task:
     """A user's model with the forget and retain files given on the command line."""
     if not args.forget or not args.retain:
-        raise CliError("--model needs --forget FILE and --retain FILE (JSONL/CSV/Parquet/text)")
+        raise CliError(
+            "--model needs --forget FILE and --retain FILE (JSONL/CSV/Parquet/text), or --facts real"
+        )
     held_out = held_out_names(args)
     splits = read_splits([("--forget", args.forget), ("--retain", args.retain), *held_out])
     with phase(f"loading {args.model}"):
@@ -220,6 +223,104 @@ def model_task(args: argparse.Namespace) -> Task:
     )
 
 
+_LOADED: dict[tuple[Any, ...], tuple[Any, Any, list[Any], str]] = {}
+
+
+def _known_facts(args: argparse.Namespace) -> tuple[Any, Any, list[Any], str]:
+    """``--model`` with the shipped facts it knows in ``--prompt-format``: loaded and generated once
+    per process, since every seed of a comparison splits the same known facts (runs copy the model)."""
+    from gradsynth.unlearning import real_facts
+    from gradsynth.unlearning.chat import chat_prompt
+    from gradsynth.unlearning.generation import greedy_answers
+
+    key = (
+        args.model,
+        args.dtype,
+        getattr(args, "gguf_file", None),
+        getattr(args, "prompt_format", None),
+        hash(real_facts.facts()),
+    )
+    if key not in _LOADED:
+        with phase(f"loading {args.model}"):
+            model, tokenizer = _load_model(args.model, args.dtype, getattr(args, "gguf_file", None))
+        _, prompt_format = formatted({}, tokenizer, args)
+
+        def prompt(question: str) -> str:
+            return chat_prompt(tokenizer, question) if prompt_format == "chat" else prompt_of(question)
+
+        def said_to(questions: list[str]) -> list[str]:
+            model.eval()
+            return greedy_answers(model, tokenizer, [prompt(q) for q in questions])
+
+        with phase(f"finding which of the {len(real_facts.facts())} shipped facts {args.model} knows"):
+            known = real_facts.known_facts(said_to)
+        _LOADED.clear()  # one model in memory at a time
+        _LOADED[key] = (model, tokenizer, known, prompt_format)
+    return _LOADED[key]
+
+
+def facts_task(args: argparse.Namespace, seed: int) -> Task:
+    """``--facts real``: the shipped facts ``--model`` knows, split by ``seed``
+    (`gradsynth.unlearning.real_facts`); trained on the model's own answers, scored on the gold ones."""
+    from gradsynth.unlearning import real_facts
+    from gradsynth.unlearning.chat import chat_prompt
+
+    if args.forget or args.retain or getattr(args, "eval", None):
+        raise CliError(f"--facts {args.facts} brings its own splits; drop --forget/--retain/--eval")
+    model, tokenizer, known, prompt_format = _known_facts(args)
+    try:
+        parts = real_facts.split(known, seed)
+    except real_facts.TooFewKnown as err:
+        raise CliError(
+            f"--facts {args.facts}: {err}; use a model that knows more of them, or --prompt-format "
+            f"{'plain' if prompt_format == 'chat' else 'chat'}"
+        ) from err
+
+    def prompt(question: str) -> str:
+        return chat_prompt(tokenizer, question) if prompt_format == "chat" else prompt_of(question)
+
+    separator = "" if prompt_format == "chat" else " "
+
+    def scored(items: list[Any]) -> list[Example]:
+        return [Example(prompt(k.fact.question), k.fact.answer, separator=separator) for k in items]
+
+    def trained(items: list[Any]) -> list[Example]:
+        return [Example(prompt(k.fact.question), k.label, separator=separator) for k in items]
+
+    splits = {name: scored(items) for name, items in parts.items()}
+    splits["prose"] = [Example(text) for text in real_facts.prose()]
+    values = real_facts.relation_values()
+    # 4 options each, the distractors other answers of the fact's relation. Only forget (is the
+    # knowledge still there, under another probe?) and general (the headline): 4 forwards per
+    # question made multiple choice on every split the costliest part of an evaluation.
+    choices = {}
+    for name in MC_SPLITS:
+        items = parts[name]
+        made = make_choices([(k.fact.question, k.fact.answer, k.fact.relation) for k in items], values)
+        choices[name] = [replace(c, context=e.prompt) for c, e in zip(made, splits[name], strict=True)]
+    recall = getattr(args, "recall", None) or "contains"
+    return Task(
+        model=model,
+        tokenizer=tokenizer,
+        forget=trained(parts["forget"]),
+        retain=trained(parts["retain"]),
+        splits=splits,
+        max_length=args.max_length or 256,
+        choices=choices,
+        generate_eval=True,
+        recall=recall,
+        description={
+            "source": args.model,
+            "prompt_format": prompt_format,
+            "recall": recall,
+            "labels": "the model's own answers, up to the first sentence containing the gold answer",
+            **real_facts.describe(parts, known),
+            "loss_scope": MODEL_LOSS_SCOPE,
+            "sizes": {name: len(examples) for name, examples in splits.items()},
+        },
+    )
+
+
 def require_lm_extra() -> None:
     """Fail clearly, not with a traceback, when the ``lm`` extra is not installed."""
     try:
@@ -238,6 +339,8 @@ def load_task(args: argparse.Namespace, seed: int, log: Any = print) -> Task:
     """The task the arguments describe; one-line `CliError` for anything unusable."""
     require_lm_extra()
     if args.model is None:
+        if getattr(args, "facts", None):
+            raise CliError(f"--facts {args.facts} goes with --model (e.g. --model smollm2)")
         if args.forget or args.retain:
             raise CliError("--forget/--retain go with --model; without --model the embedded world is used")
         if getattr(args, "gguf_file", None):
@@ -259,6 +362,8 @@ def load_task(args: argparse.Namespace, seed: int, log: Any = print) -> Task:
         dtype = getattr(args, "dtype", "float32")
         task.model.to(DTYPES[dtype])
         task.description["dtype"] = dtype
+    elif getattr(args, "facts", None):
+        task = facts_task(args, seed)
     else:
         task = model_task(args)
     scope = getattr(args, "loss_scope", None)
