@@ -145,3 +145,21 @@ def test_facts_with_files_is_refused(tmp_path, capsys):
     assert main([*args, "--out", str(out), "--no-progress"]) == 2
     _one_line(capsys, "--facts real brings its own splits", "drop --forget/--retain/--eval")
     assert not out.exists()
+
+
+def test_the_package_data_globs_ship_the_benchmark_files():
+    import fnmatch
+    from pathlib import Path
+
+    import tomllib
+
+    import gradsynth.unlearning
+
+    root = Path(gradsynth.unlearning.__file__).parent
+    pyproject = root.parents[1] / "pyproject.toml"
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"][
+        "gradsynth.unlearning"
+    ]
+    files = sorted(p.relative_to(root).as_posix() for p in (root / "data_files").iterdir())
+    assert files == ["data_files/real_facts.jsonl", "data_files/real_prose.txt"]
+    assert all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files)
