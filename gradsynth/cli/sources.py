@@ -20,7 +20,7 @@ import torch
 
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.progress import phase
-from gradsynth.unlearning.chat import NoChatTemplate, has_chat_template, in_format
+from gradsynth.unlearning.chat import NoChatTemplate, in_format, prompt_format_for
 from gradsynth.unlearning.data import DataError, load_examples
 from gradsynth.unlearning.encoding import Example, prompt_of, with_loss_scope
 from gradsynth.unlearning.multiple_choice import Choice, make_choices
@@ -174,8 +174,7 @@ def formatted(
     splits: dict[str, list[Example]], tokenizer: Any, args: argparse.Namespace
 ) -> tuple[dict[str, list[Example]], str]:
     """``splits`` in ``--prompt-format`` (default: chat where the tokenizer has a template)."""
-    prompt_format = getattr(args, "prompt_format", None)
-    prompt_format = prompt_format or ("chat" if has_chat_template(tokenizer) else "plain")
+    prompt_format = prompt_format_for(tokenizer, getattr(args, "prompt_format", None))
     try:
         out = {name: in_format(examples, tokenizer, prompt_format) for name, examples in splits.items()}
     except NoChatTemplate as err:
