@@ -24,6 +24,7 @@ the fix; ``datasets``' loggers are silenced while it reads, so that the error is
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,27 +92,35 @@ def _first_line(err: BaseException) -> str:
     return " ".join(lines[:2])[:300] if lines else type(cause).__name__
 
 
-def _pick_split(loaded: Any, source: Source, what: str) -> Any:
-    """The one ``Dataset`` of ``loaded`` that ``source`` asks for (its split, or the only one)."""
-    import datasets
+def _one_dataset_only(source: Source, what: str) -> None:
+    if source.split is not None:
+        raise DataError(
+            f"{what} {source.text}: holds one Dataset, not a DatasetDict with splits; drop ':{source.split}'"
+        )
 
-    if isinstance(loaded, datasets.Dataset):
-        if source.split is not None:
-            raise DataError(
-                f"{what} {source.text}: holds one Dataset, not a DatasetDict with splits; "
-                f"drop ':{source.split}'"
-            )
-        return loaded
-    names = sorted(loaded)
+
+def _choose_split(names: list[str], source: Source, what: str) -> str:
+    """The split of ``names`` that ``source`` asks for (its ``:SPLIT``, or the only one)."""
+    names = sorted(names)
     if source.split is None:
         if len(names) == 1:
-            return loaded[names[0]]
+            return names[0]
         raise DataError(
             f"{what} {source.text}: has the splits {names}; add one, e.g. {source.text}:{names[0]}"
         )
-    if source.split not in loaded:
+    if source.split not in names:
         raise DataError(f"{what} {source.text}: no split '{source.split}'; give one of {names}")
-    return loaded[source.split]
+    return source.split
+
+
+def _pick_split(loaded: Any, source: Source, what: str) -> Any:
+    """The one ``Dataset`` of ``loaded`` (a Dataset or a DatasetDict) that ``source`` asks for."""
+    import datasets
+
+    if isinstance(loaded, datasets.Dataset):
+        _one_dataset_only(source, what)
+        return loaded
+    return loaded[_choose_split(list(loaded), source, what)]
 
 
 @contextlib.contextmanager
@@ -138,14 +147,29 @@ def _load_folder(folder: str, config: str | None) -> Any:
         return datasets.load_dataset(folder, config, cache_dir=private, keep_in_memory=True)
 
 
-def _read_folder(source: Source, what: str) -> Any:
+def _read_saved(folder: Path, source: Source, what: str) -> Any:
+    """A ``save_to_disk`` folder: only the split asked for is opened (an empty one has no shard
+    file, which ``load_from_disk`` fails on with an IndexError)."""
     import datasets
 
+    splits = folder / "dataset_dict.json"
+    if splits.is_file():
+        folder = folder / _choose_split(list(json.loads(splits.read_text())["splits"]), source, what)
+    else:
+        _one_dataset_only(source, what)
+    if not json.loads((folder / "state.json").read_text()).get("_data_files"):
+        raise DataError(f"{what} {source.text}: the set has no rows; give at least one example")
+    return datasets.load_from_disk(str(folder), keep_in_memory=True)
+
+
+def _read_folder(source: Source, what: str) -> Any:
     folder = Path(source.location)
     try:
         if any((folder / marker).is_file() for marker in SAVED_MARKERS):
-            return datasets.load_from_disk(str(folder), keep_in_memory=True)
-        return _load_folder(str(folder), None)
+            return _read_saved(folder, source, what)
+        return _pick_split(_load_folder(str(folder), None), source, what)
+    except DataError:
+        raise
     except Exception as err:
         raise DataError(
             f"{what} {source.text}: not a datasets folder that can be read ({_first_line(err)}); give a "
@@ -196,5 +220,6 @@ def read_dataset(source: Source, what: str = "data") -> Any:
 
     datasets.disable_progress_bars()
     with quiet_loggers():
-        loaded = _read_hub(source, what) if source.kind == "hub" else _read_folder(source, what)
-    return _pick_split(loaded, source, what)
+        if source.kind == "hub":
+            return _pick_split(_read_hub(source, what), source, what)
+        return _read_folder(source, what)
