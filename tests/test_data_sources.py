@@ -357,3 +357,25 @@ def test_bad_sources_are_one_line_exit_2_and_nothing_written(
     assert err.count("\n") == 1 and err.startswith("gradsynth: error: --forget "), err
     assert message in err, err
     assert not out.exists()
+
+
+def test_out_may_not_be_the_datasets_folder_a_split_is_read_from(chat_model, tmp_path, capsys):
+    from gradsynth.cli import main
+
+    folder = tmp_path / "knowmem"
+    datasets.DatasetDict({"forget": datasets.Dataset.from_dict(TOFU)}).save_to_disk(str(folder))
+    before = sorted(p.name for p in folder.rglob("*"))
+    capsys.readouterr()  # the progress bar of save_to_disk above
+    argv = [
+        "unlearn",
+        "--model",
+        str(chat_model),
+        "--forget",
+        f"{folder}:forget",
+        "--retain",
+        f"{folder}:forget",
+    ]
+    assert main([*argv, "--steps", "1", "--out", str(folder), "--overwrite", "--no-progress"]) == 2
+    err = without_progress(capsys.readouterr().err)
+    assert err.count("\n") == 1 and "is --forget" in err and "would delete" in err, err
+    assert sorted(p.name for p in folder.rglob("*")) == before

@@ -188,7 +188,7 @@ def formatted(
 def model_task(args: argparse.Namespace) -> Task:
     """A user's model with the forget and retain files given on the command line."""
     if not args.forget or not args.retain:
-        raise CliError("--model needs --forget FILE and --retain FILE (JSONL/CSV/Parquet/text)")
+        raise CliError("--model needs --forget FILE and --retain FILE (files, datasets folders or hub: ids)")
     held_out = held_out_names(args)
     splits = read_splits([("--forget", args.forget), ("--retain", args.retain), *held_out])
     with phase(f"loading {args.model}"):

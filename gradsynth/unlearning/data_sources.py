@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,6 +72,16 @@ def parse_source(text: str | Path, what: str = "data") -> Source:
             f"give {head} alone"
         )
     return Source("file", text, text)  # absent: the file reader names the problem (type or absence)
+
+
+def local_path(text: str | Path) -> str | None:
+    """The file or folder on this machine that ``text`` reads (its ``:SPLIT`` dropped), or None for a
+    Hub id or a path that does not exist; never raises (for the ``--out`` safety check)."""
+    text = str(text)
+    if os.path.exists(text):
+        return text
+    head, colon, _ = text.rpartition(":")
+    return head if colon and head and not text.startswith(HUB_PREFIX) and os.path.isdir(head) else None
 
 
 def _parse_hub(text: str, what: str) -> Source:
