@@ -254,30 +254,40 @@ def test_pairing_is_one_pass_over_forget_with_retain_cycled_in_a_seeded_order(fo
         pair_tasks(_rows(2), _rows(0))
 
 
-def test_synthesizing_trainer_takes_the_paired_dataset_directly(tmp_path):
+@pytest.mark.parametrize("forget_loss", ["ga", "idkdpo"])
+def test_synthesizing_trainer_takes_the_paired_dataset_directly(tmp_path, forget_loss):
+    import math
+
     import torch
     from hf_helpers import tiny_llama, training_args
 
     from gradsynth.integrations.hf_trainer import SynthesizingTrainer
     from gradsynth.integrations.task_batches import TaskPairCollator
+    from gradsynth.unlearning.trainer_losses import with_idk_answers
 
     tok = _tokenizer()
     forget, retain = tmp_path / "f.jsonl", tmp_path / "r"
-    forget.write_text(
-        "".join(json.dumps({"question": q, "answer": "paris"}) + "\n" for q in ("what is x ?", "x ?"))
-    )
+    rows = [{"question": q, "answer": "paris"} for q in ("what is x ?", "x ?")]
+    forget.write_text("".join(json.dumps(row) + "\n" for row in rows))
     datasets.DatasetDict({"test": datasets.Dataset.from_dict(RWKU)}).save_to_disk(str(retain))
-    pairs = unlearning_dataset(forget, f"{retain}:test", tok, seed=0)
+    if forget_loss == "ga":
+        pairs = unlearning_dataset(forget, f"{retain}:test", tok, seed=0)
+    else:  # the refusals go on the encoded forget side, before pairing (as the docs say)
+        encoded = encode_examples(load_examples(forget), tok)
+        with_idk = datasets.Dataset.from_list(with_idk_answers(list(encoded), tok))
+        pairs = pair_tasks(with_idk, encode_examples(load_examples(f"{retain}:test"), tok))
+        assert "idk_input_ids" in pairs[0]["forget"]
     model = tiny_llama()
     batch = TaskPairCollator()(list(pairs))
-    with torch.no_grad():  # the hand-computed first-step losses: -NLL of forget, NLL of retain
-        forget_loss = -model(**batch["forget"]).loss.item()
+    with torch.no_grad():  # the hand-computed first-step losses
+        # GA: -NLL of the forget batch; IdkDPO at the reference itself: -(2/beta) log sigmoid(0) = 20 ln 2
+        expected = -model(**batch["forget"]).loss.item() if forget_loss == "ga" else 20 * math.log(2)
         retain_loss = model(**batch["retain"]).loss.item()
     args = training_args(tmp_path / "out", max_steps=1, learning_rate=1e-3, per_device_train_batch_size=2)
-    trainer = SynthesizingTrainer(model, args, train_dataset=pairs, rule="sago")
+    trainer = SynthesizingTrainer(model, args, train_dataset=pairs, rule="sago", forget_loss=forget_loss)
     trainer.train()
     log = next(entry for entry in trainer.state.log_history if "forget_loss" in entry)
-    assert log["forget_loss"] == pytest.approx(forget_loss, rel=1e-5)
+    assert log["forget_loss"] == pytest.approx(expected, rel=1e-5)
     assert log["retain_loss"] == pytest.approx(retain_loss, rel=1e-5)
 
 
