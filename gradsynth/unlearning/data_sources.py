@@ -213,7 +213,8 @@ def _read_hub(source: Source, what: str) -> Any:
                 return _load_folder(snapshot, source.config)
             except Exception as err:
                 raise DataError(
-                    f"{what} {source.text}: the Hub cache's copy cannot be read ({_first_line(err)})"
+                    f"{what} {source.text}: the Hub cache's copy cannot be read ({_first_line(err)}); "
+                    "check the configuration name"
                 ) from err
     if isinstance(cached_error, ConnectionError):  # offline and nothing cached under that id
         raise DataError(
@@ -222,7 +223,9 @@ def _read_hub(source: Source, what: str) -> Any:
             f"downloads: run `hf download --repo-type dataset {source.location}` where there is a "
             "network, or give a file or a save_to_disk folder"
         ) from cached_error
-    raise DataError(f"{what} {source.text}: {_first_line(cached_error)}") from cached_error
+    raise DataError(
+        f"{what} {source.text}: {_first_line(cached_error)}; check the configuration name"
+    ) from cached_error
 
 
 def read_dataset(source: Source, what: str = "data") -> Any:
