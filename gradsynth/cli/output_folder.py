@@ -76,9 +76,12 @@ def _name_max(folder: Path) -> int:
 
 def _check_inputs(out: Path, given: Path, inputs: Iterable[tuple[str, object]]) -> None:
     """Refuse an ``out`` that is, or contains, one of ``inputs`` (compared after resolving links)."""
+    from gradsynth.unlearning.data_sources import local_path
+
     real = Path(os.path.realpath(out))
     for what, value in inputs:
-        if value is None or not os.path.exists(value):  # a Hub id, or nothing given
+        value = None if value is None else local_path(value)  # a datasets FOLDER:SPLIT is its FOLDER
+        if value is None:  # a Hub id, or nothing given
             continue
         path = Path(os.path.realpath(value))
         if path == real or real in path.parents:

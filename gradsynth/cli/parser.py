@@ -156,7 +156,10 @@ def _add_common(p: argparse.ArgumentParser, many_objectives: bool = False) -> No
     )
     src.add_argument("--gguf-file", help="the .gguf file inside the --model folder or Hub repository")
     src.add_argument(
-        "--forget", type=Path, help="forget set: JSONL/CSV/Parquet/text, 'text' or 'question'+'answer'"
+        "--forget",
+        type=Path,
+        help="forget set: a JSONL/CSV/Parquet/text file, a datasets folder (FOLDER or FOLDER:SPLIT) or "
+        "hub:ORG/NAME[/CONFIG][:SPLIT] from the local cache; 'question'+'answer', 'query'+'answer' or 'text'",
     )
     src.add_argument("--retain", type=Path, help="retain set, same formats as --forget")
     src.add_argument(

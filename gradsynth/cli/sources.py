@@ -20,7 +20,7 @@ import torch
 
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.progress import phase
-from gradsynth.unlearning.chat import NoChatTemplate, has_chat_template, in_format
+from gradsynth.unlearning.chat import NoChatTemplate, in_format, prompt_format_for
 from gradsynth.unlearning.data import DataError, load_examples
 from gradsynth.unlearning.encoding import Example, prompt_of, with_loss_scope
 from gradsynth.unlearning.multiple_choice import Choice, make_choices
@@ -175,8 +175,7 @@ def formatted(
     splits: dict[str, list[Example]], tokenizer: Any, args: argparse.Namespace
 ) -> tuple[dict[str, list[Example]], str]:
     """``splits`` in ``--prompt-format`` (default: chat where the tokenizer has a template)."""
-    prompt_format = getattr(args, "prompt_format", None)
-    prompt_format = prompt_format or ("chat" if has_chat_template(tokenizer) else "plain")
+    prompt_format = prompt_format_for(tokenizer, getattr(args, "prompt_format", None))
     try:
         out = {name: in_format(examples, tokenizer, prompt_format) for name, examples in splits.items()}
     except NoChatTemplate as err:
@@ -191,7 +190,8 @@ def model_task(args: argparse.Namespace) -> Task:
     """A user's model with the forget and retain files given on the command line."""
     if not args.forget or not args.retain:
         raise CliError(
-            "--model needs --forget FILE and --retain FILE (JSONL/CSV/Parquet/text), or --facts real"
+            "--model needs --forget FILE and --retain FILE (files, datasets folders or hub: ids), "
+            "or --facts real"
         )
     held_out = held_out_names(args)
     splits = read_splits([("--forget", args.forget), ("--retain", args.retain), *held_out])

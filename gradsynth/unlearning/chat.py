@@ -54,3 +54,9 @@ def in_format(examples: list[Example], tokenizer: Any, prompt_format: str) -> li
         else replace(e, prompt=chat_prompt(tokenizer, question_of(e.prompt)), separator="")
         for e in examples
     ]
+
+
+def prompt_format_for(tokenizer: Any, requested: str | None = None) -> str:
+    """``requested``, or by default ``chat`` where the tokenizer has a chat template, else ``plain``
+    (the command line's ``--prompt-format`` default)."""
+    return requested or ("chat" if has_chat_template(tokenizer) else "plain")
