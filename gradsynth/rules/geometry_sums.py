@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.rules import native
+from gradsynth.rules.kernels import report
 from gradsynth.rules.reductions import dot64, sign_conflict
 
 SUMS = ("ff", "rr", "fr", "gg", "gf", "gr", "conflicts")
@@ -50,18 +51,20 @@ def _index_on(device: torch.device) -> Tensor:
     return index
 
 
-# (dtype, device type) -> how the sums were last taken: "C kernel", "float64 matrix product"
-# (no C kernel here: more than one thread, another dtype, or no compiler) or "whole tensor" (a
-# DTensor shard or a non-contiguous view). Reported by `gradsynth.rules.fused.status`.
-_ran: dict[tuple[torch.dtype, str], str] = {}
+# How the sums were taken, per (dtype, device type), is recorded as operation "geometry" of
+# `gradsynth.rules.kernels.report`: "C kernel with the rule" (`fused_measured`), "C kernel",
+# "float64 matrix product" (no C kernel here: more than one thread, another dtype, or no
+# compiler) or "whole tensor" (a DTensor shard or a non-contiguous view).
+_RULE_OPERATION = {"sago": "sago", "prefer": "prefer_retain", "linear": "linear"}
+
+
+def _took(dtype: torch.dtype, device: str, how: str) -> None:
+    report.record("geometry", dtype, device, how)
 
 
 def status() -> dict[str, str]:
     """How the geometry sums were taken, per dtype and device, so far in this process."""
-    return {
-        f"geometry[{str(dtype).removeprefix('torch.')}, {device}]": how
-        for (dtype, device), how in _ran.items()
-    }
+    return {key: how for key, how in report.status().items() if key.startswith("geometry[")}
 
 
 class GeometrySink(Protocol):
@@ -94,7 +97,9 @@ def fused_measured(
     sums = torch.zeros(7, dtype=torch.float64)
     if not native.rule_geometry_f32(kind, out, forget, retain, alpha, gamma, sums):
         return False
-    _ran[(forget.dtype, "cpu")] = "C kernel with the rule"
+    _took(forget.dtype, "cpu", "C kernel with the rule")
+    # (the rule's own update came from the same loop, standing in for its compiled kernel)
+    report.record(_RULE_OPERATION[kind], forget.dtype, "cpu", "C kernel with the geometry")
     sink.add_sums(sums, forget.numel())
     return True
 
@@ -120,7 +125,7 @@ def measured(
     numel = forget.numel()
     plain = all(type(t) is Tensor and t.is_contiguous() for t in (forget, retain, out))
     if not plain or numel == 0:
-        _ran[(forget.dtype, forget.device.type)] = "whole tensor"
+        _took(forget.dtype, forget.device.type, "whole tensor")
         update = torch.empty_like(out)
         combine(forget, retain, update)
         sink.add_sums(sums_of(forget, retain, update), numel)
@@ -138,7 +143,7 @@ def measured(
         f, r, o = (t[:size] for t in flats)
         combine(f, r, scratch[: f.numel()])
         if native.add_geometry(sums, f, r, scratch[: f.numel()]):
-            _ran[(forget.dtype, device.type)] = "C kernel"
+            _took(forget.dtype, device.type, "C kernel")
             o.copy_(scratch[: f.numel()])
             for start in range(size, numel, size):
                 f, r, o = (t[start : start + size] for t in flats)
@@ -149,7 +154,7 @@ def measured(
             sink.add_sums(sums, numel)
             return out
         # No C kernel here: the first chunk is measured below, combined once more (nothing was written).
-    _ran[(forget.dtype, device.type)] = "float64 matrix product"
+    _took(forget.dtype, device.type, "float64 matrix product")
     wide = torch.empty(3, size, dtype=torch.float64, device=device)
     sign_f = torch.empty(size, dtype=forget.dtype, device=device)
     sign_r = torch.empty(size, dtype=forget.dtype, device=device)
