@@ -11,7 +11,8 @@ import pytest
 import torch
 from helpers import assert_near_terms, rule_pair
 
-from gradsynth.rules import kernels, native, sago
+from gradsynth.optim.geometry import GeometryAccumulator
+from gradsynth.rules import geometry_sums, kernels, native, sago
 from gradsynth.rules.kernels import compiled, direct_call, select
 
 ORACLES = {"sago": oracle.sago, "prefer_retain": oracle.sago_prefer_retain, "linear": oracle.weighted_sum}
@@ -218,3 +219,31 @@ def test_the_direct_call_is_set_up_and_equals_torch_compile(dtype):
         through.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
     )
     torch.testing.assert_close(direct.double(), oracle.sago(f2, r2, 0.5, 2.0), rtol=1e-2, atol=1e-30)
+
+
+@pytest.mark.parametrize("name", list(geometry_sums.MEASURES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_geometry_implementation_matches_the_oracle(name, dtype, monkeypatch):
+    if name == "C kernel" and not select.c.available("geometry", dtype):
+        pytest.skip(f"no C geometry kernel for {dtype} here ({native.reason()})")
+    monkeypatch.setattr(geometry_sums, "MEASURE_CHUNK", 1024)  # 3 chunks and a short one
+    f, r = rule_pair(dtype, n=3 * 1024 + 17)
+    want = torch.empty_like(r)
+    kernels.sago(f, r, want, alpha=0.8, gamma=1.3)
+    out, sink = r.clone(), GeometryAccumulator()
+    geometry_sums.MEASURES[name](
+        lambda a, b, g: kernels.sago(a, b, g, alpha=0.8, gamma=1.3), f, out, out, sink
+    )
+    assert torch.equal(out, want)  # the same kernel wrote the same update
+    expected = oracle.geometry([f], [r], [want])
+    assert sink.result().as_dict() == pytest.approx(expected | {"numel": f.numel()}, rel=1e-12)
+
+
+def test_the_geometry_choice():
+    f = torch.ones(5000)
+    assert select.select_geometry(f, f, f.clone()) == (
+        "C kernel" if select.c.available("geometry", torch.float32) else "float64 matrix product"
+    )
+    view = f.view(50, 100).t()
+    assert select.select_geometry(view, view, view) == "whole tensor"
+    assert select.select_geometry(f.double(), f.double(), f.double()) == "float64 matrix product"

@@ -18,8 +18,11 @@ APPLIES = native.APPLIES
 
 
 def available(operation: str, dtype: torch.dtype) -> bool:
-    """Whether the C kernel of ``operation`` (``apply`` or ``dots``) runs on ``dtype`` here and now
-    (built and checked, the processor's features, one torch thread)."""
+    """Whether the C kernel of ``operation`` (``apply``, ``dots`` or ``geometry``: the chunk sums of
+    `gradsynth.rules.geometry_sums`) runs on ``dtype`` here and now (built and checked, the
+    processor's features, one torch thread)."""
+    if operation == "geometry":
+        return native.geometry_available(dtype)
     if dtype == torch.bfloat16:
         return native.bf16_available()
     if operation == "dots" and dtype == torch.float32:

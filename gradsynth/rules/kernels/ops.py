@@ -77,8 +77,9 @@ def _linear(
     gamma: float,
     fast_only: bool,
     large: bool | None = None,
+    bf16_c: bool | None = None,
 ) -> bool:
-    chosen, weight = select_linear(forget, retain, out, alpha, large=large)
+    chosen, weight = select_linear(forget, retain, out, alpha, large=large, bf16_c=bf16_c)
     if chosen.name == "eager" and fast_only:
         return False
     if not chosen.run(forget, retain, out, weight, gamma):
@@ -162,20 +163,36 @@ def pcgrad_weight(
     operations, NaN and infinity included) without its half-dozen tiny tensor operations per
     parameter. Reading the products waits for nothing on the CPU.
     """
+    plan = _pcgrad_weight(forget, retain, out, alpha, gamma)
+    return None if plan is None else plan[:2]
+
+
+def _pcgrad_weight(
+    forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float
+) -> tuple[float, bool, bool] | None:
+    """`pcgrad_weight`, and whether the C bfloat16 kernels take the tensors (for the apply)."""
     if retain.device.type != "cpu":
         return None
     # Checked once: each check costs microseconds, a mid-size tensor's kernel not much more.
     large = eligible(forget, retain, out)
-    if not (large or (forget.dtype == torch.bfloat16 and c_takes("apply", forget, retain, out))):
+    bf16_c = forget.dtype == torch.bfloat16 and c_takes(
+        "apply", forget, retain, out, plain=True if large else None
+    )
+    if not (large or bf16_c):
         return None  # (a small bfloat16 tensor takes the C kernels: microseconds, not 200 of eager)
-    chosen = select_dots(forget, retain, any_size=True, large=large)
+    # (the C bfloat16 inner products run wherever the C bfloat16 apply does)
+    chosen = (
+        IMPLEMENTATIONS["dots"]["C kernel"]
+        if bf16_c
+        else select_dots(forget, retain, any_size=True, large=large)
+    )
     pair = _floats(chosen, forget, retain)
     if pair is None:
         return None  # not compiled: the eager rule runs, nothing was written
     _ran(chosen, forget)
     fr, rr = pair
     k = fr / max(rr, _TINY64) if fr < 0 else 0.0
-    return alpha - gamma * k, large
+    return alpha - gamma * k, large, bf16_c
 
 
 def pcgrad_apply(
@@ -189,5 +206,8 @@ def pcgrad_apply(
 def pcgrad_into(forget: Tensor, retain: Tensor, out: Tensor, *, alpha: float, gamma: float) -> bool:
     """One-sided PCGrad by generated code on the CPU (`pcgrad_weight`, then `pcgrad_apply`);
     False (nothing written) where the caller must run it."""
-    plan = pcgrad_weight(forget, retain, out, alpha=alpha, gamma=gamma)
-    return plan is not None and pcgrad_apply(forget, retain, out, *plan, gamma=gamma)
+    plan = _pcgrad_weight(forget, retain, out, alpha, gamma)
+    if plan is None:
+        return False
+    weight, large, bf16_c = plan
+    return _linear(forget, retain, out, weight, gamma, True, large=large, bf16_c=bf16_c)

@@ -6,6 +6,8 @@ to compile and left the work to the eager one records ``"eager"``). `status` rep
 
 - ``"<operation>[<dtype>, <device>]"``: the implementation that ran last, by name (see
   `gradsynth.rules.kernels.select.IMPLEMENTATIONS`), e.g. ``"sago[bfloat16, cpu]": "C kernel"``;
+  ``"C kernel with the geometry"`` where the float32 one-loop kernel wrote the update and took
+  the geometry sums (`gradsynth.rules.geometry_sums.fused_measured`);
 - ``"<compiled variant>[<dtype>, <device>]"``: ``"compiled"`` or ``"failed (eager fallback)"``
   for each ``torch.compile`` kernel tried (e.g. ``sago_into_retain``);
 - ``"geometry[<dtype>, <device>]"``: how the geometry sums were taken (operation ``geometry``).
@@ -39,7 +41,13 @@ def _label(name: str, dtype: torch.dtype, device: str) -> str:
 
 
 def status() -> dict[str, str]:
-    """Every compiled variant tried, then every operation's last implementation (module docstring)."""
+    """What ran so far in this process, as ``{"<name>[<dtype>, <device>]": how}``.
+
+    For each operation (``sago``, ``prefer_retain``, ``linear``, ``dots``, ``geometry``) the
+    implementation that ran last (``"C kernel"``, ``"compiled"``, ``"eager"``, ...; see
+    `history` for all of them), and for each ``torch.compile`` kernel tried (``sago_into_retain``,
+    ...) ``"compiled"`` or ``"failed (eager fallback)"``. Also ``gradsynth.rules.fused.status``.
+    """
     tried = {_label(*key): "compiled" if ok else "failed (eager fallback)" for key, ok in compiled.items()}
     return tried | {_label(*key): how for key, how in _last.items()}
 

@@ -16,8 +16,9 @@ operation           implementations (chosen in this order)
                     `MAX_HOST_WEIGHT`), ``eager`` (a NaN, negative or huge weight; as above)
 ``dots``            ``C kernel`` (float32 or bfloat16 on the CPU, any size), ``compiled``
                     (`eligible`), ``eager`` (float64 chunked sums)
-``geometry``        see `gradsynth.rules.geometry_sums` (``C kernel with the rule``, ``C kernel``,
-                    ``float64 matrix product``, ``whole tensor``; `fuses_geometry` decides the first)
+``geometry``        ``C kernel with the rule`` (`fuses_geometry`), else by `select_geometry`:
+                    ``C kernel``, ``float64 matrix product``, ``whole tensor`` (the peers are
+                    `gradsynth.rules.geometry_sums.MEASURES`)
 =================== ============================================================================
 
 Under the ``"eager"`` policy only the eager implementations run. A compiled implementation
@@ -102,14 +103,13 @@ def implementation(operation: str, name: str) -> Implementation:
 def _plain(tensors: tuple[Tensor, ...]) -> bool:
     """Plain (not subclassed) contiguous tensors of one shape, dtype and device."""
     first = tensors[0]
-    return all(
-        type(t) is Tensor
-        and t.shape == first.shape
-        and t.is_contiguous()
-        and t.dtype == first.dtype
-        and t.device == first.device
-        for t in tensors
-    )
+    shape, dtype, device = first.shape, first.dtype, first.device
+    for t in tensors:  # (a loop, not all(...): this runs per tensor of every step)
+        if type(t) is not Tensor or t.shape != shape or t.dtype != dtype or t.device != device:
+            return False
+        if not t.is_contiguous():
+            return False
+    return True
 
 
 def _generated_code_allowed(policy: Policy) -> bool:
@@ -133,15 +133,18 @@ def eligible(*tensors: Tensor, policy: Policy | None = None) -> bool:
     )
 
 
-def c_takes(operation: str, *tensors: Tensor, policy: Policy | None = None) -> bool:
+def c_takes(
+    operation: str, *tensors: Tensor, policy: Policy | None = None, plain: bool | None = None
+) -> bool:
     """Whether the C kernel of ``operation`` (``apply`` or ``dots``) takes these tensors, any size:
-    plain contiguous CPU tensors of one shape, not under ``"eager"``, where it runs (`c.available`)."""
+    plain contiguous CPU tensors of one shape, not under ``"eager"``, where it runs (`c.available`).
+    ``plain`` is `_plain` of the tensors if the caller knows it (`eligible` implies it)."""
     policy = current() if policy is None else policy
     first = tensors[0]
     return (
         _generated_code_allowed(policy)
         and first.device.type == "cpu"
-        and _plain(tensors)
+        and (_plain(tensors) if plain is None else plain)
         and c.available(operation, first.dtype)
     )
 
@@ -166,17 +169,28 @@ def host_weight_kernel(weight: float) -> str | None:
 
 
 def select_linear(
-    forget: Tensor, retain: Tensor, out: Tensor, weight: float | Tensor, *, large: bool | None = None
+    forget: Tensor,
+    retain: Tensor,
+    out: Tensor,
+    weight: float | Tensor,
+    *,
+    large: bool | None = None,
+    bf16_c: bool | None = None,
 ) -> tuple[Implementation, float | Tensor]:
     """The implementation of ``out = weight * r + gamma * f`` for these tensors, and the weight to
     pass it: a float for the host-float ones, the tensor as given for the others.
 
     ``weight`` is a float, or a 0-dim tensor (read on the host only for CPU gradients; off the
-    CPU applied as a tensor). ``large`` is `eligible` if the caller has checked it already.
+    CPU applied as a tensor). ``large`` is `eligible` and ``bf16_c`` whether the C bfloat16 apply
+    takes the tensors, if the caller has checked them already.
     """
     peers = IMPLEMENTATIONS["linear"]
     policy = current()
     large = eligible(forget, retain, out, policy=policy) if large is None else large
+    if bf16_c is None:
+        bf16_c = forget.dtype == torch.bfloat16 and c_takes(
+            "apply", forget, retain, out, policy=policy, plain=True if large else None
+        )
     if large:
         host = weight
         if isinstance(weight, Tensor):
@@ -188,12 +202,11 @@ def select_linear(
         if kernel == "linear_wide":
             return peers["compiled float64"], host
         if kernel == "linear":
-            bf16_c = forget.dtype == torch.bfloat16 and c_takes("apply", forget, retain, out, policy=policy)
             return peers["C kernel" if bf16_c else "compiled"], host
         return peers["eager"], weight
     # Below `min_numel`, bfloat16 CPU tensors still take the C kernel (a call costs microseconds);
     # it computes what the float32 "linear" kernel does, for the weights that kernel takes.
-    if forget.dtype == torch.bfloat16 and c_takes("apply", forget, retain, out, policy=policy):
+    if bf16_c:
         host = float(weight)  # plain CPU gradients; pcgrad_global moves its weight to their device
         if host_weight_kernel(host) == "linear":
             return peers["C kernel"], host
@@ -213,7 +226,7 @@ def select_dots(
     peers = IMPLEMENTATIONS["dots"]
     policy = current()
     large = eligible(forget, retain, policy=policy) if large is None else large
-    if (any_size or large) and c_takes("dots", forget, retain, policy=policy):
+    if (any_size or large) and c_takes("dots", forget, retain, policy=policy, plain=True if large else None):
         return peers["C kernel"]
     return peers["compiled" if large else "eager"]
 
@@ -228,3 +241,18 @@ def fuses_geometry(forget: Tensor, retain: Tensor, out: Tensor, weight: float | 
     if weight is not None and host_weight_kernel(weight) != "linear":
         return False
     return eligible(forget, retain, out)
+
+
+def select_geometry(forget: Tensor, retain: Tensor, out: Tensor) -> str:
+    """How `gradsynth.rules.geometry_sums.measured` takes the sums of these tensors, by name:
+    ``"whole tensor"`` (not viewable flat: DTensor shards, non-contiguous views; or empty),
+    ``"C kernel"`` (CPU, one dtype, `c.available`), else ``"float64 matrix product"``."""
+    if forget.numel() == 0 or not all(type(t) is Tensor and t.is_contiguous() for t in (forget, retain, out)):
+        return "whole tensor"
+    if (
+        forget.device.type == "cpu"
+        and out.dtype == forget.dtype == retain.dtype
+        and c.available("geometry", forget.dtype)
+    ):
+        return "C kernel"
+    return "float64 matrix product"
