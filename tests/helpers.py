@@ -56,3 +56,28 @@ def train_steps(opt, model: torch.nn.Module, steps: int, start: int = 0) -> None
 def without_progress(err: str) -> str:
     """``err`` without the progress lines (``gradsynth [  1.2s] ...``) a slow phase writes."""
     return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("gradsynth ["))
+
+
+# Relative to the size of the terms |alpha*r| + |gamma*f| (a sum may cancel): a few roundings.
+TERM_TOLERANCE = {torch.float32: 4e-7, torch.bfloat16: 1.6e-2, torch.float64: 1e-15}
+
+
+def assert_near_terms(
+    got: Tensor, expected: Tensor, f: Tensor, r: Tensor, alpha: float, gamma: float
+) -> None:
+    """``got`` within a few roundings of ``expected``, relative to ``|alpha*r| + |gamma*f|``."""
+    scale = alpha * r.double().abs() + gamma * f.double().abs()
+    error = (got.double() - expected.double()).abs()
+    bound = TERM_TOLERANCE[f.dtype] * scale
+    assert torch.all(error <= bound), f"max error/bound {(error / bound.clamp_min(1e-300)).max():.3g}"
+
+
+def rule_pair(
+    dtype: torch.dtype, n: int = 5003, shape: tuple[int, ...] | None = None
+) -> tuple[Tensor, Tensor]:
+    """A random ``(f, r)`` of ``dtype`` with zeros (never conflicts) and exact opposites (conflicts)."""
+    f, r = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    f[::7] = 0.0  # zeros are never conflicts
+    r[::11] = -f[::11]  # exact opposites are
+    f, r = f.to(dtype), r.to(dtype)
+    return (f, r) if shape is None else (f.view(shape), r.view(shape))

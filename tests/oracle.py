@@ -121,3 +121,9 @@ def geometry(fs: list[Tensor], rs: list[Tensor], gs: list[Tensor]) -> dict[str, 
         "norm_r": math.sqrt(dot(r, r)),
         "norm_g": math.sqrt(dot(g, g)),
     }
+
+
+def dots(f: Tensor, r: Tensor) -> tuple[float, float]:
+    """``(<f, r>, ||r||^2)``, exactly rounded (every product of two float32 values is exact in float64)."""
+    fs, rs = _floats(f), _floats(r)
+    return math.fsum(a * b for a, b in zip(fs, rs, strict=True)), math.fsum(b * b for b in rs)

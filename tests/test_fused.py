@@ -8,11 +8,15 @@ import warnings
 import oracle
 import pytest
 import torch
+from helpers import assert_near_terms as _assert_near
+from helpers import rule_pair as _pair
 from torch._dynamo.utils import counters
 
 import gradsynth
 from gradsynth.rules import fused, pcgrad, sago, sago_prefer_retain, weighted_sum
 from gradsynth.rules.blur import Blur
+from gradsynth.rules.kernels import compiled as compiled_kernels
+from gradsynth.rules.kernels import implementation, report
 from gradsynth.rules.pcgrad import PCGradGlobal
 
 FUNCTIONS = {
@@ -21,29 +25,12 @@ FUNCTIONS = {
     "sum": (weighted_sum, oracle.weighted_sum),
     "pcgrad": (pcgrad, oracle.pcgrad),
 }
-# Relative to the size of the terms |alpha*r| + |gamma*f| (a sum may cancel): a few roundings.
-TOLERANCE = {torch.float32: 4e-7, torch.bfloat16: 1.6e-2, torch.float64: 1e-15}
-
-
-def _assert_near(got, expected, f, r, alpha, gamma):
-    scale = alpha * r.double().abs() + gamma * f.double().abs()
-    error = (got.double() - expected.double()).abs()
-    bound = TOLERANCE[f.dtype] * scale
-    assert torch.all(error <= bound), f"max error/bound {(error / bound.clamp_min(1e-300)).max():.3g}"
 
 
 @pytest.fixture
 def compiled():
     with fused.use_backend("compiled", min_numel=0):
         yield
-
-
-def _pair(dtype, n=5003, shape=None):
-    f, r = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
-    f[::7] = 0.0  # zeros are never conflicts
-    r[::11] = -f[::11]  # exact opposites are
-    f, r = f.to(dtype), r.to(dtype)
-    return (f, r) if shape is None else (f.view(shape), r.view(shape))
 
 
 # Every aliasing of ``out`` in float32, the optimizer's own (out is retain) in the other dtypes:
@@ -140,7 +127,7 @@ def test_device_weighted_apply_matches_oracle(compiled, dtype):
     weight = torch.tensor(0.3, dtype=torch.float64)
     expected = oracle.weighted_sum(f, r, 0.3, 1.5)
     f_in, r_in = f.clone(), r.clone()
-    assert fused._into("weighted", f, r, r, weight, 1.5)
+    assert implementation("linear", "compiled device weight").run(f, r, r, weight, 1.5)
     _assert_near(r, expected, f_in, r_in, 0.3, 1.5)
 
 
@@ -194,10 +181,15 @@ def broken_compiler(monkeypatch):
 
         return run
 
-    monkeypatch.setattr(fused.torch, "compile", failing_compile)
-    monkeypatch.setattr(fused, "_compiled", {})
-    monkeypatch.setattr(fused, "_status", {})
-    monkeypatch.setattr(fused.geometry_sums, "_ran", {})  # (geometry tracked by earlier tests)
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    _fresh_status(monkeypatch)
+
+
+def _fresh_status(monkeypatch):
+    """No kernel compiled yet, and nothing reported as run (earlier tests ran kernels)."""
+    monkeypatch.setattr(compiled_kernels, "_compiled", {})
+    for table in ("compiled", "_last", "_seen"):
+        monkeypatch.setattr(report, table, {})
 
 
 @pytest.mark.parametrize("rule", list(FUNCTIONS))
@@ -209,7 +201,9 @@ def test_fallback_when_compilation_fails(broken_compiler, rule):
     with fused.use_backend("auto"), pytest.warns(RuntimeWarning, match="torch.compile failed.*eager"):
         got = fn(f.clone(), r.clone(), alpha=0.5, gamma=2.0, out=None)
     assert torch.equal(got, eager)
-    assert all(v.startswith("failed") for v in fused.status().values())
+    assert report.compiled and not any(report.compiled.values())  # every variant tried failed
+    operation = {"sum": "linear", "pcgrad": "linear", "sago_prefer_retain": "prefer_retain"}.get(rule, rule)
+    assert fused.status()[f"{operation}[float32, cpu]"] == "eager"  # what ran, after the fallback
     with fused.use_backend("auto"), warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once; later calls go straight to eager
         assert torch.equal(fn(f.clone(), r, alpha=0.5, gamma=2.0, out=None), eager)
@@ -252,14 +246,12 @@ def test_optimizer_steps_agree_between_fused_and_eager_paths():
 def test_compiles_under_warnings_as_errors(monkeypatch):
     # torch's compiler emits deprecation notices of its own; `-W error` must not turn them into
     # a failed compilation and a silent fallback.
-    monkeypatch.setattr(fused, "_compiled", {})
-    monkeypatch.setattr(fused, "_status", {})
-    monkeypatch.setattr(fused.geometry_sums, "_ran", {})  # (geometry tracked by earlier tests)
+    _fresh_status(monkeypatch)
     f, r = _pair(torch.float32, n=fused.MIN_NUMEL)
     with fused.use_backend("compiled"), warnings.catch_warnings():
         warnings.simplefilter("error")
         sago(f, r, out=r)
-    assert fused.status() == {"sago_into_retain[float32, cpu]": "compiled"}
+    assert fused.status() == {"sago_into_retain[float32, cpu]": "compiled", "sago[float32, cpu]": "compiled"}
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -267,8 +259,10 @@ def test_auto_synthesizes_a_small_step_eagerly_and_a_large_one_fused(monkeypatch
     from helpers import small_model, task_losses
 
     calls = []
-    real = fused._run
-    monkeypatch.setattr(fused, "_run", lambda name, *a, **kw: calls.append(name) or real(name, *a, **kw))
+    real = compiled_kernels.run
+    monkeypatch.setattr(
+        compiled_kernels, "run", lambda name, *a, **kw: calls.append(name) or real(name, *a, **kw)
+    )
 
     def run(backend, **sizes):
         calls.clear()

@@ -127,16 +127,16 @@ def test_kernels_equal_the_compiled_kernels_bit_for_bit(monkeypatch, alpha, gamm
     f, r = _specials(70_000, 1)
     results = {}
     for path in ("native", "compiled"):
-        monkeypatch.setitem(fused._state, "backend", "compiled")
         monkeypatch.setitem(native._state, "bf16", path == "native")
-        for name, rule in RULES.items():
-            for destination in ("new", "forget", "retain"):
-                fc, rc = f.clone(), r.clone()
-                out = {"new": None, "forget": fc, "retain": rc}[destination]
-                results[path, name, destination] = rule(fc, rc, alpha=alpha, gamma=gamma, out=out)
-        # (Moderate values: the compiled kernel's float32 block sums overflow where float64 does not.)
-        generator = torch.Generator().manual_seed(3)
-        results[path, "dots"] = fused.host_dots(*torch.randn(2, 50_000, generator=generator).bfloat16())
+        with fused.use_backend("compiled"):
+            for name, rule in RULES.items():
+                for destination in ("new", "forget", "retain"):
+                    fc, rc = f.clone(), r.clone()
+                    out = {"new": None, "forget": fc, "retain": rc}[destination]
+                    results[path, name, destination] = rule(fc, rc, alpha=alpha, gamma=gamma, out=out)
+            # (Moderate values: the compiled kernel's float32 block sums overflow where float64 does not.)
+            generator = torch.Generator().manual_seed(3)
+            results[path, "dots"] = fused.host_dots(*torch.randn(2, 50_000, generator=generator).bfloat16())
     for key, got in results.items():
         if key[0] == "native" and key[1] != "dots":
             assert _same(got, results[("compiled", *key[1:])]), key

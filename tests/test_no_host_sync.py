@@ -218,20 +218,17 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "bool(settings.get('track_geometry', False))",
     ): _SETTING,
     ("optim/task_gradients.py", "TaskGradients.holds", "bool(self._stash[task])"): "a dict, not a tensor",
-    ("rules/fused.py", "set_backend", "int(min_numel)"): _SETTING,
-    ("rules/fused.py", "set_backend", "int(min_step_numel)"): _SETTING,
-    ("rules/fused.py", "linear_into", "float(alpha)"): (
-        "only after _small_bf16: plain CPU gradients, and alpha on their device (pcgrad_global moves it)"
+    ("rules/kernels/policy.py", "_changed", "int(min_numel)"): _SETTING,
+    ("rules/kernels/policy.py", "_changed", "int(min_step_numel)"): _SETTING,
+    ("rules/kernels/select.py", "select_linear", "float(weight)"): (
+        "only where retain.device.type == 'cpu' (a tensor weight off the CPU is applied as a tensor), "
+        "or after c_takes: plain CPU gradients, and the weight on their device (pcgrad_global moves it)"
     ),
-    ("rules/fused.py", "_linear_into", "float(alpha)"): "only where retain.device.type == 'cpu'",
-    ("rules/fused.py", "host_dots", "dot64(forget, retain).item()"): (
-        "host_dots is called for plain CPU tensors only (scope_inner_products checks)"
+    ("rules/kernels/ops.py", "_floats", "pair[0].item()"): (
+        "called from host_dots and pcgrad_weight, both CPU only (scope_inner_products checks; "
+        "pcgrad_weight returns off the CPU)"
     ),
-    ("rules/fused.py", "host_dots", "dot64(retain, retain).item()"): "as above",
-    ("rules/fused.py", "_compiled_floats", "both[0].item()"): (
-        "called from host_dots and pcgrad_into, both CPU only (pcgrad_into returns off the CPU)"
-    ),
-    ("rules/fused.py", "_compiled_floats", "both[1].item()"): "as above",
+    ("rules/kernels/ops.py", "_floats", "pair[1].item()"): "as above",
     ("rules/native/__init__.py", "_check", "f.tolist()"): "the C kernels' load-time check, CPU tensors",
     ("rules/native/__init__.py", "_check", "r.tolist()"): "as above",
     ("rules/native/__init__.py", "_bf16_supported", "bool(library.gradsynth_bf16_supported())"): (

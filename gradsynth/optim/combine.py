@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.optim.geometry import GeometryAccumulator
-from gradsynth.rules import fused
+from gradsynth.rules import kernels
 from gradsynth.rules.base import Rule
 
 #: One tensor's share of a synthesis: ``(rule, alpha, gamma, forget, retain)``; ``None`` for a
@@ -112,9 +112,9 @@ def combine_all(
     when a rule raises part way, whether any task gradient was lost. Sharded sums are settled by
     the rules; geometry is left unreduced (call ``geometry.reduce()`` once after).
     """
-    # The step's size chooses between the fused kernels and the eager rules (`fused.for_step`).
+    # The step's size chooses between the fused kernels and the eager rules (`kernels.for_step`).
     size = sum(next(t for t in entry[3:] if t is not None).numel() for entry in entries)
-    with fused.for_step(size):
+    with kernels.for_step(size):
         return _combine_all(entries, geometry, written)
 
 

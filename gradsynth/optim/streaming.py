@@ -31,7 +31,7 @@ from torch import Tensor
 from gradsynth.optim.combine import combine_one
 from gradsynth.optim.geometry import GeometryAccumulator
 from gradsynth.optim.task_gradients import RETAIN, TaskGradients, other_task
-from gradsynth.rules import fused
+from gradsynth.rules import kernels
 from gradsynth.rules.base import Rule
 
 
@@ -86,9 +86,13 @@ class StreamingBackward:
         self._numel = sum(p.numel() for p in settings)  # the step's size decides the path (`for_step`)
         self._geometry = geometry
         self._handles: list[Any] = []
+        # The backend policy in force where the backward starts: the hooks may run on another
+        # thread (an accelerator's autograd thread), which does not see this one's scoped value.
+        self._policy = kernels.current()
         self.done: list[Tensor] = []
 
     def __enter__(self) -> StreamingBackward:
+        self._policy = kernels.current()
         self._handles = [p.register_post_accumulate_grad_hook(self._arrived) for p in self._settings]
         return self
 
@@ -105,6 +109,6 @@ class StreamingBackward:
         rule, alpha, gamma = self._settings[param]
         grad = param.grad
         forget, retain = (first, grad) if self._task == RETAIN else (grad, first)
-        with fused.for_step(self._numel):
+        with kernels.using(self._policy), kernels.for_step(self._numel):
             param.grad = combine_one(rule, forget, retain, alpha=alpha, gamma=gamma, geometry=self._geometry)
         self.done.append(param)

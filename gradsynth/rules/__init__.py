@@ -6,7 +6,7 @@ for the protocol a rule follows.
 
 from gradsynth.rules.base import FunctionRule, Rule, RuleFunction
 from gradsynth.rules.blur import Blur, blur_coefficient
-from gradsynth.rules.fused import get_backend, set_backend, use_backend
+from gradsynth.rules.kernels import get_backend, set_backend, use_backend
 from gradsynth.rules.pcgrad import PCGrad, PCGradGlobal, pcgrad, projection_coefficient
 from gradsynth.rules.reductions import dot64, sign_conflict
 from gradsynth.rules.registry import RuleLike, available_rules, get_rule, register_rule, unregister_rule

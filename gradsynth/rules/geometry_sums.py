@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 
 from gradsynth.rules import native
+from gradsynth.rules.kernels import report
+from gradsynth.rules.kernels.select import select_geometry
 from gradsynth.rules.reductions import dot64, sign_conflict
 
 SUMS = ("ff", "rr", "fr", "gg", "gf", "gr", "conflicts")
@@ -50,18 +52,20 @@ def _index_on(device: torch.device) -> Tensor:
     return index
 
 
-# (dtype, device type) -> how the sums were last taken: "C kernel", "float64 matrix product"
-# (no C kernel here: more than one thread, another dtype, or no compiler) or "whole tensor" (a
-# DTensor shard or a non-contiguous view). Reported by `gradsynth.rules.fused.status`.
-_ran: dict[tuple[torch.dtype, str], str] = {}
+# How the sums were taken, per (dtype, device type), is recorded as operation "geometry" of
+# `gradsynth.rules.kernels.report`: "C kernel with the rule" (`fused_measured`), "C kernel",
+# "float64 matrix product" (no C kernel here: more than one thread, another dtype, or no
+# compiler) or "whole tensor" (a DTensor shard or a non-contiguous view).
+_RULE_OPERATION = {"sago": "sago", "prefer": "prefer_retain", "linear": "linear"}
+
+
+def _took(dtype: torch.dtype, device: str, how: str) -> None:
+    report.record("geometry", dtype, device, how)
 
 
 def status() -> dict[str, str]:
     """How the geometry sums were taken, per dtype and device, so far in this process."""
-    return {
-        f"geometry[{str(dtype).removeprefix('torch.')}, {device}]": how
-        for (dtype, device), how in _ran.items()
-    }
+    return {key: how for key, how in report.status().items() if key.startswith("geometry[")}
 
 
 class GeometrySink(Protocol):
@@ -94,7 +98,9 @@ def fused_measured(
     sums = torch.zeros(7, dtype=torch.float64)
     if not native.rule_geometry_f32(kind, out, forget, retain, alpha, gamma, sums):
         return False
-    _ran[(forget.dtype, "cpu")] = "C kernel with the rule"
+    _took(forget.dtype, "cpu", "C kernel with the rule")
+    # (the rule's own update came from the same loop, standing in for its compiled kernel)
+    report.record(_RULE_OPERATION[kind], forget.dtype, "cpu", "C kernel with the geometry")
     sink.add_sums(sums, forget.numel())
     return True
 
@@ -113,43 +119,75 @@ def measured(
     """``combine(f, r, g)`` chunk by chunk, adding the geometry sums to ``sink``; ``g`` lands in ``out``.
 
     ``combine`` writes the update of its chunk into its third argument (a scratch buffer) and
-    must not write its inputs; ``out`` may be ``forget`` or ``retain``. Tensors that cannot be
-    viewed flat (DTensor shards, non-contiguous views) are combined whole into a temporary the
-    size of the parameter.
+    must not write its inputs; ``out`` may be ``forget`` or ``retain``. How the sums are taken is
+    chosen by `gradsynth.rules.kernels.select.select_geometry` among `MEASURES`.
     """
+    how = select_geometry(forget, retain, out)
+    _took(forget.dtype, forget.device.type, how)
+    return MEASURES[how](combine, forget, retain, out, sink)
+
+
+def _whole(
+    combine: Callable[[Tensor, Tensor, Tensor], object],
+    forget: Tensor,
+    retain: Tensor,
+    out: Tensor,
+    sink: GeometrySink,
+) -> Tensor:
+    """Any tensors (DTensor shards: partial sums; non-contiguous views): combined whole into a
+    temporary the size of the parameter, then measured by `sums_of`."""
+    update = torch.empty_like(out)
+    combine(forget, retain, update)
+    sink.add_sums(sums_of(forget, retain, update), forget.numel())
+    out.copy_(update)
+    return out
+
+
+def _chunking(forget: Tensor) -> tuple[int, int]:
+    """``(numel, chunk size)``: chunks of equal size (within one element), each as large as a tensor
+    of half the chunk size or more, so a kernel chooses for a chunk what it would for the whole."""
     numel = forget.numel()
-    plain = all(type(t) is Tensor and t.is_contiguous() for t in (forget, retain, out))
-    if not plain or numel == 0:
-        _ran[(forget.dtype, forget.device.type)] = "whole tensor"
-        update = torch.empty_like(out)
-        combine(forget, retain, update)
-        sink.add_sums(sums_of(forget, retain, update), numel)
-        out.copy_(update)
-        return out
-    # Chunks of equal size (within one element): each is as large as a tensor of half the chunk
-    # size or more, so a kernel chooses for a chunk what it would choose for the whole tensor.
     count = -(-numel // _chunk_size(forget.device))
-    size = -(-numel // count)
+    return numel, -(-numel // count)
+
+
+def _c_chunks(
+    combine: Callable[[Tensor, Tensor, Tensor], object],
+    forget: Tensor,
+    retain: Tensor,
+    out: Tensor,
+    sink: GeometrySink,
+) -> Tensor:
+    """Plain CPU tensors of one dtype: each chunk's sums by the C kernel, in one read of the cached
+    ``f``, ``r``, ``g`` (`gradsynth.rules.native.add_geometry`)."""
+    numel, size = _chunking(forget)
+    scratch = torch.empty(size, dtype=out.dtype)
+    flats = [t.view(-1) for t in (forget, retain, out)]
+    sums = torch.zeros(7, dtype=torch.float64)
+    for start in range(0, numel, size):
+        f, r, o = (t[start : start + size] for t in flats)
+        g = scratch[: f.numel()]
+        combine(f, r, g)
+        native.add_geometry(sums, f, r, g)
+        o.copy_(g)
+    sink.add_sums(sums, numel)
+    return out
+
+
+def _gram_chunks(
+    combine: Callable[[Tensor, Tensor, Tensor], object],
+    forget: Tensor,
+    retain: Tensor,
+    out: Tensor,
+    sink: GeometrySink,
+) -> Tensor:
+    """Plain tensors on any device: each chunk widened to float64, the six inner products from one
+    float64 matrix product of the ``3 x chunk`` matrix with its transpose."""
+    numel, size = _chunking(forget)
     device = forget.device
     scratch = torch.empty(size, dtype=out.dtype, device=device)
     flats = [t.view(-1) for t in (forget, retain, out)]
     sums = torch.zeros(7, dtype=torch.float64, device=device)
-    if device.type == "cpu" and out.dtype == forget.dtype == retain.dtype:
-        f, r, o = (t[:size] for t in flats)
-        combine(f, r, scratch[: f.numel()])
-        if native.add_geometry(sums, f, r, scratch[: f.numel()]):
-            _ran[(forget.dtype, device.type)] = "C kernel"
-            o.copy_(scratch[: f.numel()])
-            for start in range(size, numel, size):
-                f, r, o = (t[start : start + size] for t in flats)
-                g = scratch[: f.numel()]
-                combine(f, r, g)
-                native.add_geometry(sums, f, r, g)
-                o.copy_(g)
-            sink.add_sums(sums, numel)
-            return out
-        # No C kernel here: the first chunk is measured below, combined once more (nothing was written).
-    _ran[(forget.dtype, device.type)] = "float64 matrix product"
     wide = torch.empty(3, size, dtype=torch.float64, device=device)
     sign_f = torch.empty(size, dtype=forget.dtype, device=device)
     sign_r = torch.empty(size, dtype=forget.dtype, device=device)
@@ -169,3 +207,12 @@ def measured(
     sums[:6] = gram.view(-1)[_index_on(device)]
     sink.add_sums(sums, numel)
     return out
+
+
+#: The peers that take the geometry sums while a rule writes its update, by the name
+#: `gradsynth.rules.kernels.select.select_geometry` gives (and `status` reports).
+MEASURES: dict[str, Callable[..., Tensor]] = {
+    "whole tensor": _whole,
+    "C kernel": _c_chunks,
+    "float64 matrix product": _gram_chunks,
+}

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradsynth.rules import fused
+from gradsynth.rules import kernels
 from gradsynth.rules.base import Rule, TensorRule
 from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
-from gradsynth.rules.reductions import dot64, settled
+from gradsynth.rules.reductions import settled
 from gradsynth.rules.weighted_sum import weighted_sum
 
 
@@ -46,8 +46,7 @@ def projection_coefficient(forget_dot_retain: Tensor, retain_sq_norm: Tensor) ->
 
 
 def _local_inner_products(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor]:
-    pair = fused.dots(forget, retain)
-    return pair if pair is not None else (dot64(forget, retain), dot64(retain, retain))
+    return kernels.inner_products(forget, retain)
 
 
 def inner_products(forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,22 +79,22 @@ def pcgrad(
     if out is None:
         out = torch.empty_like(retain)
     if geometry is None:
-        if fused.pcgrad_into(forget, retain, out, alpha=alpha, gamma=gamma):
+        if kernels.pcgrad_into(forget, retain, out, alpha=alpha, gamma=gamma):
             return out
     else:
-        plan = fused.pcgrad_weight(forget, retain, out, alpha=alpha, gamma=gamma)
+        plan = kernels.pcgrad_weight(forget, retain, out, alpha=alpha, gamma=gamma)
         if plan is not None:
             # The weight of the whole tensor, then the apply the plain path runs, measured by chunks.
             weight, large = plan
             if (
                 large
-                and fused.float32_linear_applies(forget, retain, out, weight)
+                and kernels.fuses_geometry(forget, retain, out, weight)
                 and fused_measured("linear", forget, retain, out, weight, gamma, geometry)
             ):
                 return out  # the compiled apply's operations and the sums in one C loop
 
             def apply(f: Tensor, r: Tensor, g: Tensor) -> None:
-                if not fused.pcgrad_apply(f, r, g, weight, large, gamma=gamma):
+                if not kernels.pcgrad_apply(f, r, g, weight, large, gamma=gamma):
                     weighted_sum(f, r, alpha=torch.tensor(weight, dtype=torch.float64), gamma=gamma, out=g)
 
             return measured(apply, forget, retain, out, geometry)
@@ -115,7 +114,7 @@ def scope_inner_products(xs: Sequence[Tensor], ys: Sequence[Tensor], weights: Se
         # tiny tensor operations per parameter (more than a small parameter's kernel costs).
         xy_sum = yy_sum = 0.0
         for x, y, weight in zip(xs, ys, weights, strict=True):
-            xy, yy = fused.host_dots(x, y)
+            xy, yy = kernels.host_dots(x, y)
             xy_sum, yy_sum = xy_sum + weight * xy, yy_sum + yy
         return torch.tensor([xy_sum, yy_sum], dtype=torch.float64)
     total = None

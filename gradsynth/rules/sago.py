@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradsynth.rules import fused
+from gradsynth.rules import kernels
 from gradsynth.rules.base import TensorRule
 from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
-from gradsynth.rules.reductions import fit, flat_chunks, scratch, sign_conflict
 
 
 def _blend(
@@ -40,37 +39,16 @@ def _blend(
         # Where the compiled kernel would run: the C kernel of its operations, which writes g and
         # takes the sums in one loop.
         kind = "prefer" if keep_retain else "sago"
-        if (
-            forget.dtype == torch.float32
-            and fused.eligible(forget, retain, out)
-            and fused_measured(kind, forget, retain, out, alpha, gamma, geometry)
+        if kernels.fuses_geometry(forget, retain, out) and fused_measured(
+            kind, forget, retain, out, alpha, gamma, geometry
         ):
             return out
         # The same kernels, a chunk at a time, measured before each chunk of g is written.
         return measured(
             lambda f, r, g: _blend(f, r, alpha, gamma, g, keep_retain), forget, retain, out, geometry
         )
-    run_fused = fused.prefer_retain_into if keep_retain else fused.sago_into
-    if run_fused(forget, retain, out, alpha=alpha, gamma=gamma):
-        return out
-    chunks = flat_chunks(forget, retain, out, elementwise=True)
-    buf_c, buf_k = scratch(chunks, forget.dtype, 2)
-    for f, r, o in chunks:
-        c, k = fit(buf_c, f), fit(buf_k, f)
-        sign_conflict(f, r, out=c, work=k)  # c = 1 where the signs conflict, then k = 1 - c
-        forget_part = torch.neg(c, out=k).add_(1).mul_(f)
-        if gamma != 1.0:
-            forget_part.mul_(gamma)
-        if keep_retain:
-            # c*alpha*r + (1-c)*(gamma*f + alpha*r) == alpha*r + (1-c)*gamma*f
-            retain_part = torch.mul(r, alpha, out=c)
-        else:
-            retain_part = c.mul_(r)
-            if alpha != 1.0:
-                retain_part.mul_(alpha)
-        # Both inputs are fully read above, so ``o`` may alias either of them.
-        torch.add(forget_part, retain_part, out=o)
-    return out
+    run = kernels.prefer_retain if keep_retain else kernels.sago
+    return run(forget, retain, out, alpha=alpha, gamma=gamma)
 
 
 def sago(

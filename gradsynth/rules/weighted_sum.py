@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradsynth.rules import fused
+from gradsynth.rules import kernels
 from gradsynth.rules.base import TensorRule
 from gradsynth.rules.geometry_sums import GeometrySink, fused_measured, measured
-from gradsynth.rules.reductions import fit, flat_chunks, scratch
 
 
 def weighted_sum(
@@ -41,28 +40,14 @@ def weighted_sum(
             weight = float(weight)  # as the fused path reads it (a CPU tensor: waits for nothing)
         if (
             not isinstance(weight, Tensor)
-            and fused.float32_linear_applies(forget, retain, out, weight)
+            and kernels.fuses_geometry(forget, retain, out, weight)
             and fused_measured("linear", forget, retain, out, weight, gamma, geometry)
         ):
             return out  # the compiled kernel's operations and the sums in one C loop
         return measured(
             lambda f, r, g: weighted_sum(f, r, alpha=alpha, gamma=gamma, out=g), forget, retain, out, geometry
         )
-    if fused.linear_into(forget, retain, out, alpha=alpha, gamma=gamma):
-        return out
-    if isinstance(alpha, Tensor):
-        weight = alpha.to(torch.float64)
-        chunks = flat_chunks(forget, retain, out)
-        buf_f, buf_r = scratch(chunks, torch.float64, 2)
-        for f, r, o in chunks:
-            f64, r64 = fit(buf_f, f), fit(buf_r, r)
-            o.copy_(r64.copy_(r).mul_(weight).add_(f64.copy_(f), alpha=gamma))
-        return out
-    if out is retain:
-        return (out if alpha == 1.0 else out.mul_(alpha)).add_(forget, alpha=gamma)
-    if out is forget:
-        return (out if gamma == 1.0 else out.mul_(gamma)).add_(retain, alpha=alpha)
-    return torch.mul(retain, alpha, out=out).add_(forget, alpha=gamma)
+    return kernels.linear(forget, retain, out, alpha=alpha, gamma=gamma)
 
 
 class WeightedSum(TensorRule):

@@ -520,3 +520,9 @@ def rule_geometry_f32(
     torch.autograd.graph.increment_version(out)
     torch.autograd.graph.increment_version(sums)
     return True
+
+
+def geometry_available(dtype: torch.dtype) -> bool:
+    """Whether `add_geometry` runs on ``dtype`` here (float32 or bfloat16, built and checked, one thread)."""
+    symbol = _GEOMETRY.get(dtype)
+    return symbol is not None and _geometry_function(symbol) is not None
