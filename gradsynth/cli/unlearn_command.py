@@ -29,6 +29,13 @@ from gradsynth.cli.parser import (
 from gradsynth.cli.progress import phase
 from gradsynth.cli.reference_target import REFERENCE, forget_target_for
 from gradsynth.cli.run_one import RunOutcome, run_unlearning, split_batches
+from gradsynth.cli.scale import (
+    check_scale_flags,
+    enable_gradient_checkpointing,
+    lora_settings,
+    saved_model,
+    with_lora,
+)
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.tables import before_after_table, benchmark_table, num
 from gradsynth.unlearning.loop import UnlearnSettings, rmu_for, steps_for_epochs
@@ -171,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     check_rules([args.rule], "--rule")
     check_objectives([args.forget_loss], "--forget-loss")
     check_protocol(args, [args.forget_loss])
+    check_scale_flags(args)
     out = args.out or default_out("unlearn")
     relearn = relearn_settings(args)
     check_output_folder(out, args.overwrite, run_inputs(args))
@@ -178,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
     task = load_task(args, args.seed)
     if args.max_length:
         task.max_length = args.max_length
+    task.model = with_lora(task.model, args, args.seed)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(task.model)
     target = forget_target_for(args, args.seed, split_batches(task, "forget")[0])
     if args.forget_target == REFERENCE:
         print(f"Forget target: {100 * target:.1f}%, the never-learned world model's recall of the forget set")
@@ -222,14 +233,16 @@ def run(args: argparse.Namespace) -> int:
             f"cos(g,r) {num(geometry['cos_gr'])}, cos(g,f) {num(geometry['cos_gf'])}, "
             f"conflicting coordinates {num(geometry['conflict_fraction'])}; loop {outcome.seconds:.1f}s"
         )
+        model = saved_model(model, staging, args.save_adapter)  # a LoRA model merged
         audit = None
         if args.audit:
             with phase("auditing the forgetting"):
                 audit = world_audit(model, task.tokenizer, args.world, args.seed, relearn=relearn)
             print("\nAudit of the forgetting (forget facts against fresh-name twins):\n")
             print(audit_table(audit))
-        with phase(f"saving the model to {out}"):
-            model.save_pretrained(staging, safe_serialization=True)
+        with phase(f"saving the {'adapter' if args.save_adapter else 'model'} to {out}"):
+            if not args.save_adapter:
+                model.save_pretrained(staging, safe_serialization=True)
             task.tokenizer.save_pretrained(staging)
         report_settings = {
             "command": "unlearn",
@@ -238,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
             "device": device,
             "task": task.description,
             "protocol": protocol,
+            "lora": lora_settings(args),
+            "gradient_checkpointing": args.gradient_checkpointing,
         }
         write_report(
             staging / "report.json",
@@ -252,5 +267,6 @@ def run(args: argparse.Namespace) -> int:
         plot_curves(
             staging / "curves.png", outcome.records, f"{settings.rule}, lr {outcome.lr:g}", outcome.curve
         )
-    print(f"Wrote {out}/ (model, report.json, curves.png)")
+    saved = "LoRA adapter" if args.save_adapter else "model"
+    print(f"Wrote {out}/ ({saved}, report.json, curves.png)")
     return 0

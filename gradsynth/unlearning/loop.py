@@ -231,7 +231,8 @@ def _objective(
         return forget_loss(model, batch, settings.losses, ref_model, ref_logprob)
 
     return (
-        list(model.parameters()),
+        # All of them, or a PEFT model's adapters alone (its base weights are frozen).
+        [p for p in model.parameters() if p.requires_grad],
         forget_of,
         lambda batch: retain_loss(model, batch, settings.losses, ref_model),
     )
