@@ -8,6 +8,7 @@ Output folder: the unlearned model and tokenizer (``save_pretrained``, safetenso
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from gradsynth.cli.parser import (
 )
 from gradsynth.cli.progress import phase
 from gradsynth.cli.reference_target import REFERENCE, forget_target_for
+from gradsynth.cli.resume import run_checkpoints
 from gradsynth.cli.run_one import RunOutcome, run_unlearning, split_batches
 from gradsynth.cli.scale import (
     check_scale_flags,
@@ -182,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out("unlearn")
     relearn = relearn_settings(args)
     check_output_folder(out, args.overwrite, run_inputs(args))
+    checkpoints = run_checkpoints(args, Path(os.path.abspath(out)))
     device = resolve_device(args.device)
     task = load_task(args, args.seed)
     if args.max_length:
@@ -218,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
             ladder=rates,
             min_steps=args.min_steps or 1,
             ladder_factor=args.ladder_factor or LADDER_FACTOR,
+            checkpoints=checkpoints,
         )
         protocol = protocol_summary(settings, outcome)
         if protocol:
@@ -267,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
         plot_curves(
             staging / "curves.png", outcome.records, f"{settings.rule}, lr {outcome.lr:g}", outcome.curve
         )
+    if checkpoints is not None:
+        checkpoints.finish()
     saved = "LoRA adapter" if args.save_adapter else "model"
     print(f"Wrote {out}/ ({saved}, report.json, curves.png)")
     return 0

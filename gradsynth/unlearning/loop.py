@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.optim import SynthesizingOptimizer
+from gradsynth.unlearning.checkpoint import Checkpointing, LoopState, check_weights
 from gradsynth.unlearning.encoding import collate
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.reference import AdaptersDisabled, ReferenceLogprobs, is_peft_model
@@ -95,6 +96,16 @@ class _Cycle:
         chosen, self._order = self._order[:n], self._order[n:]
         return [self._items[i] for i in chosen]
 
+    def state(self) -> dict[str, Any]:
+        """Where the cycle is: its generator's state and the rest of the current shuffle (JSON-able)."""
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self._order)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._order = list(state["order"])
+
 
 class Diverged(ArithmeticError):
     """The run produced a non-finite loss or weight; the model it leaves must not be used."""
@@ -139,6 +150,7 @@ def unlearn(
     precompute_reference: bool = True,
     recall_batches: list[dict[str, Tensor]] | None = None,
     recall_of: Callable[[Any], float] | None = None,
+    checkpoint: Checkpointing | None = None,
 ) -> list[StepRecord]:
     """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step.
 
@@ -149,6 +161,9 @@ def unlearn(
     run that trains on full text must pass answer-only batches, or "recall" would ask for the
     whole sentence and fall long before the answers are forgotten. ``recall_of(model)``, if given,
     measures the forget recall instead (e.g. answer containment in greedy generations).
+    ``checkpoint``: save a `LoopState` every N steps and on ``KeyboardInterrupt``, and/or continue
+    from one (`gradsynth.unlearning.checkpoint`); the records returned then include the steps
+    before the resumed one.
 
     Raises `Diverged` at the first non-finite loss, or if a weight is non-finite at the end
     (a non-finite weight makes the next loss non-finite, so this covers every step).
@@ -169,9 +184,28 @@ def unlearn(
             collate(forget[i : i + TARGET_BATCH], pad_id) for i in range(0, len(forget), TARGET_BATCH)
         ]
     records: list[StepRecord] = []
+    cycles = {"forget": forget_cycle, "retain": retain_cycle}
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    checkpoint = checkpoint or Checkpointing(save=lambda state, interrupted: None)
+    if checkpoint.start is not None:
+        records = _restore(checkpoint.start, trained, optimizer, cycles)
+    # The state at the last step boundary, but the weights and optimizer (read when saving).
+    boundary = (len(records), {k: c.state() for k, c in cycles.items()}, torch.get_rng_state())
+
+    def state_at_boundary() -> LoopState:
+        step, cycle_states, rng = boundary
+        return LoopState(
+            step=step,
+            weights={name: p.detach() for name, p in trained.items()},
+            optimizer=optimizer.state_dict(),
+            cycles=cycle_states,
+            torch_rng=rng,
+            records=[asdict(r) for r in records],
+        )
+
     model.train()
     try:
-        for step in range(1, settings.steps + 1):
+        for step in range(len(records) + 1, settings.steps + 1):
             optimizer.zero_grad()
             forget_total = retain_total = 0.0
             for _ in range(settings.grad_accum):
@@ -188,33 +222,59 @@ def unlearn(
                 forget_total += float(lf.detach()) / settings.grad_accum
                 retain_total += float(lr_.detach()) / settings.grad_accum
                 _check_finite_loss(step, forget_total, retain_total)
-            optimizer.step()
-            geometry = optimizer.geometry
-            record = StepRecord(
-                step=step,
-                forget_loss=forget_total,
-                retain_loss=retain_total,
-                cos_fr=_finite(geometry.cos_fr) if geometry else None,
-                cos_gr=_finite(geometry.cos_gr) if geometry else None,
-                cos_gf=_finite(geometry.cos_gf) if geometry else None,
-                conflict_fraction=_finite(geometry.conflict_fraction) if geometry else None,
-            )
-            if settings.forget_target is not None and recall_of is not None:
-                record.forget_recall = recall_of(model)
-                model.train()
-            elif target_batches:
-                record.forget_recall = split_metrics(model, target_batches)["recall"]
-            records.append(record)
+            with checkpoint.guard():  # the update and the record saying it happened: never split
+                optimizer.step()
+                geometry = optimizer.geometry
+                record = StepRecord(
+                    step=step,
+                    forget_loss=forget_total,
+                    retain_loss=retain_total,
+                    cos_fr=_finite(geometry.cos_fr) if geometry else None,
+                    cos_gr=_finite(geometry.cos_gr) if geometry else None,
+                    cos_gf=_finite(geometry.cos_gf) if geometry else None,
+                    conflict_fraction=_finite(geometry.conflict_fraction) if geometry else None,
+                )
+                if settings.forget_target is not None and recall_of is not None:
+                    record.forget_recall = recall_of(model)
+                    model.train()
+                elif target_batches:
+                    record.forget_recall = split_metrics(model, target_batches)["recall"]
+                records.append(record)
+                boundary = (step, {k: c.state() for k, c in cycles.items()}, torch.get_rng_state())
             if on_step is not None:
                 on_step(record)
             if record.forget_recall is not None and record.forget_recall <= settings.forget_target:
                 break
+            if checkpoint.every and step % checkpoint.every == 0 and step < settings.steps:
+                checkpoint.save(state_at_boundary(), False)
+    except KeyboardInterrupt:
+        optimizer.zero_grad()  # the interrupted step's partial task gradients are not state
+        checkpoint.save(state_at_boundary(), True)
+        raise
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(was_trainable[name])
     _check_finite_weights(model)
     model.eval()
     return records
+
+
+def _restore(
+    state: LoopState,
+    trained: dict[str, torch.nn.Parameter],
+    optimizer: SynthesizingOptimizer,
+    cycles: dict[str, _Cycle],
+) -> list[StepRecord]:
+    """Load ``state`` into the run (weights, optimizer, cycles, torch's generator); its records."""
+    check_weights(state, trained)
+    with torch.no_grad():
+        for name, p in trained.items():
+            p.copy_(state.weights[name])
+    optimizer.load_state_dict(state.optimizer)
+    for name, cycle in cycles.items():
+        cycle.restore(state.cycles[name])
+    torch.set_rng_state(state.torch_rng)
+    return [StepRecord(**r) for r in state.records]
 
 
 def _objective(
