@@ -151,6 +151,7 @@ def run_unlearning(
     min_steps: int = 1,
     ladder_factor: float = 2.0,
     checkpoints: RunCheckpoints | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[Any, RunOutcome]:
     """Unlearn on a copy of ``task.model`` (or on it, ``in_place``); returns the model and the outcome.
 
@@ -160,7 +161,8 @@ def run_unlearning(
     climbed as `gradsynth.unlearning.protocol.climb` says, each rung from the original model; with
     ``min_steps`` > 1 a first rung that reaches the target sooner descends by ``ladder_factor`` (at
     most as many times as the ladder has rates). With ``checkpoints`` (`gradsynth.cli.resume`), each
-    rung's loop saves checkpoints, and a resumed run skips the rungs finished before the stop."""
+    rung's loop saves checkpoints, and a resumed run skips the rungs finished before the stop.
+    ``shard=(rank, world)``: this process's slice of a data-parallel run (`gradsynth.cli.launch`)."""
     plan = plan or BenchmarkPlan()
     target = settings.forget_target
     if target is not None and any(e.answer is None for e in task.forget):
@@ -229,6 +231,7 @@ def run_unlearning(
             curve,
             progress,
             saving,
+            shard,
         )
         runs.append((lr, records, curve, time.perf_counter() - start))
         return model, records
@@ -269,6 +272,7 @@ def _loop(
     curve: list[dict[str, Any]],
     progress: bool,
     checkpoint: Checkpointing | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[StepRecord]:
     """One run of the loop on ``model`` with a progress bar and the evaluation curve."""
     torch.manual_seed(settings.seed)
@@ -336,6 +340,7 @@ def _loop(
             recall_batches=recall_batches,
             recall_of=recall_of,
             checkpoint=checkpoint,
+            shard=shard,
         )
     except CheckpointMismatch as err:
         raise CliError(f"--resume: {err}; give the interrupted run's model and settings") from err

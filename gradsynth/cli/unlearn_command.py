@@ -8,8 +8,11 @@ Output folder: the unlearned model and tokenizer (``save_pretrained``, safetenso
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import torch
 from gradsynth.cli.audit_command import audit_table, relearn_settings, world_audit
 from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.errors import CliError
+from gradsynth.cli.launch import Launch, check_launch_flags, is_writer, join, leave
 from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.parser import (
     DEFAULT_STEPS,
@@ -181,11 +185,35 @@ def run(args: argparse.Namespace) -> int:
     check_objectives([args.forget_loss], "--forget-loss")
     check_protocol(args, [args.forget_loss])
     check_scale_flags(args)
+    check_launch_flags(args)
     out = args.out or default_out("unlearn")
     relearn = relearn_settings(args)
-    check_output_folder(out, args.overwrite, run_inputs(args))
+    writer = is_writer()  # under torchrun, rank 0 alone writes (and prints)
+    if writer:
+        check_output_folder(out, args.overwrite, run_inputs(args))
     checkpoints = run_checkpoints(args, Path(os.path.abspath(out)))
     device = resolve_device(args.device)
+    launch = join(device)
+    try:
+        with contextlib.nullcontext() if writer else contextlib.redirect_stdout(io.StringIO()):
+            return _unlearn(args, out, relearn, checkpoints, launch.device if launch else device, launch)
+    finally:
+        leave(launch)
+
+
+@contextlib.contextmanager
+def _no_output() -> Iterator[None]:
+    yield None  # a rank other than 0 writes nothing
+
+
+def _unlearn(
+    args: argparse.Namespace,
+    out: Path,
+    relearn: Any,
+    checkpoints: Any,
+    device: str,
+    launch: Launch | None,
+) -> int:
     task = load_task(args, args.seed)
     if args.max_length:
         task.max_length = args.max_length
@@ -210,7 +238,9 @@ def run(args: argparse.Namespace) -> int:
         f"({task.description['source']}); rule {settings.rule}, forget loss {settings.losses.forget}, "
         f"retain loss {settings.losses.retain}, lr {settings.lr:g}, {length}, device {device}"
     )
-    with staged_output(out, args.overwrite) as staging:
+    with (
+        staged_output(out, args.overwrite) if launch is None or launch.rank == 0 else _no_output() as staging
+    ):
         model, outcome = run_unlearning(
             task,
             settings,
@@ -222,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
             min_steps=args.min_steps or 1,
             ladder_factor=args.ladder_factor or LADDER_FACTOR,
             checkpoints=checkpoints,
+            shard=(launch.rank, launch.world) if launch is not None else None,
         )
         protocol = protocol_summary(settings, outcome)
         if protocol:
@@ -237,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
             f"cos(g,r) {num(geometry['cos_gr'])}, cos(g,f) {num(geometry['cos_gf'])}, "
             f"conflicting coordinates {num(geometry['conflict_fraction'])}; loop {outcome.seconds:.1f}s"
         )
+        if staging is None:
+            return 0
         model = saved_model(model, staging, args.save_adapter)  # a LoRA model merged
         audit = None
         if args.audit:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from gradsynth.optim import SynthesizingOptimizer
 from gradsynth.unlearning.checkpoint import Checkpointing, LoopState, check_weights
-from gradsynth.unlearning.encoding import collate
+from gradsynth.unlearning.encoding import IGNORE_INDEX, collate
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.reference import AdaptersDisabled, ReferenceLogprobs, is_peft_model
 from gradsynth.unlearning.rmu import RMU, decoder_layers
@@ -151,6 +151,7 @@ def unlearn(
     recall_batches: list[dict[str, Tensor]] | None = None,
     recall_of: Callable[[Any], float] | None = None,
     checkpoint: Checkpointing | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[StepRecord]:
     """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step.
 
@@ -164,6 +165,11 @@ def unlearn(
     ``checkpoint``: save a `LoopState` every N steps and on ``KeyboardInterrupt``, and/or continue
     from one (`gradsynth.unlearning.checkpoint`); the records returned then include the steps
     before the resumed one.
+    ``shard=(rank, world)``: data parallel under an initialised ``torch.distributed`` process group.
+    Every rank draws the same batches and trains on its slice ``items[rank::world]`` through
+    ``DistributedDataParallel``, its loss scaled by ``world * n_rank / n`` (``n``: the batch's loss
+    tokens, or examples for NPO/SimNPO), so that DDP's mean of the ranks' gradients is the
+    gradient of the whole batch's loss, as one process computes it (`shard_weight`).
 
     Raises `Diverged` at the first non-finite loss, or if a weight is non-finite at the end
     (a non-finite weight makes the next loss non-finite, so this covers every step).
@@ -171,7 +177,12 @@ def unlearn(
     device = next(model.parameters()).device
     ref_table, ref_model = _references(model, forget, pad_id, settings, reference, precompute_reference)
     was_trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    params, forget_of, retain_of = _objective(model, settings, ref_table, ref_model)
+    net = model
+    if shard is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, broadcast_buffers=False)
+    params, forget_of, retain_of = _objective(model, settings, ref_table, ref_model, net)
     base = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     optimizer = SynthesizingOptimizer(
         base, settings.rule, alpha=settings.alpha, gamma=settings.gamma, track_geometry=True
@@ -210,17 +221,20 @@ def unlearn(
             forget_total = retain_total = 0.0
             for _ in range(settings.grad_accum):
                 forget_items = forget_cycle.take(settings.batch_size)
+                retain_items = retain_cycle.take(settings.batch_size)
+                forget_weight = shard_weight(forget_items, shard, per_example=settings.losses.forget != "ga")
+                retain_weight = shard_weight(retain_items, shard, per_example=False)
+                if shard is not None:
+                    forget_items = forget_items[shard[0] :: shard[1]]
+                    retain_items = retain_items[shard[0] :: shard[1]]
                 fb = {k: v.to(device) for k, v in collate(forget_items, pad_id).items()}
-                rb = {
-                    k: v.to(device)
-                    for k, v in collate(retain_cycle.take(settings.batch_size), pad_id).items()
-                }
-                lf = forget_of(fb, forget_items)
+                rb = {k: v.to(device) for k, v in collate(retain_items, pad_id).items()}
+                lf = forget_of(fb, forget_items) * forget_weight
                 optimizer.backward_forget(lf / settings.grad_accum)
-                lr_ = retain_of(rb)
+                lr_ = retain_of(rb) * retain_weight
                 optimizer.backward_retain(lr_ / settings.grad_accum)
-                forget_total += float(lf.detach()) / settings.grad_accum
-                retain_total += float(lr_.detach()) / settings.grad_accum
+                forget_total += _whole(lf, shard) / settings.grad_accum
+                retain_total += _whole(lr_, shard) / settings.grad_accum
                 _check_finite_loss(step, forget_total, retain_total)
             with checkpoint.guard():  # the update and the record saying it happened: never split
                 optimizer.step()
@@ -259,6 +273,32 @@ def unlearn(
     return records
 
 
+def _loss_tokens(items: list[Encoded]) -> int:
+    """The positions that carry a token loss: labels after the first that are not ignored."""
+    return sum(sum(1 for label in labels[1:] if label != IGNORE_INDEX) for _, labels in items)
+
+
+def shard_weight(items: list[Encoded], shard: tuple[int, int] | None, *, per_example: bool) -> float:
+    """``world * n_rank / n``: the factor that makes DDP's mean over ranks of each rank's mean loss the
+    mean over the whole batch (``n``: loss tokens, or examples when the loss is a mean over them)."""
+    if shard is None:
+        return 1.0
+    rank, world = shard
+    count = len if per_example else _loss_tokens
+    total = count(items)
+    return world * count(items[rank::world]) / total if total else 1.0
+
+
+def _whole(loss: Tensor, shard: tuple[int, int] | None) -> float:
+    """The whole batch's loss from a rank's weighted one: the sum over ranks of ``loss / world``."""
+    value = loss.detach()
+    if shard is None:
+        return float(value)
+    value = value.float() / shard[1]
+    torch.distributed.all_reduce(value)
+    return float(value)
+
+
 def _restore(
     state: LoopState,
     trained: dict[str, torch.nn.Parameter],
@@ -278,9 +318,15 @@ def _restore(
 
 
 def _objective(
-    model: Any, settings: UnlearnSettings, ref_table: ReferenceLogprobs | None, ref_model: Any
+    model: Any,
+    settings: UnlearnSettings,
+    ref_table: ReferenceLogprobs | None,
+    ref_model: Any,
+    net: Any = None,
 ) -> tuple[list[torch.nn.Parameter], Callable[..., Any], Callable[..., Any]]:
-    """The parameters to train, ``forget(batch, items) -> L_f`` and ``retain(batch) -> L_r``."""
+    """The parameters to train, ``forget(batch, items) -> L_f`` and ``retain(batch) -> L_r``; the
+    losses run ``net`` (``model`` itself, or its ``DistributedDataParallel`` wrapper)."""
+    net = model if net is None else net
     rmu = rmu_for(model, settings)
     if rmu is not None:
         return rmu.trained_parameters(), lambda batch, _items: rmu.forget_loss(batch), rmu.retain_loss
@@ -288,13 +334,13 @@ def _objective(
 
     def forget_of(batch: dict[str, Any], items: list[Encoded]) -> Any:
         ref_logprob = ref_table.lookup(items, device) if ref_table is not None else None
-        return forget_loss(model, batch, settings.losses, ref_model, ref_logprob)
+        return forget_loss(net, batch, settings.losses, ref_model, ref_logprob)
 
     return (
         # All of them, or a PEFT model's adapters alone (its base weights are frozen).
         [p for p in model.parameters() if p.requires_grad],
         forget_of,
-        lambda batch: retain_loss(model, batch, settings.losses, ref_model),
+        lambda batch: retain_loss(net, batch, settings.losses, ref_model),
     )
 
 
