@@ -2,7 +2,10 @@
 
 Output folder: the unlearned model and tokenizer (``save_pretrained``, safetensors),
 ``report.json`` (settings, metrics before/after, per-step losses and geometry) and
-``curves.png`` (losses and cosines per step).
+``curves.png`` (losses and cosines per step). A LoRA run (``--lora-rank``) saves the merged model,
+or with ``--save-adapter`` the adapter alone (`gradsynth.cli.scale`); ``--save-every`` keeps a
+checkpoint beside ``--out`` until the run is written (`gradsynth.cli.resume`); under ``torchrun``
+rank 0 alone writes (`gradsynth.cli.launch`).
 """
 
 from __future__ import annotations

@@ -197,6 +197,7 @@ def unlearn(
     records: list[StepRecord] = []
     cycles = {"forget": forget_cycle, "retain": retain_cycle}
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saving = checkpoint is not None
     checkpoint = checkpoint or Checkpointing(save=lambda state, interrupted: None)
     if checkpoint.start is not None:
         records = _restore(checkpoint.start, trained, optimizer, cycles)
@@ -262,8 +263,9 @@ def unlearn(
             if checkpoint.every and step % checkpoint.every == 0 and step < settings.steps:
                 checkpoint.save(state_at_boundary(), False)
     except KeyboardInterrupt:
-        optimizer.zero_grad()  # the interrupted step's partial task gradients are not state
-        checkpoint.save(state_at_boundary(), True)
+        if saving:
+            optimizer.zero_grad()  # the interrupted step's partial task gradients are not state
+            checkpoint.save(state_at_boundary(), True)
         raise
     finally:
         for name, p in model.named_parameters():
