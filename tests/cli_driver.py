@@ -60,8 +60,8 @@ def main() -> int:
                 on_step(record)
             _pause("unlearn")
 
-        args = args[:6]
-        return original_unlearn(*args, on_step=step)
+        kwargs["on_step"] = step  # the other keywords (recall, checkpoints) pass through
+        return original_unlearn(*args[:6], **kwargs)
 
     run_one.unlearn = unlearn
     _wrap(unlearn_command, "write_report", "save")

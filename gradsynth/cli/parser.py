@@ -293,6 +293,64 @@ def _add_relearn(p: argparse.ArgumentParser) -> None:
     )
 
 
+# ----- the flags of a run at scale (LoRA, gradient checkpointing, checkpoints and resume) -----
+
+LORA_ALL_LINEAR = "all-linear"
+
+
+def _lora_targets(text: str) -> list[str] | str:
+    """``q_proj,v_proj`` as a list of module names, or ``all-linear`` (PEFT's every linear layer)."""
+    if text.strip() == LORA_ALL_LINEAR:
+        return LORA_ALL_LINEAR
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"give module names (q_proj,v_proj) or {LORA_ALL_LINEAR}, got {text!r}"
+        )
+    return names
+
+
+def _add_scale(p: argparse.ArgumentParser) -> None:
+    scale = p.add_argument_group(
+        "a run at scale",
+        "LoRA adapters, gradient checkpointing, checkpoints every N steps and resuming (docs/scaling.md)",
+    )
+    scale.add_argument(
+        "--lora-rank",
+        type=_positive_int,
+        help="train LoRA adapters of this rank (peft) instead of every weight; the synthesis acts on them",
+    )
+    scale.add_argument("--lora-alpha", type=_positive, help="LoRA scaling numerator (default 2 * rank)")
+    scale.add_argument(
+        "--lora-target-modules",
+        type=_lora_targets,
+        help=f"comma-separated module names (q_proj,v_proj) or {LORA_ALL_LINEAR} "
+        "(default: peft's choice for the architecture)",
+    )
+    scale.add_argument(
+        "--save-adapter",
+        action="store_true",
+        help="save the LoRA adapter only (peft format) instead of the merged model",
+    )
+    scale.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward passes (less memory, about one more forward per pass)",
+    )
+    scale.add_argument(
+        "--save-every",
+        type=_positive_int,
+        metavar="N",
+        help="write a checkpoint every N steps, and when interrupted, to <--out>-checkpoint",
+    )
+    scale.add_argument(
+        "--resume",
+        type=Path,
+        metavar="FOLDER",
+        help="continue the interrupted run whose checkpoint is FOLDER (give the same settings)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradsynth", description="LLM unlearning with retention-first gradient synthesis.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -314,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument(
         "--eval-every", type=_positive_int, help="evaluate every split (and --eval-tasks) every N steps"
     )
+    _add_scale(unlearn)
     compare = commands.add_parser(
         "compare",
         help="compare rules (and objectives) over a learning-rate grid or at a forget target",

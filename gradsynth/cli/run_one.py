@@ -11,7 +11,7 @@ import copy
 import sys
 import time
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,8 +21,10 @@ from gradsynth.cli.benchmark_plan import BenchmarkPlan
 from gradsynth.cli.errors import CliError, RunDiverged
 from gradsynth.cli.memory import check_batch_fits, vocabulary_of
 from gradsynth.cli.progress import StepLines, phase
+from gradsynth.cli.resume import RunCheckpoints
 from gradsynth.cli.sources import Task
 from gradsynth.unlearning.answers import answer_scores
+from gradsynth.unlearning.checkpoint import Checkpointing, CheckpointMismatch
 from gradsynth.unlearning.encoding import IGNORE_INDEX, collate, encode_many, pad_id_of
 from gradsynth.unlearning.loop import Diverged, StepRecord, UnlearnSettings, unlearn
 from gradsynth.unlearning.protocol import Rung, climb
@@ -148,6 +150,8 @@ def run_unlearning(
     ladder: list[float] | None = None,
     min_steps: int = 1,
     ladder_factor: float = 2.0,
+    checkpoints: RunCheckpoints | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[Any, RunOutcome]:
     """Unlearn on a copy of ``task.model`` (or on it, ``in_place``); returns the model and the outcome.
 
@@ -156,7 +160,9 @@ def run_unlearning(
     ``settings.forget_target``, the learning rates of ``ladder`` (default ``[settings.lr]``) are
     climbed as `gradsynth.unlearning.protocol.climb` says, each rung from the original model; with
     ``min_steps`` > 1 a first rung that reaches the target sooner descends by ``ladder_factor`` (at
-    most as many times as the ladder has rates)."""
+    most as many times as the ladder has rates). With ``checkpoints`` (`gradsynth.cli.resume`), each
+    rung's loop saves checkpoints, and a resumed run skips the rungs finished before the stop.
+    ``shard=(rank, world)``: this process's slice of a data-parallel run (`gradsynth.cli.launch`)."""
     plan = plan or BenchmarkPlan()
     target = settings.forget_target
     if target is not None and any(e.answer is None for e in task.forget):
@@ -193,15 +199,39 @@ def run_unlearning(
     runs: list[tuple[float, list[StepRecord], list[dict[str, Any]], float]] = []
     descends = target is not None and min_steps > 1
 
+    def finished() -> list[dict[str, Any]]:  # the rungs done, as a checkpoint keeps them
+        return [
+            {"lr": r[0], "records": [asdict(x) for x in r[1]], "curve": r[2], "seconds": r[3]} for r in runs
+        ]
+
     def rung(lr: float) -> tuple[Any, list[StepRecord]]:
+        index = len(runs)
+        resumed = checkpoints.resumed if checkpoints is not None else None
+        if resumed is not None and index < resumed.rung:  # finished before the stop: not reached
+            done = resumed.finished[index]
+            records = [StepRecord(**r) for r in done["records"]]
+            runs.append((lr, records, done["curve"], done["seconds"]))
+            return None, records
         # Every rung starts from the original model; only a single plain run may use it in place.
         model = task.model if in_place and len(lrs) == 1 and not descends else copy.deepcopy(task.model)
         curve = (
             [{"step": 0, "splits": before, "benchmarks": benchmarks.get("before", {})}] if plan.every else []
         )
+        saving = checkpoints.for_rung(index, finished, curve) if checkpoints is not None else None
         start = time.perf_counter()
         records = _loop(
-            task, model, replace(settings, lr=lr), device, forget, retain, eval_batches, plan, curve, progress
+            task,
+            model,
+            replace(settings, lr=lr),
+            device,
+            forget,
+            retain,
+            eval_batches,
+            plan,
+            curve,
+            progress,
+            saving,
+            shard,
         )
         runs.append((lr, records, curve, time.perf_counter() - start))
         return model, records
@@ -241,6 +271,8 @@ def _loop(
     plan: BenchmarkPlan,
     curve: list[dict[str, Any]],
     progress: bool,
+    checkpoint: Checkpointing | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[StepRecord]:
     """One run of the loop on ``model`` with a progress bar and the evaluation curve."""
     torch.manual_seed(settings.seed)
@@ -307,7 +339,11 @@ def _loop(
             on_step,
             recall_batches=recall_batches,
             recall_of=recall_of,
+            checkpoint=checkpoint,
+            shard=shard,
         )
+    except CheckpointMismatch as err:
+        raise CliError(f"--resume: {err}; give the interrupted run's model and settings") from err
     except Diverged as err:
         raise RunDiverged(f"rule {settings.rule}, lr {settings.lr:g}, seed {settings.seed}: {err}") from err
     finally:

@@ -2,13 +2,20 @@
 
 Output folder: the unlearned model and tokenizer (``save_pretrained``, safetensors),
 ``report.json`` (settings, metrics before/after, per-step losses and geometry) and
-``curves.png`` (losses and cosines per step).
+``curves.png`` (losses and cosines per step). A LoRA run (``--lora-rank``) saves the merged model,
+or with ``--save-adapter`` the adapter alone (`gradsynth.cli.scale`); ``--save-every`` keeps a
+checkpoint beside ``--out`` until the run is written (`gradsynth.cli.resume`); under ``torchrun``
+rank 0 alone writes (`gradsynth.cli.launch`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +24,7 @@ import torch
 from gradsynth.cli.audit_command import audit_table, relearn_settings, world_audit
 from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.errors import CliError
+from gradsynth.cli.launch import Launch, check_launch_flags, is_writer, join, leave
 from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.parser import (
     DEFAULT_STEPS,
@@ -28,7 +36,15 @@ from gradsynth.cli.parser import (
 )
 from gradsynth.cli.progress import phase
 from gradsynth.cli.reference_target import REFERENCE, forget_target_for
+from gradsynth.cli.resume import run_checkpoints
 from gradsynth.cli.run_one import RunOutcome, run_unlearning, split_batches
+from gradsynth.cli.scale import (
+    check_scale_flags,
+    enable_gradient_checkpointing,
+    lora_settings,
+    saved_model,
+    with_lora,
+)
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.tables import before_after_table, benchmark_table, num
 from gradsynth.unlearning.loop import UnlearnSettings, rmu_for, steps_for_epochs
@@ -171,13 +187,42 @@ def run(args: argparse.Namespace) -> int:
     check_rules([args.rule], "--rule")
     check_objectives([args.forget_loss], "--forget-loss")
     check_protocol(args, [args.forget_loss])
+    check_scale_flags(args)
+    check_launch_flags(args)
     out = args.out or default_out("unlearn")
     relearn = relearn_settings(args)
-    check_output_folder(out, args.overwrite, run_inputs(args))
+    writer = is_writer()  # under torchrun, rank 0 alone writes (and prints)
+    if writer:
+        check_output_folder(out, args.overwrite, run_inputs(args))
+    checkpoints = run_checkpoints(args, Path(os.path.abspath(out)))
     device = resolve_device(args.device)
+    launch = join(device)
+    try:
+        with contextlib.nullcontext() if writer else contextlib.redirect_stdout(io.StringIO()):
+            return _unlearn(args, out, relearn, checkpoints, launch.device if launch else device, launch)
+    finally:
+        leave(launch)
+
+
+@contextlib.contextmanager
+def _no_output() -> Iterator[None]:
+    yield None  # a rank other than 0 writes nothing
+
+
+def _unlearn(
+    args: argparse.Namespace,
+    out: Path,
+    relearn: Any,
+    checkpoints: Any,
+    device: str,
+    launch: Launch | None,
+) -> int:
     task = load_task(args, args.seed)
     if args.max_length:
         task.max_length = args.max_length
+    task.model = with_lora(task.model, args, args.seed)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(task.model)
     target = forget_target_for(args, args.seed, split_batches(task, "forget")[0])
     if args.forget_target == REFERENCE:
         print(f"Forget target: {100 * target:.1f}%, the never-learned world model's recall of the forget set")
@@ -196,7 +241,9 @@ def run(args: argparse.Namespace) -> int:
         f"({task.description['source']}); rule {settings.rule}, forget loss {settings.losses.forget}, "
         f"retain loss {settings.losses.retain}, lr {settings.lr:g}, {length}, device {device}"
     )
-    with staged_output(out, args.overwrite) as staging:
+    with (
+        staged_output(out, args.overwrite) if launch is None or launch.rank == 0 else _no_output() as staging
+    ):
         model, outcome = run_unlearning(
             task,
             settings,
@@ -207,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
             ladder=rates,
             min_steps=args.min_steps or 1,
             ladder_factor=args.ladder_factor or LADDER_FACTOR,
+            checkpoints=checkpoints,
+            shard=(launch.rank, launch.world) if launch is not None else None,
         )
         protocol = protocol_summary(settings, outcome)
         if protocol:
@@ -222,14 +271,18 @@ def run(args: argparse.Namespace) -> int:
             f"cos(g,r) {num(geometry['cos_gr'])}, cos(g,f) {num(geometry['cos_gf'])}, "
             f"conflicting coordinates {num(geometry['conflict_fraction'])}; loop {outcome.seconds:.1f}s"
         )
+        if staging is None:
+            return 0
+        model = saved_model(model, staging, args.save_adapter)  # a LoRA model merged
         audit = None
         if args.audit:
             with phase("auditing the forgetting"):
                 audit = world_audit(model, task.tokenizer, args.world, args.seed, relearn=relearn)
             print("\nAudit of the forgetting (forget facts against fresh-name twins):\n")
             print(audit_table(audit))
-        with phase(f"saving the model to {out}"):
-            model.save_pretrained(staging, safe_serialization=True)
+        with phase(f"saving the {'adapter' if args.save_adapter else 'model'} to {out}"):
+            if not args.save_adapter:
+                model.save_pretrained(staging, safe_serialization=True)
             task.tokenizer.save_pretrained(staging)
         report_settings = {
             "command": "unlearn",
@@ -238,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
             "device": device,
             "task": task.description,
             "protocol": protocol,
+            "lora": lora_settings(args),
+            "gradient_checkpointing": args.gradient_checkpointing,
         }
         write_report(
             staging / "report.json",
@@ -252,5 +307,8 @@ def run(args: argparse.Namespace) -> int:
         plot_curves(
             staging / "curves.png", outcome.records, f"{settings.rule}, lr {outcome.lr:g}", outcome.curve
         )
-    print(f"Wrote {out}/ (model, report.json, curves.png)")
+    if checkpoints is not None:
+        checkpoints.finish()
+    saved = "LoRA adapter" if args.save_adapter else "model"
+    print(f"Wrote {out}/ ({saved}, report.json, curves.png)")
     return 0

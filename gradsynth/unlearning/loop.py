@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from gradsynth.optim import SynthesizingOptimizer
-from gradsynth.unlearning.encoding import collate
+from gradsynth.unlearning.checkpoint import Checkpointing, LoopState, check_weights
+from gradsynth.unlearning.encoding import IGNORE_INDEX, collate
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.reference import AdaptersDisabled, ReferenceLogprobs, is_peft_model
 from gradsynth.unlearning.rmu import RMU, decoder_layers
@@ -95,6 +96,16 @@ class _Cycle:
         chosen, self._order = self._order[:n], self._order[n:]
         return [self._items[i] for i in chosen]
 
+    def state(self) -> dict[str, Any]:
+        """Where the cycle is: its generator's state and the rest of the current shuffle (JSON-able)."""
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self._order)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._order = list(state["order"])
+
 
 class Diverged(ArithmeticError):
     """The run produced a non-finite loss or weight; the model it leaves must not be used."""
@@ -139,6 +150,8 @@ def unlearn(
     precompute_reference: bool = True,
     recall_batches: list[dict[str, Tensor]] | None = None,
     recall_of: Callable[[Any], float] | None = None,
+    checkpoint: Checkpointing | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[StepRecord]:
     """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step.
 
@@ -149,6 +162,14 @@ def unlearn(
     run that trains on full text must pass answer-only batches, or "recall" would ask for the
     whole sentence and fall long before the answers are forgotten. ``recall_of(model)``, if given,
     measures the forget recall instead (e.g. answer containment in greedy generations).
+    ``checkpoint``: save a `LoopState` every N steps and on ``KeyboardInterrupt``, and/or continue
+    from one (`gradsynth.unlearning.checkpoint`); the records returned then include the steps
+    before the resumed one.
+    ``shard=(rank, world)``: data parallel under an initialised ``torch.distributed`` process group.
+    Every rank draws the same batches and trains on its slice ``items[rank::world]`` through
+    ``DistributedDataParallel``, its loss scaled by ``world * n_rank / n`` (``n``: the batch's loss
+    tokens, or examples for NPO/SimNPO), so that DDP's mean of the ranks' gradients is the
+    gradient of the whole batch's loss, as one process computes it (`shard_weight`).
 
     Raises `Diverged` at the first non-finite loss, or if a weight is non-finite at the end
     (a non-finite weight makes the next loss non-finite, so this covers every step).
@@ -156,7 +177,12 @@ def unlearn(
     device = next(model.parameters()).device
     ref_table, ref_model = _references(model, forget, pad_id, settings, reference, precompute_reference)
     was_trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    params, forget_of, retain_of = _objective(model, settings, ref_table, ref_model)
+    net = model
+    if shard is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, broadcast_buffers=False)
+    params, forget_of, retain_of = _objective(model, settings, ref_table, ref_model, net)
     base = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     optimizer = SynthesizingOptimizer(
         base, settings.rule, alpha=settings.alpha, gamma=settings.gamma, track_geometry=True
@@ -169,46 +195,78 @@ def unlearn(
             collate(forget[i : i + TARGET_BATCH], pad_id) for i in range(0, len(forget), TARGET_BATCH)
         ]
     records: list[StepRecord] = []
+    cycles = {"forget": forget_cycle, "retain": retain_cycle}
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saving = checkpoint is not None
+    checkpoint = checkpoint or Checkpointing(save=lambda state, interrupted: None)
+    if checkpoint.start is not None:
+        records = _restore(checkpoint.start, trained, optimizer, cycles)
+    # The state at the last step boundary, but the weights and optimizer (read when saving).
+    boundary = (len(records), {k: c.state() for k, c in cycles.items()}, torch.get_rng_state())
+
+    def state_at_boundary() -> LoopState:
+        step, cycle_states, rng = boundary
+        return LoopState(
+            step=step,
+            weights={name: p.detach() for name, p in trained.items()},
+            optimizer=optimizer.state_dict(),
+            cycles=cycle_states,
+            torch_rng=rng,
+            records=[asdict(r) for r in records],
+        )
+
     model.train()
     try:
-        for step in range(1, settings.steps + 1):
+        for step in range(len(records) + 1, settings.steps + 1):
             optimizer.zero_grad()
             forget_total = retain_total = 0.0
             for _ in range(settings.grad_accum):
                 forget_items = forget_cycle.take(settings.batch_size)
+                retain_items = retain_cycle.take(settings.batch_size)
+                forget_weight = shard_weight(forget_items, shard, per_example=settings.losses.forget != "ga")
+                retain_weight = shard_weight(retain_items, shard, per_example=False)
+                if shard is not None:
+                    forget_items = forget_items[shard[0] :: shard[1]]
+                    retain_items = retain_items[shard[0] :: shard[1]]
                 fb = {k: v.to(device) for k, v in collate(forget_items, pad_id).items()}
-                rb = {
-                    k: v.to(device)
-                    for k, v in collate(retain_cycle.take(settings.batch_size), pad_id).items()
-                }
-                lf = forget_of(fb, forget_items)
+                rb = {k: v.to(device) for k, v in collate(retain_items, pad_id).items()}
+                lf = forget_of(fb, forget_items) * forget_weight
                 optimizer.backward_forget(lf / settings.grad_accum)
-                lr_ = retain_of(rb)
+                lr_ = retain_of(rb) * retain_weight
                 optimizer.backward_retain(lr_ / settings.grad_accum)
-                forget_total += float(lf.detach()) / settings.grad_accum
-                retain_total += float(lr_.detach()) / settings.grad_accum
+                forget_total += _whole(lf, shard) / settings.grad_accum
+                retain_total += _whole(lr_, shard) / settings.grad_accum
                 _check_finite_loss(step, forget_total, retain_total)
-            optimizer.step()
-            geometry = optimizer.geometry
-            record = StepRecord(
-                step=step,
-                forget_loss=forget_total,
-                retain_loss=retain_total,
-                cos_fr=_finite(geometry.cos_fr) if geometry else None,
-                cos_gr=_finite(geometry.cos_gr) if geometry else None,
-                cos_gf=_finite(geometry.cos_gf) if geometry else None,
-                conflict_fraction=_finite(geometry.conflict_fraction) if geometry else None,
-            )
-            if settings.forget_target is not None and recall_of is not None:
-                record.forget_recall = recall_of(model)
-                model.train()
-            elif target_batches:
-                record.forget_recall = split_metrics(model, target_batches)["recall"]
-            records.append(record)
+            with checkpoint.guard():  # the update and the record saying it happened: never split
+                optimizer.step()
+                geometry = optimizer.geometry
+                record = StepRecord(
+                    step=step,
+                    forget_loss=forget_total,
+                    retain_loss=retain_total,
+                    cos_fr=_finite(geometry.cos_fr) if geometry else None,
+                    cos_gr=_finite(geometry.cos_gr) if geometry else None,
+                    cos_gf=_finite(geometry.cos_gf) if geometry else None,
+                    conflict_fraction=_finite(geometry.conflict_fraction) if geometry else None,
+                )
+                if settings.forget_target is not None and recall_of is not None:
+                    record.forget_recall = recall_of(model)
+                    model.train()
+                elif target_batches:
+                    record.forget_recall = split_metrics(model, target_batches)["recall"]
+                records.append(record)
+                boundary = (step, {k: c.state() for k, c in cycles.items()}, torch.get_rng_state())
             if on_step is not None:
                 on_step(record)
             if record.forget_recall is not None and record.forget_recall <= settings.forget_target:
                 break
+            if checkpoint.every and step % checkpoint.every == 0 and step < settings.steps:
+                checkpoint.save(state_at_boundary(), False)
+    except KeyboardInterrupt:
+        if saving:
+            optimizer.zero_grad()  # the interrupted step's partial task gradients are not state
+            checkpoint.save(state_at_boundary(), True)
+        raise
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(was_trainable[name])
@@ -217,10 +275,60 @@ def unlearn(
     return records
 
 
+def _loss_tokens(items: list[Encoded]) -> int:
+    """The positions that carry a token loss: labels after the first that are not ignored."""
+    return sum(sum(1 for label in labels[1:] if label != IGNORE_INDEX) for _, labels in items)
+
+
+def shard_weight(items: list[Encoded], shard: tuple[int, int] | None, *, per_example: bool) -> float:
+    """``world * n_rank / n``: the factor that makes DDP's mean over ranks of each rank's mean loss the
+    mean over the whole batch (``n``: loss tokens, or examples when the loss is a mean over them)."""
+    if shard is None:
+        return 1.0
+    rank, world = shard
+    count = len if per_example else _loss_tokens
+    total = count(items)
+    return world * count(items[rank::world]) / total if total else 1.0
+
+
+def _whole(loss: Tensor, shard: tuple[int, int] | None) -> float:
+    """The whole batch's loss from a rank's weighted one: the sum over ranks of ``loss / world``."""
+    value = loss.detach()
+    if shard is None:
+        return float(value)
+    value = value.float() / shard[1]
+    torch.distributed.all_reduce(value)
+    return float(value)
+
+
+def _restore(
+    state: LoopState,
+    trained: dict[str, torch.nn.Parameter],
+    optimizer: SynthesizingOptimizer,
+    cycles: dict[str, _Cycle],
+) -> list[StepRecord]:
+    """Load ``state`` into the run (weights, optimizer, cycles, torch's generator); its records."""
+    check_weights(state, trained)
+    with torch.no_grad():
+        for name, p in trained.items():
+            p.copy_(state.weights[name])
+    optimizer.load_state_dict(state.optimizer)
+    for name, cycle in cycles.items():
+        cycle.restore(state.cycles[name])
+    torch.set_rng_state(state.torch_rng)
+    return [StepRecord(**r) for r in state.records]
+
+
 def _objective(
-    model: Any, settings: UnlearnSettings, ref_table: ReferenceLogprobs | None, ref_model: Any
+    model: Any,
+    settings: UnlearnSettings,
+    ref_table: ReferenceLogprobs | None,
+    ref_model: Any,
+    net: Any = None,
 ) -> tuple[list[torch.nn.Parameter], Callable[..., Any], Callable[..., Any]]:
-    """The parameters to train, ``forget(batch, items) -> L_f`` and ``retain(batch) -> L_r``."""
+    """The parameters to train, ``forget(batch, items) -> L_f`` and ``retain(batch) -> L_r``; the
+    losses run ``net`` (``model`` itself, or its ``DistributedDataParallel`` wrapper)."""
+    net = model if net is None else net
     rmu = rmu_for(model, settings)
     if rmu is not None:
         return rmu.trained_parameters(), lambda batch, _items: rmu.forget_loss(batch), rmu.retain_loss
@@ -228,12 +336,13 @@ def _objective(
 
     def forget_of(batch: dict[str, Any], items: list[Encoded]) -> Any:
         ref_logprob = ref_table.lookup(items, device) if ref_table is not None else None
-        return forget_loss(model, batch, settings.losses, ref_model, ref_logprob)
+        return forget_loss(net, batch, settings.losses, ref_model, ref_logprob)
 
     return (
-        list(model.parameters()),
+        # All of them, or a PEFT model's adapters alone (its base weights are frozen).
+        [p for p in model.parameters() if p.requires_grad],
         forget_of,
-        lambda batch: retain_loss(model, batch, settings.losses, ref_model),
+        lambda batch: retain_loss(net, batch, settings.losses, ref_model),
     )
 
 

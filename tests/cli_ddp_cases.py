@@ -1,0 +1,59 @@
+"""What the 2-process tests of the unlearning loop's data parallelism run on each rank (CPU, gloo).
+
+`run_loop` unlearns a tiny Llama for a few steps on examples of different lengths (so the ranks'
+slices hold different numbers of loss tokens, which the loss weights must correct), in one
+process (``shard=None``) or as one rank of a group. Not a test module: ``test_cli_launch.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from hf_helpers import VOCAB, tiny_llama
+
+from gradsynth.unlearning.loop import UnlearnSettings, unlearn
+from gradsynth.unlearning.task_losses import LossSettings
+
+BATCH = 4  # per task and micro-batch, split across the ranks
+
+
+def _examples(seed: str, n: int) -> list[tuple[list[int], list[int]]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 5))]
+        answer = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 9))]
+        out.append((prompt + answer, [-100] * len(prompt) + answer))
+    return out
+
+
+def run_loop(shard: tuple[int, int] | None, forget_loss: str) -> dict:
+    """Weights after 3 steps, the step records, and the batch sizes the model's forward saw."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    seen: list[int] = []
+    model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(int(kw["input_ids"].shape[0])), with_kwargs=True
+    )
+    settings = UnlearnSettings(
+        rule="sago", lr=1e-2, steps=3, batch_size=BATCH, grad_accum=2, losses=LossSettings(forget=forget_loss)
+    )
+    records = unlearn(model, _examples("forget", 10), _examples("retain", 10), 0, settings, shard=shard)
+    return {
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "records": [(r.forget_loss, r.retain_loss, r.cos_fr) for r in records],
+        "seen": seen,
+    }
+
+
+def ddp_loop_case(out: str, forget_loss: str, rank: int, world: int, weighted: bool = True) -> None:
+    if not weighted:  # what the loss weights correct: each rank's own mean, averaged
+        import gradsynth.unlearning.loop as loop
+
+        loop.shard_weight = lambda items, shard, per_example: 1.0
+    torch.save(run_loop((rank, world), forget_loss), f"{out}.{rank}")
+
+
+def unweighted_case(out: str, rank: int, world: int) -> None:
+    ddp_loop_case(out, "ga", rank, world, weighted=False)

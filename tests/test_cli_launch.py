@@ -1,0 +1,106 @@
+"""``torchrun --nproc-per-node 2 -m gradsynth.cli unlearn``: the same run as one process, on 2 CPU ranks
+(gloo), rank 0 alone writing; and what a multi-process run refuses."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import copy_world_cache
+
+from gradsynth.cli import main
+
+pytest.importorskip("transformers")
+from cli_ddp_cases import BATCH, ddp_loop_case, run_loop, unweighted_case
+from distributed_cases import spawn
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+# AdamW's first steps move a coordinate by about lr * sign(g) however small g is, so a coordinate
+# whose gradient is ~0 carries the float32 rounding of the reduction into the weights: per tensor,
+# up to 3e-4 of its largest value was measured; over the whole model, 2e-7 to 7e-7.
+WHOLE_MODEL_RTOL = 2e-6
+
+
+def _relative(a: dict, b: dict) -> float:
+    num = sum(((a[k] - b[k]).double() ** 2).sum() for k in a) ** 0.5
+    return float(num / sum((a[k].double() ** 2).sum() for k in a) ** 0.5)
+
+
+@pytest.mark.parametrize("forget_loss", ["ga", "npo"])
+def test_two_ranks_of_the_loop_are_the_one_process_run(tmp_path, forget_loss):
+    spawn(functools.partial(ddp_loop_case, str(tmp_path / "rank"), forget_loss), tmp_path)
+    whole = run_loop(None, forget_loss)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank.{rank}", weights_only=True)
+        assert got["seen"][-12:] == [BATCH // 2] * 12  # 3 steps x 2 micro-batches x 2 tasks: half each
+        assert _relative(got["weights"], whole["weights"]) < WHOLE_MODEL_RTOL
+        for mine, one in zip(got["records"], whole["records"], strict=True):
+            assert mine == pytest.approx(one, rel=1e-5, abs=1e-6)
+    moved = _relative(whole["weights"], run_loop(None, forget_loss)["weights"])
+    assert moved == 0.0  # the one-process reference itself is deterministic
+
+
+def test_without_the_token_weights_the_two_ranks_would_differ(tmp_path):
+    """The test above can fail: the ranks' slices hold different numbers of loss tokens."""
+    spawn(functools.partial(unweighted_case, str(tmp_path / "rank")), tmp_path)
+    got = torch.load(tmp_path / "rank.0", weights_only=True)
+    assert _relative(got["weights"], run_loop(None, "ga")["weights"]) > 10 * WHOLE_MODEL_RTOL
+
+
+@pytest.fixture(scope="module")
+def world_cache(tmp_path_factory, ci_world_master):
+    cache = copy_world_cache(tmp_path_factory, ci_world_master)
+    old = os.environ.get("GRADSYNTH_CACHE")
+    os.environ["GRADSYNTH_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        del os.environ["GRADSYNTH_CACHE"]
+    else:
+        os.environ["GRADSYNTH_CACHE"] = old
+
+
+def test_torchrun_unlearn_on_two_ranks_matches_one_process_and_only_rank_0_writes(world_cache, tmp_path):
+    flags = ["unlearn", "--world", "ci", "--steps", "3", "--no-progress"]
+    two, one = tmp_path / "two" / "run", tmp_path / "one" / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*launch, "-m", "gradsynth.cli", *flags, "--out", str(two)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*flags, "--out", str(one)]) == 0
+    assert [p.name for p in (tmp_path / "two").iterdir()] == ["run"]  # no other rank's folder, nothing hidden
+    assert done.stdout.count("Wrote ") == 1  # rank 0 alone prints
+    assert (
+        _relative(load_file(two / "model.safetensors"), load_file(one / "model.safetensors"))
+        < WHOLE_MODEL_RTOL
+    )
+    steps = [json.loads((f / "report.json").read_text())["steps"] for f in (two, one)]
+    for mine, theirs in zip(*steps, strict=True):
+        for key in ("forget_loss", "retain_loss", "cos_fr", "cos_gr"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--batch-size", "15"], "--batch-size 15: not a multiple of the 2 processes"),
+        (["--lora-rank", "2"], "--lora-rank is not offered under 2 processes"),
+        (["--save-every", "2"], "--save-every is not offered under 2 processes"),
+        (["--audit"], "--audit is not offered under 2 processes"),
+    ],
+    ids=["batch", "lora", "checkpoints", "audit"],
+)
+def test_what_several_processes_refuse_is_one_line(tmp_path, capsys, monkeypatch, flags, says):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code = main(["unlearn", "--world", "ci", "--out", str(tmp_path / "run"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.splitlines() == [err] and says in err, err
