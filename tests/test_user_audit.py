@@ -227,6 +227,7 @@ def test_flags_that_do_not_fit_together_are_one_line(files, tmp_path, capsys):
         (["audit", model, "--non-members", non], ["--non-members needs --forget FILE too"]),
         (["audit", model, "--forget", forget, "--non-members", non, "--seed", "1"], ["--seed goes with"]),
         (["audit", model, "--retain", forget], ["--retain goes with --forget"]),
+        (["audit", model, "--prompt-format", "plain"], ["--prompt-format goes with --forget"]),
     ]  # fmt: skip
     for argv, parts in cases:
         out = tmp_path / "out"

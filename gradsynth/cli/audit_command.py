@@ -236,8 +236,13 @@ def run(args: argparse.Namespace) -> int:
     if on_files:
         _user_files(args)  # refuse a wrong combination before reading anything
     else:
-        if args.retain is not None:
-            raise CliError("--retain goes with --forget and --non-members (the world has its own)")
+        for flag, value in (
+            ("--retain", args.retain),
+            ("--prompt-format", args.prompt_format),
+            ("--max-length", args.max_length),
+        ):
+            if value is not None:
+                raise CliError(f"{flag} goes with --forget and --non-members (the world has its own)")
         _world_run(args)
     if args.out is not None:
         check_output_folder(args.out, args.overwrite, run_inputs(args))
