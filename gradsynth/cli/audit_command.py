@@ -118,7 +118,18 @@ def audit_markdown(runs: list[dict[str, Any]]) -> str:
         cells += [cell(summary(values[k]), 1.0, 0, median=False) for k in ("last", "recall")]
         quality = [a["forget_quality"] for a in audits if "forget_quality" in a and who == "model"]
         cells.append(cell(summary(quality), 1.0, 3, median=False) if quality else "-")
+        for task in relearned:  # held-out forget recall after the attack's last step
+            found = [100 * a[who]["relearning"][task][-1] for a in audits]
+            cells.append(cell(summary(found), 1.0, 0, median=False))
         return [label, *cells]
+
+    # The relearning columns, where every audit ran the attack (the last k is the same in all).
+    relearned = [
+        task
+        for task in ("forget", "retain")
+        if all(task in r["audit"]["model"].get("relearning", {}) for r in audited)
+    ]
+    last_k = audited[0]["audit"].get("relearn_steps", [0])[-1]
 
     head = [
         "objective+rule",
@@ -128,6 +139,7 @@ def audit_markdown(runs: list[dict[str, Any]]) -> str:
         "true ranks last %",
         "forget recall %",
         "forget quality p",
+        *(f"relearned % (k={last_k}, {task})" for task in relearned),
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in audited:
@@ -144,6 +156,11 @@ def audit_markdown(runs: list[dict[str, Any]]) -> str:
         "ratio are where a model that never learned the facts sits; forget quality: the KS test of "
         "each run's truth ratios against the reference's."
     )
+    if relearned:
+        intro += (
+            f" relearned: held-out forget recall after {last_k} steps of NLL fine-tuning on a fold of the "
+            "forget facts (forget) or on as many retain facts (retain)."
+        )
     return "\n".join([intro, "", markdown_table(head, rows)]) + "\n"
 
 
