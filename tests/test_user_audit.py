@@ -92,6 +92,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "text_only": _write(root / "text.jsonl", [{"text": f"{q} {a}"} for q, a in NON_MEMBERS]),
         "no_answer": _write(root / "no-answer.jsonl", [{"question": q} for q, _ in NON_MEMBERS]),
         "empty": _write(root / "empty.jsonl", []),
+        "two": _write(root / "two.jsonl", _qa(FORGET[:2])),
     }
 
 
@@ -226,6 +227,10 @@ def test_flags_that_do_not_fit_together_are_one_line(files, tmp_path, capsys):
         (["audit", model, "--non-members", non], ["--non-members needs --forget FILE too"]),
         (["audit", model, "--forget", forget, "--non-members", non, "--seed", "1"], ["--seed goes with"]),
         (["audit", model, "--retain", forget], ["--retain goes with --forget"]),
+        (
+            [*user[:3], "--forget", str(files["two"]), *user[5:], "--audit", "--non-members", non],
+            ["--forget: 2 facts cannot make the relearning attack's 3 folds", "--no-relearn"],
+        ),
         (["audit", model, "--prompt-format", "plain"], ["--prompt-format goes with --forget"]),
     ]  # fmt: skip
     for argv, parts in cases:

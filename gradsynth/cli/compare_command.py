@@ -57,7 +57,13 @@ from gradsynth.cli.unlearn_command import (
     settings_for,
     weights_for,
 )
-from gradsynth.cli.user_audit import in_task_format, load_reference, read_non_members, user_audit
+from gradsynth.cli.user_audit import (
+    check_user_audit,
+    in_task_format,
+    load_reference,
+    read_non_members,
+    user_audit,
+)
 from gradsynth.unlearning.report import dump_json, mean_geometry
 from gradsynth.world.never_learned import load_never_learned_model
 
@@ -146,15 +152,15 @@ def run(args: argparse.Namespace) -> int:
             targets[seed] = forget_target_for(
                 args, seed, batches["forget"][0], log=log, reference=user_reference
             )
-            reference = (
-                user_reference  # else the seed's never-learned model, loaded once for every run's audit
-            )
+            # The audit's reference: the user's, else the seed's never-learned model (loaded once).
+            reference = user_reference
             if args.audit and args.model is None:
                 reference, *_ = load_never_learned_model(args.world, seed, log=log)
                 reference.to(device)
-            seed_non_members = (
-                None if non_members is None else in_task_format(non_members, task.tokenizer, args)
-            )
+            seed_non_members = None
+            if non_members is not None:
+                check_user_audit(task.forget, relearn)
+                seed_non_members = in_task_format(non_members, task.tokenizer, args)
             task.model.to(device)
             with phase(f"evaluating {split_sizes(task)} before unlearning"):
                 before = evaluate(task.model, batches, task, progress=bar is not None)

@@ -31,7 +31,13 @@ from gradsynth.cli.reference_target import REFERENCE, forget_target_for
 from gradsynth.cli.run_one import RunOutcome, run_unlearning, split_batches
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.tables import before_after_table, benchmark_table, num
-from gradsynth.cli.user_audit import in_task_format, load_reference, read_non_members, user_audit
+from gradsynth.cli.user_audit import (
+    check_user_audit,
+    in_task_format,
+    load_reference,
+    read_non_members,
+    user_audit,
+)
 from gradsynth.unlearning.loop import UnlearnSettings, rmu_for, steps_for_epochs
 from gradsynth.unlearning.paper_weights import PAPER_WEIGHTS, ObjectiveWeights
 from gradsynth.unlearning.protocol import ladder, reached
@@ -182,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         task.max_length = args.max_length
     reference = load_reference(args, task.model, task.tokenizer, device)
     if non_members is not None:
+        check_user_audit(task.forget, relearn)
         non_members = in_task_format(non_members, task.tokenizer, args)
     target = forget_target_for(args, args.seed, split_batches(task, "forget")[0], reference=reference)
     if args.forget_target == REFERENCE:

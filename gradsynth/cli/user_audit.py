@@ -112,6 +112,16 @@ def load_reference(args: argparse.Namespace, model: Any, tokenizer: Any, device:
     return reference.to(device)
 
 
+def check_user_audit(forget: list[Example], relearn: RelearnSettings | None) -> None:
+    """Refuse, before any unlearning, a forget set the audit cannot score or split into folds."""
+    audit_facts(forget, "--forget")
+    if relearn is not None and len(forget) < relearn.folds:
+        raise CliError(
+            f"--forget: {len(forget)} facts cannot make the relearning attack's {relearn.folds} folds; "
+            "give more forget facts or pass --no-relearn"
+        )
+
+
 def user_audit(
     model: Any,
     tokenizer: Any,
