@@ -107,7 +107,7 @@ def test_audit_refusals_are_one_line(world_cache, tmp_path, capsys):
     argv = ["unlearn", "--model", str(tmp_path), "--forget", "f", "--retain", "r", "--audit"]
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--audit needs the embedded world" in err, err
+    assert err.count("\n") == 1 and "--audit with --model needs --non-members FILE" in err, err
     assert not (tmp_path / "x").exists()
 
     other = tmp_path / "other"
@@ -171,7 +171,7 @@ def test_forget_target_reference_stops_at_the_never_learned_recall(
         "reference",
     ]
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
-    assert "--forget-target reference needs the embedded world" in capsys.readouterr().err
+    assert "--forget-target reference needs a model that never learned" in capsys.readouterr().err
 
 
 def test_compare_audit_adds_the_audit_of_every_run(world_cache, never_learned, tmp_path):

@@ -249,3 +249,21 @@ def test_the_documented_installation_check_regenerates(tmp_path, monkeypatch, ca
     capsys.readouterr()
     actual = (tmp_path / "check" / "results.md").read_text().strip()
     assert numbers_agree(expected.strip(), actual, DIGITS_OFF) == []
+
+
+def test_the_documented_audit_runs_are_the_comparison_with_audit_under_both_targets():
+    import shlex
+
+    root = Path(__file__).resolve().parent.parent
+    docs = (root / "docs" / "reproducing.md").read_text()
+    section = docs[docs.index("## How deep is the forgetting: the audit") :]
+    block = section.split("```bash\n")[1].split("```")[0].replace("\\\n", " ")
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    targets = []
+    for argv in commands:
+        assert argv[0] == "gradsynth"
+        args = build_parser().parse_args(argv[1:])  # the flags exist and parse
+        assert args.audit and args.seeds == "0,1,2,3,4" and args.forget_loss == "ga,npo,simnpo"
+        assert args.rules == "sum,pcgrad,sago,sago_prefer_retain" and args.steps == 60
+        targets.append(args.forget_target)
+    assert targets == [0.1, "reference"]

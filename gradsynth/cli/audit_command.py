@@ -1,8 +1,10 @@
-"""``gradsynth audit`` (and ``unlearn --audit``): how deep the forgetting of an embedded-world run is.
+"""``gradsynth audit`` (and ``unlearn --audit``): how deep the forgetting of a run is.
 
 The audit of `gradsynth.unlearning.audit` on the world split's forget facts against fresh-name
 twins (`gradsynth.world.never_learned`), beside the world model that never learned the forget
 facts (or ``--reference-model``): MIA AUCs, truth ratios, the KS forget quality, relearning.
+With ``--forget FILE --non-members FILE`` it audits any model on those files instead
+(`gradsynth.cli.user_audit`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from gradsynth.cli.compare_results import cell, summary
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.tables import markdown_table
+from gradsynth.cli.user_audit import load_reference, user_audit
 from gradsynth.unlearning.audit import RelearnSettings, audit_model
 from gradsynth.world.never_learned import (
     forget_facts,
@@ -25,22 +28,6 @@ from gradsynth.world.never_learned import (
 )
 
 MIA_NAMES = {"loss": "LOSS", "zlib": "zlib", "min_k": "Min-K%", "min_k_pp": "Min-K%++"}
-
-
-def check_same_vocabulary(
-    model: Any, tokenizer: Any, reference: Any, reference_tokenizer: Any, where: str
-) -> None:
-    """Refuse a reference that cannot score the same tokens (another vocabulary or architecture)."""
-    ours, theirs = getattr(model, "config", None), getattr(reference, "config", None)
-    if tokenizer.get_vocab() != reference_tokenizer.get_vocab():
-        raise CliError(
-            f"{where}: its tokenizer is not the model's (another vocabulary); give a model of the same one"
-        )
-    if getattr(ours, "model_type", None) != getattr(theirs, "model_type", None):
-        raise CliError(
-            f"{where}: a {getattr(theirs, 'model_type', '?')} model, the audited one is "
-            f"{getattr(ours, 'model_type', '?')}; give a reference of the same architecture"
-        )
 
 
 def world_audit(
@@ -131,7 +118,18 @@ def audit_markdown(runs: list[dict[str, Any]]) -> str:
         cells += [cell(summary(values[k]), 1.0, 0, median=False) for k in ("last", "recall")]
         quality = [a["forget_quality"] for a in audits if "forget_quality" in a and who == "model"]
         cells.append(cell(summary(quality), 1.0, 3, median=False) if quality else "-")
+        for task in relearned:  # held-out forget recall after the attack's last step
+            found = [100 * a[who]["relearning"][task][-1] for a in audits]
+            cells.append(cell(summary(found), 1.0, 0, median=False))
         return [label, *cells]
+
+    # The relearning columns, where every audit ran the attack (the last k is the same in all).
+    relearned = [
+        task
+        for task in ("forget", "retain")
+        if all(task in r["audit"]["model"].get("relearning", {}) for r in audited)
+    ]
+    last_k = audited[0]["audit"].get("relearn_steps", [0])[-1]
 
     head = [
         "objective+rule",
@@ -141,6 +139,7 @@ def audit_markdown(runs: list[dict[str, Any]]) -> str:
         "true ranks last %",
         "forget recall %",
         "forget quality p",
+        *(f"relearned % (k={last_k}, {task})" for task in relearned),
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in audited:
@@ -149,12 +148,19 @@ def audit_markdown(runs: list[dict[str, Any]]) -> str:
     by_seed = {r["seed"]: r["audit"] for r in audited if "reference" in r["audit"]}
     if by_seed:
         rows.append(row("never-learned reference", list(by_seed.values()), "reference"))
+    files = any(r["audit"].get("source") == "files" for r in audited)
+    against = "the --non-members facts" if files else "fresh-name twins"
     intro = (
-        f"Audit of the forgetting (forget facts against fresh-name twins), mean ± standard deviation "
+        f"Audit of the forgetting (forget facts against {against}), mean ± standard deviation "
         f"over {len({r['seed'] for r in audited})} seed(s); an AUC of 0.5 and the reference's truth "
         "ratio are where a model that never learned the facts sits; forget quality: the KS test of "
         "each run's truth ratios against the reference's."
     )
+    if relearned:
+        intro += (
+            f" relearned: held-out forget recall after {last_k} steps of NLL fine-tuning on a fold of the "
+            "forget facts (forget) or on as many retain facts (retain)."
+        )
     return "\n".join([intro, "", markdown_table(head, rows)]) + "\n"
 
 
@@ -167,31 +173,114 @@ def relearn_settings(args: argparse.Namespace) -> RelearnSettings | None:
         raise CliError(f"--relearn-lr: {err}") from err
 
 
+def _world_run(args: argparse.Namespace) -> None:
+    """Take ``--world``/``--seed`` from a saved run's report.json where not given, and refuse ones
+    that contradict it: the never-learned reference and twins of another split would make every
+    number wrong (absent both: the default world, seed 0)."""
+    from pathlib import Path
+
+    recorded_world, recorded_seed = None, None
+    try:
+        settings = json.loads((Path(args.model) / "report.json").read_text()).get("settings", {})
+        source = settings["task"]["source"]
+        seed = settings.get("seed")
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        source, seed = None, None  # not a gradsynth run folder: nothing recorded to check against
+    if isinstance(source, str):
+        if not source.startswith("embedded world ("):
+            raise CliError(
+                f"{args.model} was unlearned on files, not the embedded world (report.json); audit it "
+                "with --forget FILE --non-members FILE"
+            )
+        recorded_world = source.removeprefix("embedded world (").rstrip(")")
+        recorded_seed = seed if isinstance(seed, int) else None
+    if recorded_world is not None and args.world not in (None, recorded_world):
+        raise CliError(
+            f"{args.model} was unlearned on the '{recorded_world}' world (report.json); pass --world "
+            f"{recorded_world}"
+        )
+    if recorded_seed is not None and args.seed not in (None, recorded_seed):
+        raise CliError(
+            f"{args.model} was unlearned with --seed {recorded_seed} (report.json), not {args.seed}: the "
+            f"reference of another seed never learned other facts; pass --seed {recorded_seed}"
+        )
+    args.world = args.world or recorded_world or "default"
+    args.seed = args.seed if args.seed is not None else (recorded_seed or 0)
+
+
+def _user_files(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of a user's audit: --forget and --non-members together, no world flags."""
+    if args.forget is None or args.non_members is None:
+        given, missing = ("--forget", "--non-members") if args.forget else ("--non-members", "--forget")
+        raise CliError(
+            f"{given} needs {missing} FILE too: the audit tells the forget facts from non-members "
+            "(facts the model never learned, of the same forms)"
+        )
+    if args.world is not None or args.seed is not None:
+        flag = "--world" if args.world is not None else "--seed"
+        raise CliError(f"{flag} goes with the embedded world's runs; with --forget/--non-members drop it")
+    if args.no_reference:
+        raise CliError("--no-reference: a user's model is audited alone unless --reference-model is given")
+    files = [("--forget", args.forget), ("--non-members", args.non_members)]
+    return dict(files + ([("--retain", args.retain)] if args.retain else []))
+
+
+def _run_on_files(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    from gradsynth.cli.sources import _load_model, formatted, read_splits
+
+    splits = read_splits(list(_user_files(args).items()))
+    model, tokenizer = _load_model(args.model, "float32")
+    splits, _ = formatted(splits, tokenizer, args)
+    reference = load_reference(args, model, tokenizer, device)
+    model.to(device)
+    return user_audit(
+        model,
+        tokenizer,
+        splits["--forget"],
+        splits["--non-members"],
+        splits.get("--retain", []),
+        reference=reference,
+        relearn=relearn_settings(args),
+        max_length=args.max_length or 256,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from gradsynth.cli.sources import _load_model, require_lm_extra
     from gradsynth.cli.unlearn_command import resolve_device
 
+    on_files = args.forget is not None or args.non_members is not None
+    if on_files:
+        _user_files(args)  # refuse a wrong combination before reading anything
+    else:
+        for flag, value in (
+            ("--retain", args.retain),
+            ("--prompt-format", args.prompt_format),
+            ("--max-length", args.max_length),
+        ):
+            if value is not None:
+                raise CliError(f"{flag} goes with --forget and --non-members (the world has its own)")
+        _world_run(args)
     if args.out is not None:
         check_output_folder(args.out, args.overwrite, run_inputs(args))
     require_lm_extra()
     device = resolve_device(args.device)
-    model, tokenizer = _load_model(args.model, "float32")
-    reference: Any = "never-learned"
-    if args.reference_model is not None:
-        reference, reference_tokenizer = _load_model(args.reference_model, "float32")
-        check_same_vocabulary(
-            model, tokenizer, reference, reference_tokenizer, f"--reference-model {args.reference_model}"
-        )
-        reference.to(device)
-    elif args.no_reference:
-        reference = None
-    model.to(device)
-    try:
-        result = world_audit(
-            model, tokenizer, args.world, args.seed, reference=reference, relearn=relearn_settings(args)
-        )
-    except ValueError as err:
-        raise CliError(str(err)) from err
+    if on_files:
+        result = _run_on_files(args, device)
+    else:
+        model, tokenizer = _load_model(args.model, "float32")
+        reference: Any = "never-learned"
+        if args.reference_model is not None:
+            reference = load_reference(args, model, tokenizer, device)
+        elif args.no_reference:
+            reference = None
+        model.to(device)
+        try:
+            result = world_audit(
+                model, tokenizer, args.world, args.seed, reference=reference, relearn=relearn_settings(args)
+            )
+        except ValueError as err:
+            raise CliError(str(err)) from err
     print(audit_table(result))
     if args.out is not None:
         with staged_output(args.out, args.overwrite) as staging:

@@ -57,6 +57,13 @@ from gradsynth.cli.unlearn_command import (
     settings_for,
     weights_for,
 )
+from gradsynth.cli.user_audit import (
+    check_user_audit,
+    in_task_format,
+    load_reference,
+    read_non_members,
+    user_audit,
+)
 from gradsynth.unlearning.report import dump_json, mean_geometry
 from gradsynth.world.never_learned import load_never_learned_model
 
@@ -119,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(out, args.overwrite, run_inputs(args))
     relearn = relearn_settings(args) if args.audit else None
     device = resolve_device(args.device)
+    non_members = read_non_members(args)  # a user's audit: read before the model, as the other files
+    user_reference = None  # --reference-model: loaded with the first seed's task, checked against it
     start = time.perf_counter()
     runs = []
     targets: dict[int, float | None] = {}  # the forget target of each seed (per seed with "reference")
@@ -138,11 +147,20 @@ def run(args: argparse.Namespace) -> int:
                 check_rmu(task, settings_for(args, rules[0], lrs[0], seed, len(task.forget), objective))
             batches = evaluation_batches(task, progress=bar is not None)
             log = print if bar is None else bar.write
-            targets[seed] = forget_target_for(args, seed, batches["forget"][0], log=log)
-            reference = None  # the seed's never-learned model, loaded once for every run's audit
-            if args.audit:
+            if args.model is not None and user_reference is None:
+                user_reference = load_reference(args, task.model, task.tokenizer, device)
+            targets[seed] = forget_target_for(
+                args, seed, batches["forget"][0], log=log, reference=user_reference
+            )
+            # The audit's reference: the user's, else the seed's never-learned model (loaded once).
+            reference = user_reference
+            if args.audit and args.model is None:
                 reference, *_ = load_never_learned_model(args.world, seed, log=log)
                 reference.to(device)
+            seed_non_members = None
+            if non_members is not None:
+                check_user_audit(task.forget, relearn)
+                seed_non_members = in_task_format(non_members, task.tokenizer, args)
             task.model.to(device)
             with phase(f"evaluating {split_sizes(task)} before unlearning"):
                 before = evaluate(task.model, batches, task, progress=bar is not None)
@@ -180,7 +198,18 @@ def run(args: argparse.Namespace) -> int:
                             (print if bar is None else bar.write)(f"Diverged: forget loss {objective}, {err}")
                         else:
                             runs.append(_run_record(seed, objective, rule, lr, settings, task, outcome))
-                            if args.audit:
+                            if args.audit and seed_non_members is not None:
+                                runs[-1]["audit"] = user_audit(
+                                    model,
+                                    task.tokenizer,
+                                    task.forget,
+                                    seed_non_members,
+                                    task.retain,
+                                    reference=reference,
+                                    relearn=relearn,
+                                    max_length=task.max_length,
+                                )
+                            elif args.audit:
                                 runs[-1]["audit"] = world_audit(
                                     model,
                                     task.tokenizer,
@@ -212,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
         }
         if args.forget_target == REFERENCE:
             protocol["targets"] = {str(seed): target for seed, target in targets.items()}
+            if args.model is not None:
+                protocol["reference"] = f"--reference-model {args.reference_model}"
     report = markdown_report(table, splits, as_pct, len(seeds), first.steps, protocol)
     if args.audit:
         report += "\n" + audit_markdown(runs)

@@ -173,7 +173,8 @@ def markdown_report(
             f"{100 * protocol['forget_target']:g}%"
             if protocol["forget_target"] != "reference"
             else (
-                "the recall of the same facts by the world model that never learned them ("
+                f"the recall of the same facts by {protocol.get('reference', 'the world model')} that "
+                "never learned them ("
                 + ", ".join(f"seed {s}: {100 * t:.1f}%" for s, t in protocol["targets"].items())
                 + ")"
             )

@@ -283,7 +283,20 @@ def _add_audit(p: argparse.ArgumentParser, what: str) -> None:
         action="store_true",
         help=f"audit {what} (MIA, truth ratios, relearning; see gradsynth audit)",
     )
+    _add_audit_files(p)
+    p.add_argument(
+        "--reference-model",
+        help="with --model: a model that never learned the forget facts, beside it in the audit",
+    )
     _add_relearn(p)
+
+
+def _add_audit_files(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--non-members",
+        type=Path,
+        help="with --model: facts the model never learned, of the forget facts' forms (as --forget)",
+    )
 
 
 def _add_relearn(p: argparse.ArgumentParser) -> None:
@@ -403,13 +416,22 @@ def build_parser() -> argparse.ArgumentParser:
         "membership-inference AUCs, truth ratios and the KS forget quality against the world model that "
         "never learned the forget facts, and a relearning attack; prints tables, writes audit.json to --out.",
     )
-    audit.add_argument("model", help="folder of the unlearned world model")
+    audit.add_argument("model", help="folder of the unlearned model")
     audit.add_argument(
-        "--world", choices=sorted(SIZES), default="default", help="the world it was unlearned on"
+        "--world",
+        choices=sorted(SIZES),
+        help="the world it was unlearned on (default: its report's, else default)",
     )
     audit.add_argument(
-        "--seed", type=_seed, default=0, help="the seed of the world's targets (unlearn --seed)"
+        "--seed", type=_seed, help="the seed of the world's targets (unlearn --seed; default: its report's)"
     )
+    audit.add_argument(
+        "--forget", type=Path, help="a model of your own: its forget set (as unlearn --forget)"
+    )
+    _add_audit_files(audit)
+    audit.add_argument("--retain", type=Path, help="with --forget: retain facts for the relearning attack")
+    audit.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="with --forget: as for unlearn")
+    audit.add_argument("--max-length", type=_positive_int, help="with --forget: tokens per example (256)")
     refs = audit.add_mutually_exclusive_group()
     refs.add_argument(
         "--reference-model",
@@ -486,15 +508,15 @@ def check_objectives(objectives: list[str], flag: str) -> None:
 def check_protocol(args: argparse.Namespace, objectives: list[str]) -> None:
     """Refuse flags that do not fit together: ladder flags without a target, RMU with another retain loss,
     the never-learned reference's target without the embedded world."""
-    if getattr(args, "audit", False) and getattr(args, "model", None) is not None:
+    check_audit_files(args)
+    if (
+        args.forget_target == "reference"
+        and getattr(args, "model", None) is not None
+        and getattr(args, "reference_model", None) is None
+    ):
         raise CliError(
-            "--audit needs the embedded world (its never-learned reference and non-member twins); drop "
-            "--model, or drop --audit"
-        )
-    if args.forget_target == "reference" and getattr(args, "model", None) is not None:
-        raise CliError(
-            "--forget-target reference needs the embedded world (its never-learned reference); with --model "
-            "give a recall, e.g. --forget-target 0.1"
+            "--forget-target reference needs a model that never learned the forget facts: with --model "
+            "give --reference-model DIR, or a recall, e.g. --forget-target 0.1"
         )
     if args.forget_target is None:
         given = [
@@ -515,6 +537,33 @@ def check_protocol(args: argparse.Namespace, objectives: list[str]) -> None:
         )
     if args.retain_loss == "activation" and any(o != "rmu" for o in objectives):
         raise CliError("--retain-loss activation goes with --forget-loss rmu only; use nll or kl")
+
+
+def check_audit_files(args: argparse.Namespace) -> None:
+    """``--audit`` with ``--model`` needs ``--non-members``; the world brings its own (and its own
+    never-learned references, one per seed)."""
+    user = getattr(args, "model", None) is not None
+    audit = getattr(args, "audit", False)
+    for flag, value in (
+        ("--non-members", getattr(args, "non_members", None)),
+        ("--reference-model", getattr(args, "reference_model", None)),
+    ):
+        if value is not None and not user:
+            raise CliError(
+                f"{flag} goes with --model; the embedded world has its own (the never-learned model of "
+                "each seed and the fresh-name twins)"
+            )
+        if (
+            value is not None
+            and not audit
+            and not (flag == "--reference-model" and args.forget_target == "reference")
+        ):
+            raise CliError(f"{flag} goes with --audit; add --audit or drop {flag}")
+    if audit and user and getattr(args, "non_members", None) is None:
+        raise CliError(
+            "--audit with --model needs --non-members FILE: facts the model never learned, of the forget "
+            "facts' forms (question and answer, as --forget)"
+        )
 
 
 def check_rules(rules: list[str], flag: str) -> None:

@@ -18,13 +18,16 @@ REFERENCE = "reference"
 
 
 def forget_target_for(
-    args: argparse.Namespace, seed: int, forget_batches: list[Any], log: Any = print
+    args: argparse.Namespace, seed: int, forget_batches: list[Any], log: Any = print, reference: Any = None
 ) -> float | None:
     """The forget target of a run with world split ``seed``: ``--forget-target`` as given, or the
-    never-learned reference's recall of ``forget_batches`` for ``reference``."""
+    never-learned reference's recall of ``forget_batches`` for ``reference`` (``reference``: a
+    user's ``--reference-model``, else the world's never-learned model of ``seed``)."""
     target = args.forget_target
     if target != REFERENCE:
         return target
+    if reference is not None:
+        return float(split_metrics(reference, forget_batches)["recall"])
     from gradsynth.world.never_learned import load_never_learned_model
 
     reference, *_ = load_never_learned_model(args.world, seed, log=log)

@@ -47,6 +47,13 @@ from gradsynth.cli.scale import (
 )
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.tables import before_after_table, benchmark_table, num
+from gradsynth.cli.user_audit import (
+    check_user_audit,
+    in_task_format,
+    load_reference,
+    read_non_members,
+    user_audit,
+)
 from gradsynth.unlearning.loop import UnlearnSettings, rmu_for, steps_for_epochs
 from gradsynth.unlearning.paper_weights import PAPER_WEIGHTS, ObjectiveWeights
 from gradsynth.unlearning.protocol import ladder, reached
@@ -217,15 +224,21 @@ def _unlearn(
     device: str,
     launch: Launch | None,
 ) -> int:
+    non_members = read_non_members(args)  # a user's audit: read before the model, as the other files
     task = load_task(args, args.seed)
     if args.max_length:
         task.max_length = args.max_length
+    reference = load_reference(args, task.model, task.tokenizer, device)
+    if non_members is not None:
+        check_user_audit(task.forget, relearn)
+        non_members = in_task_format(non_members, task.tokenizer, args)
     task.model = with_lora(task.model, args, args.seed)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(task.model)
-    target = forget_target_for(args, args.seed, split_batches(task, "forget")[0])
+    target = forget_target_for(args, args.seed, split_batches(task, "forget")[0], reference=reference)
     if args.forget_target == REFERENCE:
-        print(f"Forget target: {100 * target:.1f}%, the never-learned world model's recall of the forget set")
+        whose = "--reference-model's" if reference is not None else "the never-learned world model's"
+        print(f"Forget target: {100 * target:.1f}%, {whose} recall of the forget set")
     settings = settings_for(args, args.rule, args.lr, args.seed, len(task.forget), target=target)
     check_rmu(task, settings)
     plan = plan_from_args(args, task)
@@ -277,8 +290,21 @@ def _unlearn(
         audit = None
         if args.audit:
             with phase("auditing the forgetting"):
-                audit = world_audit(model, task.tokenizer, args.world, args.seed, relearn=relearn)
-            print("\nAudit of the forgetting (forget facts against fresh-name twins):\n")
+                if non_members is None:
+                    audit = world_audit(model, task.tokenizer, args.world, args.seed, relearn=relearn)
+                else:
+                    audit = user_audit(
+                        model,
+                        task.tokenizer,
+                        task.forget,
+                        non_members,
+                        task.retain,
+                        reference=reference,
+                        relearn=relearn,
+                        max_length=task.max_length,
+                    )
+            against = "fresh-name twins" if non_members is None else f"--non-members {args.non_members}"
+            print(f"\nAudit of the forgetting (forget facts against {against}):\n")
             print(audit_table(audit))
         with phase(f"saving the {'adapter' if args.save_adapter else 'model'} to {out}"):
             if not args.save_adapter:

@@ -45,11 +45,21 @@ MAX_LENGTH = 64
 
 @dataclass(frozen=True)
 class AuditFact:
-    """A question, its answer and the group (relation) whose other answers are its perturbations."""
+    """A question, its answer and the group (relation) whose other answers are its perturbations.
+
+    ``prompt``: the text the model is scored on before the answer, when it is not
+    ``prompt_of(question)`` (e.g. a chat template's turn, with ``separator=""``)."""
 
     question: str
     answer: str
     group: str = ""
+    prompt: str | None = None
+    separator: str = " "
+
+    def example(self, answer: str | None = None) -> Example:
+        """This fact (or its question with another ``answer``) as an answer-only example."""
+        prompt = self.prompt if self.prompt is not None else prompt_of(self.question)
+        return Example(prompt, self.answer if answer is None else answer, separator=self.separator)
 
 
 @dataclass(frozen=True)
@@ -73,25 +83,28 @@ class RelearnSettings:
         object.__setattr__(self, "steps", tuple(sorted(set(self.steps))))
 
 
-def _batches(tokenizer: Any, facts: Sequence[tuple[str, str]], batch_size: int = 64) -> list[dict]:
-    """``(question, answer)`` pairs encoded answer-only, in batches."""
-    examples = [Example(prompt_of(q), a) for q, a in facts]
-    return make_batches(tokenizer, examples, batch_size, MAX_LENGTH)
+def _batches(
+    tokenizer: Any, examples: Sequence[Example], batch_size: int = 64, max_length: int = MAX_LENGTH
+) -> list[dict]:
+    """Answer-only examples encoded in batches."""
+    return make_batches(tokenizer, list(examples), batch_size, max_length)
 
 
-def _pairs(facts: Sequence[AuditFact]) -> list[tuple[str, str]]:
-    return [(f.question, f.answer) for f in facts]
+def _examples(facts: Sequence[AuditFact]) -> list[Example]:
+    return [f.example() for f in facts]
 
 
 @torch.no_grad()
-def answer_stats(model: Any, tokenizer: Any, facts: Sequence[tuple[str, str]]) -> list[TokenStats]:
-    """The answer tokens' stats of ``(question, answer)`` pairs under ``model`` (eval mode)."""
+def answer_stats(
+    model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int = MAX_LENGTH
+) -> list[TokenStats]:
+    """The answer tokens' stats of answer-only ``examples`` under ``model`` (eval mode)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out: list[TokenStats] = []
     try:
-        for batch in _batches(tokenizer, facts):
+        for batch in _batches(tokenizer, examples, max_length=max_length):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out.extend(token_stats(logits, batch["labels"]))
@@ -108,7 +121,11 @@ def _values_by_group(facts: Sequence[AuditFact]) -> dict[str, list[str]]:
 
 
 def truth_ratios(
-    model: Any, tokenizer: Any, facts: Sequence[AuditFact], values: Mapping[str, Sequence[str]]
+    model: Any,
+    tokenizer: Any,
+    facts: Sequence[AuditFact],
+    values: Mapping[str, Sequence[str]],
+    max_length: int = MAX_LENGTH,
 ) -> tuple[list[float], float]:
     """Each fact's log truth ratio (perturbations: the other ``values`` of its group) and the share
     of facts whose true answer ranks last."""
@@ -121,9 +138,9 @@ def truth_ratios(
                 "give the facts a group (relation) with at least two answers"
             )
         spans.append((len(pairs), len(others)))
-        pairs.append((fact.question, fact.answer))
-        pairs.extend((fact.question, other) for other in others)
-    nll = [s.mean_nll for s in answer_stats(model, tokenizer, pairs)]
+        pairs.append(fact.example())
+        pairs.extend(fact.example(other) for other in others)
+    nll = [s.mean_nll for s in answer_stats(model, tokenizer, pairs, max_length)]
     ratios, last = [], 0
     for start, count in spans:
         true, perturbed = nll[start], nll[start + 1 : start + 1 + count]
@@ -132,16 +149,22 @@ def truth_ratios(
     return ratios, last / max(len(facts), 1)
 
 
-def _mia(model: Any, tokenizer: Any, members: Sequence[AuditFact], others: Sequence[AuditFact]) -> dict:
+def _mia(
+    model: Any,
+    tokenizer: Any,
+    members: Sequence[AuditFact],
+    others: Sequence[AuditFact],
+    max_length: int = MAX_LENGTH,
+) -> dict:
     def scores(facts: Sequence[AuditFact]) -> dict[str, list[float]]:
-        stats = answer_stats(model, tokenizer, _pairs(facts))
+        stats = answer_stats(model, tokenizer, _examples(facts), max_length)
         return mia_scores(stats, [f.answer for f in facts])
 
     return mia_aucs(scores(members), scores(others))
 
 
-def _recall(model: Any, tokenizer: Any, facts: Sequence[AuditFact]) -> float:
-    return split_metrics(model, _batches(tokenizer, _pairs(facts)))["recall"]
+def _recall(model: Any, tokenizer: Any, facts: Sequence[AuditFact], max_length: int = MAX_LENGTH) -> float:
+    return split_metrics(model, _batches(tokenizer, _examples(facts), max_length=max_length))["recall"]
 
 
 def _fine_tune_curve(
@@ -150,12 +173,13 @@ def _fine_tune_curve(
     train: Sequence[AuditFact],
     held_out: Sequence[AuditFact],
     settings: RelearnSettings,
+    max_length: int = MAX_LENGTH,
 ) -> list[float]:
     """Recall of ``held_out`` after each of ``settings.steps`` steps of NLL on ``train`` (a copy)."""
     student = copy.deepcopy(model)
     student.train()
     device = next(student.parameters()).device
-    (batch,) = _batches(tokenizer, _pairs(train), len(train))
+    (batch,) = _batches(tokenizer, _examples(train), len(train), max_length)
     batch = {k: v.to(device) for k, v in batch.items()}
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=0.0)
     curve = []
@@ -165,7 +189,7 @@ def _fine_tune_curve(
         nll_loss(logits, batch["labels"]).backward()
         optimizer.step()
         if step in settings.steps:
-            curve.append(_recall(student, tokenizer, held_out))
+            curve.append(_recall(student, tokenizer, held_out, max_length))
     return curve
 
 
@@ -175,6 +199,7 @@ def relearning(
     forget: Sequence[AuditFact],
     retain: Sequence[AuditFact],
     settings: RelearnSettings,
+    max_length: int = MAX_LENGTH,
 ) -> dict[str, list[float]]:
     """``{"forget": curve, "retain": curve}``: held-out forget recall after each step count, averaged
     over folds, fine-tuning on a forget fold or on as many retain facts."""
@@ -187,10 +212,12 @@ def relearning(
     curves: dict[str, list[list[float]]] = {"forget": [], "retain": []}
     for k, fold in enumerate(folds):
         held_out = [f for j, other in enumerate(folds) if j != k for f in other]
-        curves["forget"].append(_fine_tune_curve(model, tokenizer, fold, held_out, settings))
+        curves["forget"].append(_fine_tune_curve(model, tokenizer, fold, held_out, settings, max_length))
         if retain:
             sample = pick.sample(list(retain), min(len(fold), len(retain)))
-            curves["retain"].append(_fine_tune_curve(model, tokenizer, sample, held_out, settings))
+            curves["retain"].append(
+                _fine_tune_curve(model, tokenizer, sample, held_out, settings, max_length)
+            )
     return {
         name: [sum(c) / len(c) for c in zip(*found, strict=True)] for name, found in curves.items() if found
     }
@@ -206,11 +233,13 @@ def audit_model(
     reference: Any = None,
     values: Mapping[str, Sequence[str]] | None = None,
     relearn: RelearnSettings | None = None,
+    max_length: int = MAX_LENGTH,
 ) -> dict[str, Any]:
     """The audit of ``model`` (and of ``reference``, beside it) as a JSON-ready dict.
 
     ``values``: the answers each group's perturbations are drawn from (default: the answers of
     the forget and non-member facts of that group). ``relearn=None`` skips the relearning attack.
+    ``max_length``: tokens per scored example (prompt and answer).
     """
     if not forget or not non_members:
         raise ValueError("the audit needs forget facts (members) and non-member facts")
@@ -219,15 +248,15 @@ def audit_model(
     models = {"model": model} if reference is None else {"model": model, "reference": reference}
     ratios = {}
     for name, m in models.items():
-        ratios[name], last = truth_ratios(m, tokenizer, forget, values)
+        ratios[name], last = truth_ratios(m, tokenizer, forget, values, max_length)
         result[name] = {
-            "mia": _mia(m, tokenizer, forget, non_members),
+            "mia": _mia(m, tokenizer, forget, non_members, max_length),
             "mean_log_truth_ratio": sum(ratios[name]) / len(ratios[name]),
             "ranks_last": last,
-            "forget_recall": _recall(m, tokenizer, forget),
+            "forget_recall": _recall(m, tokenizer, forget, max_length),
         }
         if relearn is not None:
-            result[name]["relearning"] = relearning(m, tokenizer, forget, retain, relearn)
+            result[name]["relearning"] = relearning(m, tokenizer, forget, retain, relearn, max_length)
     if reference is not None:
         result["forget_quality"] = ks_pvalue(ratios["model"], ratios["reference"])
         if relearn is not None:

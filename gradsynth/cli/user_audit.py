@@ -1,0 +1,161 @@
+"""The audit of a user's model (``--model``): its forget file against a ``--non-members`` file.
+
+The embedded world brings its own non-members (fresh-name twins) and never-learned reference; a
+user's model brings them as files and folders:
+
+- ``--non-members FILE``: facts the model never learned, of the same forms as the forget facts
+  (``question`` and ``answer`` columns, read as ``--forget`` is, in the same prompt format), the
+  membership attacks' negatives;
+- ``--reference-model DIR`` (optional): a model that never learned the forget facts (TOFU's
+  retain model), with the model's vocabulary and architecture; without it the model is audited
+  alone (no forget quality, no curves beside a reference's).
+
+The truth ratio's perturbations of a fact are the other answers of the forget and non-member
+files (at most `PERTURBATIONS` of them, drawn once per fact with a fixed seed), since a file has
+no relations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from typing import Any
+
+from gradsynth.cli.errors import CliError
+from gradsynth.unlearning.audit import AuditFact, RelearnSettings, audit_model
+from gradsynth.unlearning.encoding import Example, question_of
+
+#: Perturbed answers per fact for the truth ratio of a user's files (each is one more scoring).
+PERTURBATIONS = 19
+
+
+def audit_facts(examples: list[Example], flag: str) -> list[AuditFact]:
+    """Question/answer examples (as the task formatted them) as audit facts; text rows are refused:
+    the audit scores an answer given a question."""
+    if not examples:
+        raise CliError(f"{flag}: no examples; give question/answer rows")
+    if any(e.answer is None for e in examples):
+        raise CliError(
+            f"{flag}: has 'text' rows, the audit scores answers: give 'question' and 'answer' columns "
+            "(the forms of the forget facts)"
+        )
+    return [
+        AuditFact(question_of(e.prompt), e.answer or "", prompt=e.prompt, separator=e.separator)
+        for e in examples
+    ]
+
+
+def perturbation_values(
+    facts: list[AuditFact], answers: list[str], per_fact: int = PERTURBATIONS
+) -> tuple[list[AuditFact], dict[str, list[str]]]:
+    """Each fact in a group of its own whose values are its answer and up to ``per_fact`` other
+    distinct ``answers`` (drawn with a fixed seed), for `audit_model`'s ``values``."""
+    distinct = sorted(set(answers))
+    pick = random.Random("perturbations")
+    grouped, values = [], {}
+    for i, fact in enumerate(facts):
+        others = [a for a in distinct if a != fact.answer]
+        if len(others) > per_fact:
+            others = pick.sample(others, per_fact)
+        group = f"#{i}"
+        grouped.append(AuditFact(fact.question, fact.answer, group, fact.prompt, fact.separator))
+        values[group] = [fact.answer, *others]
+    return grouped, values
+
+
+def check_same_vocabulary(
+    model: Any, tokenizer: Any, reference: Any, reference_tokenizer: Any, where: str
+) -> None:
+    """Refuse a reference that cannot score the same tokens (another vocabulary or architecture)."""
+    ours, theirs = getattr(model, "config", None), getattr(reference, "config", None)
+    if tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+        raise CliError(
+            f"{where}: its tokenizer is not the model's (another vocabulary); give a model of the same one"
+        )
+    if getattr(ours, "model_type", None) != getattr(theirs, "model_type", None):
+        raise CliError(
+            f"{where}: a {getattr(theirs, 'model_type', '?')} model, the audited one is "
+            f"{getattr(ours, 'model_type', '?')}; give a reference of the same architecture"
+        )
+
+
+def read_non_members(args: argparse.Namespace) -> list[Example] | None:
+    """``--non-members`` as read from the file (plain format), before any model is loaded."""
+    if getattr(args, "non_members", None) is None:
+        return None
+    from gradsynth.cli.sources import read_splits
+
+    examples = read_splits([("--non-members", args.non_members)])["--non-members"]
+    audit_facts(examples, f"--non-members {args.non_members}")  # text rows: refused before the run
+    return examples
+
+
+def in_task_format(examples: list[Example], tokenizer: Any, args: argparse.Namespace) -> list[Example]:
+    """``examples`` in the prompt format the task's files were put in (`gradsynth.cli.sources.formatted`)."""
+    from gradsynth.cli.sources import formatted
+
+    return formatted({"--non-members": examples}, tokenizer, args)[0]["--non-members"]
+
+
+def load_reference(args: argparse.Namespace, model: Any, tokenizer: Any, device: str) -> Any:
+    """``--reference-model``, checked against the audited model and moved to ``device`` (or None)."""
+    path = getattr(args, "reference_model", None)
+    if path is None:
+        return None
+    from gradsynth.cli.sources import _load_model
+
+    try:
+        reference, reference_tokenizer = _load_model(path, getattr(args, "dtype", None) or "float32")
+    except CliError as err:  # its message names --model: say which model it was
+        raise CliError(str(err).replace(f"--model {path}", f"--reference-model {path}", 1)) from err
+    check_same_vocabulary(model, tokenizer, reference, reference_tokenizer, f"--reference-model {path}")
+    return reference.to(device)
+
+
+def check_user_audit(forget: list[Example], relearn: RelearnSettings | None) -> None:
+    """Refuse, before any unlearning, a forget set the audit cannot score or split into folds."""
+    audit_facts(forget, "--forget")
+    if relearn is not None and len(forget) < relearn.folds:
+        raise CliError(
+            f"--forget: {len(forget)} facts cannot make the relearning attack's {relearn.folds} folds; "
+            "give more forget facts or pass --no-relearn"
+        )
+
+
+def user_audit(
+    model: Any,
+    tokenizer: Any,
+    forget: list[Example],
+    non_members: list[Example],
+    retain: list[Example],
+    *,
+    reference: Any = None,
+    relearn: RelearnSettings | None = None,
+    max_length: int = 256,
+) -> dict[str, Any]:
+    """`audit_model` on a user's files (already in the model's prompt format)."""
+    members = audit_facts(forget, "--forget")
+    others = audit_facts(non_members, "--non-members")
+    if len({f.answer for f in (*members, *others)}) < 2:
+        raise CliError(
+            "--forget/--non-members: every fact has the same answer, so the truth ratio has no "
+            "perturbed answer; give facts with different answers"
+        )
+    members, values = perturbation_values(members, [f.answer for f in (*members, *others)])
+    # Relearning on retain facts needs answers to train on; a text retain file gives no such curve.
+    retain_facts = audit_facts(retain, "--retain") if retain and all(e.answer for e in retain) else []
+    try:
+        result = audit_model(
+            model,
+            tokenizer,
+            members,
+            others,
+            retain=retain_facts,
+            reference=reference,
+            values=values,
+            relearn=relearn,
+            max_length=max_length,
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    return {"source": "files", **result}
