@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -81,3 +84,18 @@ def rule_pair(
     r[::11] = -f[::11]  # exact opposites are
     f, r = f.to(dtype), r.to(dtype)
     return (f, r) if shape is None else (f.view(shape), r.view(shape))
+
+
+@contextlib.contextmanager
+def cache_env(cache: Path) -> Iterator[None]:
+    """``GRADSYNTH_CACHE`` set to ``cache`` for the block, and restored (or unset) after it. For
+    module-scoped fixtures, where pytest's function-scoped ``monkeypatch`` is not available."""
+    old = os.environ.get("GRADSYNTH_CACHE")
+    os.environ["GRADSYNTH_CACHE"] = str(cache)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["GRADSYNTH_CACHE"]
+        else:
+            os.environ["GRADSYNTH_CACHE"] = old

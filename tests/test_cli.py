@@ -15,7 +15,7 @@ pytest.importorskip("datasets")
 pytest.importorskip("matplotlib")
 
 from conftest import copy_world_cache
-from helpers import without_progress
+from helpers import cache_env, without_progress
 
 from gradsynth.cli import main
 from gradsynth.world.splits import SPLIT_NAMES
@@ -27,13 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def world_cache(tmp_path_factory, ci_world_master):
     """A private cache with a copy of the session's CI world model."""
     cache = copy_world_cache(tmp_path_factory, ci_world_master)
-    old = os.environ.get("GRADSYNTH_CACHE")
-    os.environ["GRADSYNTH_CACHE"] = str(cache)
-    yield cache / Path(ci_world_master).name
-    if old is None:
-        del os.environ["GRADSYNTH_CACHE"]
-    else:
-        os.environ["GRADSYNTH_CACHE"] = old
+    with cache_env(cache):
+        yield cache / Path(ci_world_master).name
 
 
 def _leftovers(folder: Path) -> list[str]:

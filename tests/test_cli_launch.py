@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import copy_world_cache
+from helpers import cache_env
 
 from gradsynth.cli import main
 
@@ -57,13 +58,8 @@ def test_without_the_token_weights_the_two_ranks_would_differ(tmp_path):
 @pytest.fixture(scope="module")
 def world_cache(tmp_path_factory, ci_world_master):
     cache = copy_world_cache(tmp_path_factory, ci_world_master)
-    old = os.environ.get("GRADSYNTH_CACHE")
-    os.environ["GRADSYNTH_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        del os.environ["GRADSYNTH_CACHE"]
-    else:
-        os.environ["GRADSYNTH_CACHE"] = old
+    with cache_env(cache):
+        yield cache
 
 
 def test_torchrun_unlearn_on_two_ranks_matches_one_process_and_only_rank_0_writes(world_cache, tmp_path):

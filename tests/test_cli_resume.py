@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import copy_world_cache
+from helpers import cache_env
 
 from gradsynth.cli import main
 from gradsynth.optim import SynthesizingOptimizer
@@ -28,13 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def world_cache(tmp_path_factory, ci_world_master):
     cache = copy_world_cache(tmp_path_factory, ci_world_master)
-    old = os.environ.get("GRADSYNTH_CACHE")
-    os.environ["GRADSYNTH_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        del os.environ["GRADSYNTH_CACHE"]
-    else:
-        os.environ["GRADSYNTH_CACHE"] = old
+    with cache_env(cache):
+        yield cache
 
 
 def _same_run(a: Path, b: Path) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import copy_world_cache
+from helpers import cache_env
 
 from gradsynth.cli import main
 
@@ -25,13 +25,8 @@ LORA = ["--lora-rank", "4", "--lr", "1e-2"]
 @pytest.fixture(scope="module")
 def world_cache(tmp_path_factory, ci_world_master):
     cache = copy_world_cache(tmp_path_factory, ci_world_master)
-    old = os.environ.get("GRADSYNTH_CACHE")
-    os.environ["GRADSYNTH_CACHE"] = str(cache)
-    yield cache / Path(ci_world_master).name
-    if old is None:
-        del os.environ["GRADSYNTH_CACHE"]
-    else:
-        os.environ["GRADSYNTH_CACHE"] = old
+    with cache_env(cache):
+        yield cache / Path(ci_world_master).name
 
 
 def _unlearn(out: Path, *flags: str) -> dict:
