@@ -52,11 +52,28 @@ class Launch:
     device: str
 
 
+def sharding_of(args: argparse.Namespace) -> str:
+    """How the ranks share the model: ``--sharding``, or DDP."""
+    return getattr(args, "sharding", None) or "ddp"
+
+
 def check_launch_flags(args: argparse.Namespace) -> None:
     """Refuse, before any work, what a multi-process `unlearn` does not run."""
     world = launched_processes()
+    sharding = getattr(args, "sharding", None)
     if world == 1:
+        if sharding is not None:
+            raise CliError(
+                f"--sharding {sharding} shares the model between several processes, and this is one "
+                f"(WORLD_SIZE unset or 1); start them with torchrun --nproc-per-node N -m gradsynth.cli "
+                f"unlearn ... --sharding {sharding}, or drop --sharding"
+            )
         return
+    if sharding == "deepspeed":
+        raise CliError(
+            "--sharding deepspeed is not built for the command yet (the DeepSpeedTasks recipe runs in "
+            "your own loop or the Trainer); use --sharding ddp or fsdp2"
+        )
     where = f"under {world} processes (WORLD_SIZE={world})"
     refused = [
         (args.lora_rank is not None, "--lora-rank"),
