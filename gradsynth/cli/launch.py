@@ -6,8 +6,11 @@ on GPUs, one GPU per process: ``cuda:LOCAL_RANK``), loads the same model and dat
 batches and trains on its slice of each under ``DistributedDataParallel``, with each rank's loss
 weighted so that the averaged gradient is the whole batch's
 (`gradsynth.unlearning.loop.shard_weight`): the run is the one-process run, to float32 rounding
-of the sums. Every rank evaluates (the same model, so the same numbers); rank 0 alone prints the
-tables and writes ``--out``; the others write nothing.
+of the sums. ``--sharding fsdp2`` shards the model with FSDP2 instead of DDP
+(`gradsynth.unlearning.sharding`); ``--sharding`` without a launcher, and ``deepspeed`` (not built
+for the command), are refused. Every rank evaluates (the same model, so the same numbers; under
+FSDP2 the same forwards in lockstep); rank 0 alone prints the tables and writes ``--out`` (under
+FSDP2 the weights gathered from every rank); the others write nothing.
 
 Refused under several processes, each in one line: ``--batch-size`` not a multiple of the process
 count, LoRA (the adapters-off reference of a wrapped model), RMU (its hooks on the layers), the
