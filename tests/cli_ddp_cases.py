@@ -82,3 +82,15 @@ def unweighted_case(out: str, rank: int, world: int) -> None:
 
 def fsdp2_loop_case(out: str, forget_loss: str, retain_loss: str, rank: int, world: int) -> None:
     torch.save(run_loop((rank, world), forget_loss, "fsdp2", retain_loss), f"{out}.{rank}")
+
+
+def non_finite_case(out: str, rank: int, world: int) -> None:
+    """A NaN in rank 1's shard alone: every rank must see it (or one would raise and one hang)."""
+    from gradsynth.unlearning.sharding import non_finite_parameter, wrap
+
+    model = wrap(tiny_llama(), "fsdp2")
+    clean = non_finite_parameter(model)
+    if rank == 1:
+        with torch.no_grad():
+            model.get_parameter("model.layers.1.mlp.up_proj.weight").to_local()[0, 0] = float("nan")
+    torch.save({"clean": clean, "bad": non_finite_parameter(model)}, f"{out}.{rank}")

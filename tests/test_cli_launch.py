@@ -17,7 +17,7 @@ from conftest import copy_world_cache
 from gradsynth.cli import main
 
 pytest.importorskip("transformers")
-from cli_ddp_cases import BATCH, ddp_loop_case, fsdp2_loop_case, run_loop, unweighted_case
+from cli_ddp_cases import BATCH, ddp_loop_case, fsdp2_loop_case, non_finite_case, run_loop, unweighted_case
 from distributed_cases import spawn
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -56,6 +56,26 @@ def test_without_the_token_weights_the_two_ranks_would_differ(tmp_path):
     spawn(functools.partial(unweighted_case, str(tmp_path / "rank")), tmp_path)
     got = torch.load(tmp_path / "rank.0", weights_only=True)
     assert _relative(got["weights"], run_loop(None, "ga")["weights"]) > 10 * WHOLE_MODEL_RTOL
+
+
+def test_a_non_finite_shard_on_one_rank_is_seen_by_every_rank(tmp_path):
+    spawn(functools.partial(non_finite_case, str(tmp_path / "rank")), tmp_path)
+    got = [torch.load(tmp_path / f"rank.{rank}", weights_only=True) for rank in range(2)]
+    assert [g["clean"] for g in got] == [None, None]
+    assert got[1]["bad"] == "model.layers.1.mlp.up_proj.weight"
+    assert got[0]["bad"] == "a parameter sharded on another rank"
+
+
+def test_a_non_finite_weight_is_named_in_one_process():
+    from hf_helpers import tiny_llama
+
+    from gradsynth.unlearning.sharding import non_finite_parameter
+
+    model = tiny_llama()
+    assert non_finite_parameter(model) is None
+    with torch.no_grad():
+        model.get_parameter("model.norm.weight")[3] = float("inf")
+    assert non_finite_parameter(model) == "model.norm.weight"
 
 
 @pytest.fixture(scope="module")
