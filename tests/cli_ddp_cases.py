@@ -7,6 +7,7 @@ process (``shard=None``) or as one rank of a group. Not a test module: ``test_cl
 
 from __future__ import annotations
 
+import copy
 import random
 
 import torch
@@ -28,20 +29,40 @@ def _examples(seed: str, n: int) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def run_loop(shard: tuple[int, int] | None, forget_loss: str) -> dict:
-    """Weights after 3 steps, the step records, and the batch sizes the model's forward saw."""
+def run_loop(
+    shard: tuple[int, int] | None, forget_loss: str, sharding: str = "ddp", retain_loss: str = "nll"
+) -> dict:
+    """Weights after 3 steps (gathered whole under FSDP2), the step records, and the batch sizes
+    the model's forward saw. The KL retain loss gets a frozen copy as its reference."""
     torch.manual_seed(0)
     model = tiny_llama()
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if retain_loss == "kl" else None
     seen: list[int] = []
     model.register_forward_pre_hook(
         lambda _m, _a, kw: seen.append(int(kw["input_ids"].shape[0])), with_kwargs=True
     )
     settings = UnlearnSettings(
-        rule="sago", lr=1e-2, steps=3, batch_size=BATCH, grad_accum=2, losses=LossSettings(forget=forget_loss)
+        rule="sago",
+        lr=1e-2,
+        steps=3,
+        batch_size=BATCH,
+        grad_accum=2,
+        losses=LossSettings(forget=forget_loss, retain=retain_loss),
     )
-    records = unlearn(model, _examples("forget", 10), _examples("retain", 10), 0, settings, shard=shard)
+    records = unlearn(
+        model,
+        _examples("forget", 10),
+        _examples("retain", 10),
+        0,
+        settings,
+        reference,
+        shard=shard,
+        sharding=sharding,
+    )
+    whole = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters()}
     return {
-        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "sharded": [n for n, p in model.named_parameters() if hasattr(p, "full_tensor")],
+        "weights": {n: p.detach().clone() for n, p in whole.items()},
         "records": [(r.forget_loss, r.retain_loss, r.cos_fr) for r in records],
         "seen": seen,
     }
@@ -57,3 +78,19 @@ def ddp_loop_case(out: str, forget_loss: str, rank: int, world: int, weighted: b
 
 def unweighted_case(out: str, rank: int, world: int) -> None:
     ddp_loop_case(out, "ga", rank, world, weighted=False)
+
+
+def fsdp2_loop_case(out: str, forget_loss: str, retain_loss: str, rank: int, world: int) -> None:
+    torch.save(run_loop((rank, world), forget_loss, "fsdp2", retain_loss), f"{out}.{rank}")
+
+
+def non_finite_case(out: str, rank: int, world: int) -> None:
+    """A NaN in rank 1's shard alone: every rank must see it (or one would raise and one hang)."""
+    from gradsynth.unlearning.sharding import non_finite_parameter, wrap
+
+    model = wrap(tiny_llama(), "fsdp2")
+    clean = non_finite_parameter(model)
+    if rank == 1:
+        with torch.no_grad():
+            model.get_parameter("model.layers.1.mlp.up_proj.weight").to_local()[0, 0] = float("nan")
+    torch.save({"clean": clean, "bad": non_finite_parameter(model)}, f"{out}.{rank}")

@@ -6,8 +6,11 @@ on GPUs, one GPU per process: ``cuda:LOCAL_RANK``), loads the same model and dat
 batches and trains on its slice of each under ``DistributedDataParallel``, with each rank's loss
 weighted so that the averaged gradient is the whole batch's
 (`gradsynth.unlearning.loop.shard_weight`): the run is the one-process run, to float32 rounding
-of the sums. Every rank evaluates (the same model, so the same numbers); rank 0 alone prints the
-tables and writes ``--out``; the others write nothing.
+of the sums. ``--sharding fsdp2`` shards the model with FSDP2 instead of DDP
+(`gradsynth.unlearning.sharding`); ``--sharding`` without a launcher, and ``deepspeed`` (not built
+for the command), are refused. Every rank evaluates (the same model, so the same numbers; under
+FSDP2 the same forwards in lockstep); rank 0 alone prints the tables and writes ``--out`` (under
+FSDP2 the weights gathered from every rank); the others write nothing.
 
 Refused under several processes, each in one line: ``--batch-size`` not a multiple of the process
 count, LoRA (the adapters-off reference of a wrapped model), RMU (its hooks on the layers), the
@@ -52,11 +55,28 @@ class Launch:
     device: str
 
 
+def sharding_of(args: argparse.Namespace) -> str:
+    """How the ranks share the model: ``--sharding``, or DDP."""
+    return getattr(args, "sharding", None) or "ddp"
+
+
 def check_launch_flags(args: argparse.Namespace) -> None:
     """Refuse, before any work, what a multi-process `unlearn` does not run."""
     world = launched_processes()
+    sharding = getattr(args, "sharding", None)
     if world == 1:
+        if sharding is not None:
+            raise CliError(
+                f"--sharding {sharding} shares the model between several processes, and this is one "
+                f"(WORLD_SIZE unset or 1); start them with torchrun --nproc-per-node N -m gradsynth.cli "
+                f"unlearn ... --sharding {sharding}, or drop --sharding"
+            )
         return
+    if sharding == "deepspeed":
+        raise CliError(
+            "--sharding deepspeed is not built for the command yet (the DeepSpeedTasks recipe runs in "
+            "your own loop or the Trainer); use --sharding ddp or fsdp2"
+        )
     where = f"under {world} processes (WORLD_SIZE={world})"
     refused = [
         (args.lora_rank is not None, "--lora-rank"),

@@ -362,6 +362,12 @@ def _add_scale(p: argparse.ArgumentParser) -> None:
         metavar="FOLDER",
         help="continue the interrupted run whose checkpoint is FOLDER (give the same settings)",
     )
+    scale.add_argument(
+        "--sharding",
+        choices=("ddp", "fsdp2", "deepspeed"),
+        help="under torchrun: how the ranks share the model: ddp (every rank holds it whole; the default), "
+        "fsdp2 (parameters, gradients and optimizer state sharded); deepspeed is not built yet",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -152,6 +152,7 @@ def run_unlearning(
     ladder_factor: float = 2.0,
     checkpoints: RunCheckpoints | None = None,
     shard: tuple[int, int] | None = None,
+    sharding: str = "ddp",
 ) -> tuple[Any, RunOutcome]:
     """Unlearn on a copy of ``task.model`` (or on it, ``in_place``); returns the model and the outcome.
 
@@ -162,7 +163,9 @@ def run_unlearning(
     ``min_steps`` > 1 a first rung that reaches the target sooner descends by ``ladder_factor`` (at
     most as many times as the ladder has rates). With ``checkpoints`` (`gradsynth.cli.resume`), each
     rung's loop saves checkpoints, and a resumed run skips the rungs finished before the stop.
-    ``shard=(rank, world)``: this process's slice of a data-parallel run (`gradsynth.cli.launch`)."""
+    ``shard=(rank, world)``: this process's slice of a data-parallel run (`gradsynth.cli.launch`),
+    under ``sharding`` ``ddp`` or ``fsdp2`` (the returned model is then sharded: every rank must run
+    what runs it, and `gradsynth.unlearning.sharding.full_state_dict` gathers it)."""
     plan = plan or BenchmarkPlan()
     target = settings.forget_target
     if target is not None and any(e.answer is None for e in task.forget):
@@ -232,6 +235,7 @@ def run_unlearning(
             progress,
             saving,
             shard,
+            sharding,
         )
         runs.append((lr, records, curve, time.perf_counter() - start))
         return model, records
@@ -273,6 +277,7 @@ def _loop(
     progress: bool,
     checkpoint: Checkpointing | None = None,
     shard: tuple[int, int] | None = None,
+    sharding: str = "ddp",
 ) -> list[StepRecord]:
     """One run of the loop on ``model`` with a progress bar and the evaluation curve."""
     torch.manual_seed(settings.seed)
@@ -341,6 +346,7 @@ def _loop(
             recall_of=recall_of,
             checkpoint=checkpoint,
             shard=shard,
+            sharding=sharding,
         )
     except CheckpointMismatch as err:
         raise CliError(f"--resume: {err}; give the interrupted run's model and settings") from err

@@ -24,7 +24,7 @@ import torch
 from gradsynth.cli.audit_command import audit_table, relearn_settings, world_audit
 from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.errors import CliError
-from gradsynth.cli.launch import Launch, check_launch_flags, is_writer, join, leave
+from gradsynth.cli.launch import Launch, check_launch_flags, is_writer, join, leave, sharding_of
 from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.parser import (
     DEFAULT_STEPS,
@@ -58,6 +58,7 @@ from gradsynth.unlearning.loop import UnlearnSettings, rmu_for, steps_for_epochs
 from gradsynth.unlearning.paper_weights import PAPER_WEIGHTS, ObjectiveWeights
 from gradsynth.unlearning.protocol import ladder, reached
 from gradsynth.unlearning.report import general_kept, mean_geometry, plot_curves, write_report
+from gradsynth.unlearning.sharding import full_state_dict, is_sharded
 from gradsynth.unlearning.task_losses import LossSettings
 
 
@@ -269,6 +270,7 @@ def _unlearn(
             ladder_factor=args.ladder_factor or LADDER_FACTOR,
             checkpoints=checkpoints,
             shard=(launch.rank, launch.world) if launch is not None else None,
+            sharding=sharding_of(args),
         )
         protocol = protocol_summary(settings, outcome)
         if protocol:
@@ -284,6 +286,8 @@ def _unlearn(
             f"cos(g,r) {num(geometry['cos_gr'])}, cos(g,f) {num(geometry['cos_gf'])}, "
             f"conflicting coordinates {num(geometry['conflict_fraction'])}; loop {outcome.seconds:.1f}s"
         )
+        # FSDP2 leaves the model sharded: every rank takes part in gathering it, rank 0 keeps it.
+        whole = full_state_dict(model) if is_sharded(model) else None
         if staging is None:
             return 0
         model = saved_model(model, staging, args.save_adapter)  # a LoRA model merged
@@ -308,7 +312,7 @@ def _unlearn(
             print(audit_table(audit))
         with phase(f"saving the {'adapter' if args.save_adapter else 'model'} to {out}"):
             if not args.save_adapter:
-                model.save_pretrained(staging, safe_serialization=True)
+                model.save_pretrained(staging, safe_serialization=True, state_dict=whole)
             task.tokenizer.save_pretrained(staging)
         report_settings = {
             "command": "unlearn",
@@ -319,6 +323,8 @@ def _unlearn(
             "protocol": protocol,
             "lora": lora_settings(args),
             "gradient_checkpointing": args.gradient_checkpointing,
+            "processes": launch.world if launch is not None else 1,
+            "sharding": sharding_of(args) if launch is not None else None,
         }
         write_report(
             staging / "report.json",

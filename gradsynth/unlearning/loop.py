@@ -39,6 +39,8 @@ from gradsynth.unlearning.encoding import IGNORE_INDEX, collate
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.reference import AdaptersDisabled, ReferenceLogprobs, is_peft_model
 from gradsynth.unlearning.rmu import RMU, decoder_layers
+from gradsynth.unlearning.sharding import non_finite_parameter, sharded_reference
+from gradsynth.unlearning.sharding import wrap as sharding_wrap
 from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss
 
 Encoded = tuple[list[int], list[int]]
@@ -121,7 +123,7 @@ def _check_finite_loss(step: int, forget: float, retain: float) -> None:
 
 
 def _check_finite_weights(model: Any) -> None:
-    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    bad = non_finite_parameter(model)
     if bad is not None:
         raise Diverged(
             f"parameter {bad} holds NaN or infinite values after the run: it diverged; lower --lr "
@@ -152,6 +154,7 @@ def unlearn(
     recall_of: Callable[[Any], float] | None = None,
     checkpoint: Checkpointing | None = None,
     shard: tuple[int, int] | None = None,
+    sharding: str = "ddp",
 ) -> list[StepRecord]:
     """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step.
 
@@ -170,6 +173,9 @@ def unlearn(
     ``DistributedDataParallel``, its loss scaled by ``world * n_rank / n`` (``n``: the batch's loss
     tokens, or examples for NPO/SimNPO), so that DDP's mean of the ranks' gradients is the
     gradient of the whole batch's loss, as one process computes it (`shard_weight`).
+    ``sharding="fsdp2"``: the same, but the model is sharded in place with FSDP2
+    (`gradsynth.unlearning.sharding`) and stays sharded after the run; a plain frozen ``reference``
+    is sharded like it. Whatever runs the model afterwards must run on every rank.
 
     Raises `Diverged` at the first non-finite loss, or if a weight is non-finite at the end
     (a non-finite weight makes the next loss non-finite, so this covers every step).
@@ -179,9 +185,9 @@ def unlearn(
     was_trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     net = model
     if shard is not None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, broadcast_buffers=False)
+        net = sharding_wrap(model, sharding)
+        if sharding == "fsdp2":
+            ref_model = sharded_reference(model, ref_model)
     params, forget_of, retain_of = _objective(model, settings, ref_table, ref_model, net)
     base = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     optimizer = SynthesizingOptimizer(
