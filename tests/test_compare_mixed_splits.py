@@ -3,7 +3,7 @@ the ``--facts real`` benchmark's ``prose`` split."""
 
 from __future__ import annotations
 
-from gradsynth.cli.compare_paired import paired
+from gradsynth.cli.compare_paired import paired, paired_markdown
 from gradsynth.cli.compare_results import aggregate, higher_is_better, markdown_report, pct_splits
 
 SPLITS = ["forget", "general", "prose"]
@@ -50,3 +50,5 @@ def test_paired_comparisons_rank_prose_by_lower_nll():
     (entry,) = [e for e in entries if e["metric"] == "prose" and (e["a"], e["b"]) == ("sago", "sum")]
     assert entry["difference"]["mean"] < 0  # sago's prose NLL minus the sum's
     assert (entry["ahead"], entry["behind"]) == (5, 0)  # lower NLL is ahead on a kept split
+    row = next(line for line in paired_markdown(entries).splitlines() if "sago - sum" in line)
+    assert "-1.000 ± 0.000 (5/0/0" in row  # NLL to 3 digits (one digit made -0.0 of small gaps)

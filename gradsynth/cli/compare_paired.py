@@ -126,6 +126,7 @@ def paired(
                         "a": a,
                         "b": b,
                         "metric": name,
+                        "nll": name in splits and not in_pct(as_pct, name),  # shown to 3 digits
                         "difference": summary(diffs),
                         "ahead": sum(1 for d in ahead if d > 0),
                         "level": sum(1 for d in ahead if d == 0),
@@ -138,7 +139,7 @@ def paired(
 
 def _cell(entry: dict[str, Any]) -> str:
     precise = entry["metric"] == "cos(g,r)" or entry["metric"] in {m[0] for m in AUDIT_METRICS}
-    d, digits = entry["difference"], 2 if precise else 1
+    d, digits = entry["difference"], 3 if entry.get("nll") else 2 if precise else 1
     counts = f"{entry['ahead']}/{entry['level']}/{entry['behind']}"
     if entry.get("p") is not None:
         counts += f", p {entry['p']:.2g}"
