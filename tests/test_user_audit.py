@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from helpers import without_progress
+from helpers import one_line
 
 from gradsynth.cli import main
 from gradsynth.cli.user_audit import perturbation_values
@@ -94,14 +94,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "empty": _write(root / "empty.jsonl", []),
         "two": _write(root / "two.jsonl", _qa(FORGET[:2])),
     }
-
-
-def _one_line(capsys, *parts: str) -> str:
-    err = without_progress(capsys.readouterr().err)
-    assert err.count("\n") == 1 and err.startswith("gradsynth: error: "), err
-    for part in parts:
-        assert part in err, err
-    return err
 
 
 def test_perturbations_are_the_other_answers_drawn_per_fact():
@@ -210,7 +202,7 @@ def test_bad_audit_inputs_are_one_line(files, tmp_path, capsys, flags, parts):
             else []
         )
         assert main([*command, *given, *extra, "--out", str(out)]) == 2
-        _one_line(capsys, *parts)
+        one_line(capsys, *parts)
         assert not out.exists()
 
 
@@ -236,7 +228,7 @@ def test_flags_that_do_not_fit_together_are_one_line(files, tmp_path, capsys):
     for argv, parts in cases:
         out = tmp_path / "out"
         assert main([*argv, "--out", str(out)]) == 2, argv
-        _one_line(capsys, *parts)
+        one_line(capsys, *parts)
         assert not out.exists()
 
 
@@ -252,9 +244,9 @@ def test_auditing_a_saved_run_against_another_seed_or_world_is_refused(files, tm
         (["--world", "default"], ["the 'ci' world", "pass --world ci"]),
     ):
         assert main(["audit", str(run), *flags, "--out", str(tmp_path / "out")]) == 2
-        _one_line(capsys, *parts)
+        one_line(capsys, *parts)
         assert not (tmp_path / "out").exists()
     report["settings"]["task"]["source"] = str(files["model"])
     (run / "report.json").write_text(json.dumps(report))
     assert main(["audit", str(run), "--world", "ci"]) == 2
-    _one_line(capsys, "unlearned on files, not the embedded world", "--forget FILE --non-members FILE")
+    one_line(capsys, "unlearned on files, not the embedded world", "--forget FILE --non-members FILE")
