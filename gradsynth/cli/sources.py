@@ -223,6 +223,11 @@ def model_task(args: argparse.Namespace) -> Task:
     )
 
 
+def _in_format(pairs: list[tuple[str, str]], tokenizer: Any, prompt_format: str) -> list[Example]:
+    """(question, answer) pairs as examples in ``prompt_format``, as ``--forget`` files are put."""
+    return in_format([Example(prompt_of(q), a) for q, a in pairs], tokenizer, prompt_format)
+
+
 _LOADED: dict[tuple[Any, ...], tuple[Any, Any, list[Any], str]] = {}
 
 
@@ -230,7 +235,6 @@ def _known_facts(args: argparse.Namespace) -> tuple[Any, Any, list[Any], str]:
     """``--model`` with the shipped facts it knows in ``--prompt-format``: loaded and generated once
     per process, since every seed of a comparison splits the same known facts (runs copy the model)."""
     from gradsynth.unlearning import real_facts
-    from gradsynth.unlearning.chat import chat_prompt
     from gradsynth.unlearning.generation import greedy_answers
 
     key = (
@@ -245,12 +249,10 @@ def _known_facts(args: argparse.Namespace) -> tuple[Any, Any, list[Any], str]:
             model, tokenizer = _load_model(args.model, args.dtype, getattr(args, "gguf_file", None))
         _, prompt_format = formatted({}, tokenizer, args)
 
-        def prompt(question: str) -> str:
-            return chat_prompt(tokenizer, question) if prompt_format == "chat" else prompt_of(question)
-
         def said_to(questions: list[str]) -> list[str]:
             model.eval()
-            return greedy_answers(model, tokenizer, [prompt(q) for q in questions])
+            asked = _in_format([(q, "") for q in questions], tokenizer, prompt_format)
+            return greedy_answers(model, tokenizer, [e.prompt for e in asked])
 
         with phase(f"finding which of the {len(real_facts.facts())} shipped facts {args.model} knows"):
             known = real_facts.known_facts(said_to)
@@ -263,7 +265,6 @@ def facts_task(args: argparse.Namespace, seed: int) -> Task:
     """``--facts real``: the shipped facts ``--model`` knows, split by ``seed``
     (`gradsynth.unlearning.real_facts`); trained on the model's own answers, scored on the gold ones."""
     from gradsynth.unlearning import real_facts
-    from gradsynth.unlearning.chat import chat_prompt
 
     if args.forget or args.retain or getattr(args, "eval", None):
         raise CliError(f"--facts {args.facts} brings its own splits; drop --forget/--retain/--eval")
@@ -276,16 +277,11 @@ def facts_task(args: argparse.Namespace, seed: int) -> Task:
             f"{'plain' if prompt_format == 'chat' else 'chat'}"
         ) from err
 
-    def prompt(question: str) -> str:
-        return chat_prompt(tokenizer, question) if prompt_format == "chat" else prompt_of(question)
-
-    separator = "" if prompt_format == "chat" else " "
-
     def scored(items: list[Any]) -> list[Example]:
-        return [Example(prompt(k.fact.question), k.fact.answer, separator=separator) for k in items]
+        return _in_format([(k.fact.question, k.fact.answer) for k in items], tokenizer, prompt_format)
 
     def trained(items: list[Any]) -> list[Example]:
-        return [Example(prompt(k.fact.question), k.label, separator=separator) for k in items]
+        return _in_format([(k.fact.question, k.label) for k in items], tokenizer, prompt_format)
 
     splits = {name: scored(items) for name, items in parts.items()}
     splits["prose"] = [Example(text) for text in real_facts.prose()]
