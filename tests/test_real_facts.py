@@ -17,10 +17,12 @@ from gradsynth.unlearning.real_facts import (
     GENERAL_SIZE,
     MIN_NEIGHBOURS,
     NEIGHBOURS,
+    NON_MEMBERS,
     RETAIN_SIZE,
     KnownFact,
     TooFewKnown,
     known_facts,
+    non_members,
     own_label,
     split,
 )
@@ -97,6 +99,28 @@ def test_split_deals_out_disjoint_sets_by_relation():
     # Eligible relations, most known first, taken in turn by the seeds; "small" never.
     assert relations == ["other", "big", "mid", "other"]
     assert split(known, 0)["forget"] != split(known, 3)["forget"]  # same relation, other facts
+
+
+def test_non_members_are_unknown_facts_of_the_forget_relation_first():
+    shipped = real_facts.facts()
+    relation = "capital"
+    known = [KnownFact(f, f.answer) for f in shipped if f.relation == relation][:40]
+    known += [KnownFact(f, f.answer) for f in shipped if f.relation != relation][::2]
+    picked = non_members(known, 0, relation)
+    recalled = {k.fact for k in known}
+    assert len(picked) == NON_MEMBERS and not recalled & set(picked)
+    unknown_same = [f for f in shipped if f.relation == relation and f not in recalled]
+    head = picked[: len(unknown_same)]
+    assert 0 < len(unknown_same) < NON_MEMBERS and set(head) == set(unknown_same)
+    assert relation not in {f.relation for f in picked[len(unknown_same) :]}
+    assert non_members(known, 0, relation) == picked and non_members(known, 1, relation) != picked
+
+
+def test_audit_with_the_shipped_facts_needs_no_non_members_file(tmp_path, capsys):
+    # Refused for another reason (the model folder is missing), not for the lack of --non-members.
+    code = main(["unlearn", "--model", str(tmp_path / "none"), "--facts", "real", "--audit", "--steps", "1"])
+    assert code == 2
+    assert "--non-members" not in one_line(capsys, "--model")
 
 
 def test_split_refuses_too_few_known_facts():

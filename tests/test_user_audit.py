@@ -152,7 +152,7 @@ def test_unlearn_and_compare_audit_a_users_model(files, tmp_path, capsys):
     argv = ["compare", "--model", str(files["model"]), *data, "--rules", "sum,sago", "--lrs", "1e-3"]
     assert main([*argv, "--steps", "2", "--audit", "--no-progress", "--out", str(compared)]) == 0
     results = (compared / "results.md").read_text()
-    assert "forget facts against the --non-members facts" in results
+    assert "forget facts against the non-member facts" in results
     assert "| relearned % (k=20, forget) | relearned % (k=20, retain) |" in results
     for row in ("| ga+sum |", "| ga+sago |", "| never-learned reference |"):
         assert row in results, row

@@ -149,7 +149,7 @@ def audit_markdown(runs: list[dict[str, Any]]) -> str:
     if by_seed:
         rows.append(row("never-learned reference", list(by_seed.values()), "reference"))
     files = any(r["audit"].get("source") == "files" for r in audited)
-    against = "the --non-members facts" if files else "fresh-name twins"
+    against = "the non-member facts" if files else "fresh-name twins"
     intro = (
         f"Audit of the forgetting (forget facts against {against}), mean ± standard deviation "
         f"over {len({r['seed'] for r in audited})} seed(s); an AUC of 0.5 and the reference's truth "

@@ -157,10 +157,11 @@ def run(args: argparse.Namespace) -> int:
             if args.audit and args.model is None:
                 reference, *_ = load_never_learned_model(args.world, seed, log=log)
                 reference.to(device)
-            seed_non_members = None
+            seed_non_members = task.non_members if args.audit else None  # --facts real brings its own
             if non_members is not None:
-                check_user_audit(task.forget, relearn)
                 seed_non_members = in_task_format(non_members, task.tokenizer, args)
+            if seed_non_members is not None:
+                check_user_audit(task.forget, relearn)
             task.model.to(device)
             with phase(f"evaluating {split_sizes(task)} before unlearning"):
                 before = evaluate(task.model, batches, task, progress=bar is not None)

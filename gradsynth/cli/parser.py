@@ -565,10 +565,11 @@ def check_audit_files(args: argparse.Namespace) -> None:
             and not (flag == "--reference-model" and args.forget_target == "reference")
         ):
             raise CliError(f"{flag} goes with --audit; add --audit or drop {flag}")
-    if audit and user and getattr(args, "non_members", None) is None:
+    shipped = getattr(args, "facts", None) is not None  # brings the facts the model does not know
+    if audit and user and not shipped and getattr(args, "non_members", None) is None:
         raise CliError(
             "--audit with --model needs --non-members FILE: facts the model never learned, of the forget "
-            "facts' forms (question and answer, as --forget)"
+            "facts' forms (question and answer, as --forget); or use --facts real, which brings its own"
         )
 
 

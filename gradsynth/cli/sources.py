@@ -46,6 +46,7 @@ class Task:
     generate_eval: bool = False  # also score greedy generations (ROUGE-L); the world's recall is exact
     choices: dict[str, list[Choice]] = field(default_factory=dict)  # multiple-choice form per split
     recall: str = "exact"  # exact: answer + eos teacher-forced; contains: in the greedy answer
+    non_members: list[Example] | None = None  # the audit's negatives, where the source brings them
 
 
 def world_choices(world: Any, splits: dict[str, list[Any]]) -> dict[str, list[Choice]]:
@@ -285,6 +286,8 @@ def facts_task(args: argparse.Namespace, seed: int) -> Task:
 
     splits = {name: scored(items) for name, items in parts.items()}
     splits["prose"] = [Example(text) for text in real_facts.prose()]
+    relation = parts["forget"][0].fact.relation
+    unknown = real_facts.non_members(known, seed, relation)
     values = real_facts.relation_values()
     # 4 options each, the distractors other answers of the fact's relation. Only forget (is the
     # knowledge still there, under another probe?) and general (the headline): 4 forwards per
@@ -305,6 +308,7 @@ def facts_task(args: argparse.Namespace, seed: int) -> Task:
         choices=choices,
         generate_eval=True,
         recall=recall,
+        non_members=_in_format([(f.question, f.answer) for f in unknown], tokenizer, prompt_format),
         description={
             "source": args.model,
             "prompt_format": prompt_format,

@@ -51,6 +51,7 @@ from gradsynth.cli.user_audit import (
     check_user_audit,
     in_task_format,
     load_reference,
+    non_members_name,
     read_non_members,
     user_audit,
 )
@@ -231,8 +232,11 @@ def _unlearn(
         task.max_length = args.max_length
     reference = load_reference(args, task.model, task.tokenizer, device)
     if non_members is not None:
-        check_user_audit(task.forget, relearn)
         non_members = in_task_format(non_members, task.tokenizer, args)
+    elif args.audit:
+        non_members = task.non_members  # --facts real: the shipped facts the model does not know
+    if non_members is not None:
+        check_user_audit(task.forget, relearn)
     task.model = with_lora(task.model, args, args.seed)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(task.model)
@@ -307,7 +311,7 @@ def _unlearn(
                         relearn=relearn,
                         max_length=task.max_length,
                     )
-            against = "fresh-name twins" if non_members is None else f"--non-members {args.non_members}"
+            against = non_members_name(args) if non_members is not None else "fresh-name twins"
             print(f"\nAudit of the forgetting (forget facts against {against}):\n")
             print(audit_table(audit))
         with phase(f"saving the {'adapter' if args.save_adapter else 'model'} to {out}"):

@@ -90,6 +90,13 @@ def read_non_members(args: argparse.Namespace) -> list[Example] | None:
     return examples
 
 
+def non_members_name(args: argparse.Namespace) -> str:
+    """What the audit's non-members were, for its printed heading."""
+    if getattr(args, "non_members", None) is not None:
+        return f"--non-members {args.non_members}"
+    return "the shipped facts the model does not know"
+
+
 def in_task_format(examples: list[Example], tokenizer: Any, args: argparse.Namespace) -> list[Example]:
     """``examples`` in the prompt format the task's files were put in (`gradsynth.cli.sources.formatted`)."""
     from gradsynth.cli.sources import formatted

@@ -25,6 +25,10 @@ of France is Paris."); labelling the bare gold answer ("Paris") instead makes th
 *both* tasks teach a terse answer format — on SmolLM2-135M-Instruct the forget answers' NLL then
 fell under gradient ascent while retain recall collapsed — so what was measured was a change of
 format, not forgetting. Scoring stays the gold answer's containment in a fresh greedy answer.
+
+The audit's non-members (`non_members`) are up to `NON_MEMBERS` shipped facts the model does
+*not* know, those of the forget relation first: same forms as the forget facts, never recalled, so
+after a deep forgetting the forget facts should look like them to a membership attack.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ MIN_NEIGHBOURS = 4
 NEIGHBOURS = 12
 RETAIN_SIZE = 24
 GENERAL_SIZE = 32
+NON_MEMBERS = 20
 SPLITS = ("forget", "retain", "neighbour", "general")
 
 
@@ -161,6 +166,18 @@ def split(known: list[KnownFact], seed: int) -> dict[str, list[KnownFact]]:
         "neighbour": same[FORGET_SIZE : FORGET_SIZE + NEIGHBOURS],
         "general": others[RETAIN_SIZE : RETAIN_SIZE + GENERAL_SIZE],
     }
+
+
+def non_members(known: list[KnownFact], seed: int, relation: str) -> list[RealFact]:
+    """Up to `NON_MEMBERS` shipped facts not in ``known``: ``relation``'s first, then the others,
+    each group shuffled by ``seed``."""
+    recalled = {k.fact for k in known}
+    rng = random.Random(f"real-facts-non-members-{seed}")
+    same = [f for f in facts() if f not in recalled and f.relation == relation]
+    others = [f for f in facts() if f not in recalled and f.relation != relation]
+    rng.shuffle(same)
+    rng.shuffle(others)
+    return (same + others)[:NON_MEMBERS]
 
 
 def describe(parts: dict[str, list[KnownFact]], known: list[KnownFact]) -> dict[str, Any]:
