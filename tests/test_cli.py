@@ -241,3 +241,17 @@ def test_console_entry_point_reports_errors_in_a_subprocess(tmp_path):
         "gradsynth: error: --rules: unknown rule 'nope'; " + run.stderr.split("; ", 1)[1].strip()
     ]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("module", ["gradsynth", "gradsynth.cli"])
+def test_python_dash_m_runs_the_command_line(module, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", module, "unlearn", "--help"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--forget-target" in done.stdout
