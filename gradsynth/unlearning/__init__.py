@@ -7,11 +7,16 @@ Evaluation: per-split recall and NLL (`evaluate_splits`), multiple-choice accura
 lm-eval (`mc_accuracy`), and any lm-eval task on the model in memory (`evaluate_tasks`, needs the
 ``eval`` extra).
 
+Data: a local file or folder, a saved ``datasets`` folder or a hub id in the offline cache
+(`parse_source`, `read_dataset`), encoded for training (`encode_examples`) and paired forget with
+retain for a Trainer (`pair_tasks`, `unlearning_dataset`).
+
 Built on `gradsynth.optim.SynthesizingOptimizer`; needs the ``lm`` extra (transformers,
 datasets). See `gradsynth.unlearning.objectives` for the formulas.
 """
 
 from gradsynth.unlearning.benchmarks import EvalExtraMissing, evaluate_tasks
+from gradsynth.unlearning.data_sources import Source, parse_source, read_dataset
 from gradsynth.unlearning.encoding import Example, collate, encode, make_batches
 from gradsynth.unlearning.evaluate import evaluate_splits, exact_match, split_metrics
 from gradsynth.unlearning.loop import StepRecord, UnlearnSettings, steps_for_epochs, unlearn
@@ -29,9 +34,17 @@ from gradsynth.unlearning.objectives import (
 from gradsynth.unlearning.paper_weights import PAPER_WEIGHTS, ObjectiveWeights
 from gradsynth.unlearning.protocol import Rung, climb, ladder
 from gradsynth.unlearning.rmu import RMU
+from gradsynth.unlearning.task_datasets import PairWithRetain, encode_examples, pair_tasks, unlearning_dataset
 from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss
 
 __all__ = [
+    "PairWithRetain",
+    "Source",
+    "encode_examples",
+    "pair_tasks",
+    "parse_source",
+    "read_dataset",
+    "unlearning_dataset",
     "PAPER_WEIGHTS",
     "RMU",
     "ObjectiveWeights",
