@@ -93,6 +93,39 @@ def test_compare_writes_tables_and_pareto_plot(world_cache, tmp_path, capsys):
     assert markdown in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("stop_at", [1, 3])
+def test_an_interrupted_compare_keeps_its_finished_runs(world_cache, tmp_path, capsys, monkeypatch, stop_at):
+    import signal
+
+    from gradsynth.cli import compare_command
+    from gradsynth.cli.signals import Interrupted
+
+    calls = []
+    real = compare_command.run_unlearning
+
+    def stopped_at_a_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise Interrupted(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_command, "run_unlearning", stopped_at_a_run)
+    out = tmp_path / "cmp"
+    args = ["compare", "--quick", "--rules", "sum,sago", "--lrs", "1e-3", "--seeds", "0,1", "--steps", "3"]
+    assert main([*args, "--out", str(out), "--no-progress"]) == 128 + signal.SIGTERM
+    last = without_progress(capsys.readouterr().err).strip().splitlines()[-1]
+    if stop_at == 1:  # nothing finished: nothing written
+        assert not out.exists() and last.endswith("no output folder was written"), last
+        return
+    assert last == f"gradsynth: interrupted (SIGTERM); the output folder {out} is complete"
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["rule"], r["seed"]) for r in results["runs"]] == [("sum", 0), ("sago", 0)]
+    assert results["interrupted"] == {"signal": "SIGTERM", "runs_finished": 2, "runs_planned": 4}
+    markdown = (out / "results.md").read_text()
+    assert markdown.startswith("**Interrupted (SIGTERM) after 2 of 4 runs**")
+    assert "| ga | sago | 0.001 |" in markdown
+
+
 def test_unlearn_on_a_saved_model_with_jsonl_data(world_cache, tmp_path):
     from gradsynth.world import SIZES, build_world
 

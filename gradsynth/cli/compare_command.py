@@ -17,11 +17,17 @@ learning rate each (objective, rule) needed.
 A cell that diverges (a non-finite loss or weight) does not end the comparison: it is listed
 under "Diverged runs" in results.md and ``diverged`` in results.json, left out of the tables,
 and the other cells go on. Only when every cell diverges is the result an error (exit 2).
+
+A signal (Ctrl-C, SIGTERM, SIGHUP) after at least one finished run still writes the output folder,
+from the finished runs only, headed "Interrupted ... after N of M runs" (``interrupted`` in
+results.json); the exit code stays the signal's (128 + its number). A comparison of a real model
+costs hours, and those runs would otherwise be lost.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from typing import Any
 
@@ -47,6 +53,7 @@ from gradsynth.cli.parser import (
 from gradsynth.cli.progress import phase
 from gradsynth.cli.reference_target import REFERENCE, forget_target_for
 from gradsynth.cli.run_one import evaluate, evaluation_batches, run_unlearning, split_sizes
+from gradsynth.cli.signals import Interrupted
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.unlearn_command import (
     check_rmu,
@@ -99,6 +106,15 @@ def _run_record(
     return record
 
 
+def interrupted_markdown(err: Interrupted, finished: int, planned: int) -> str:
+    """results.md's first lines when a signal stopped the comparison: what the tables hold."""
+    return (
+        f"**Interrupted ({signal.Signals(err.signum).name}) after {finished} of {planned} runs**: the "
+        "tables below hold the finished runs only (seeds the signal cut short have fewer rules); "
+        "run the comparison again for the whole matrix.\n\n"
+    )
+
+
 def diverged_markdown(diverged: list[dict[str, Any]]) -> str:
     """results.md's list of the cells that diverged (not in any table)."""
     lines = ["## Diverged runs (left out of the tables)", ""]
@@ -133,11 +149,12 @@ def run(args: argparse.Namespace) -> int:
     targets: dict[int, float | None] = {}  # the forget target of each seed (per seed with "reference")
     diverged: list[dict[str, Any]] = []
     bar = None
+    total = len(seeds) * len(objectives) * len(rules) * len(lrs)
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        total = len(seeds) * len(objectives) * len(rules) * len(lrs)
         bar = tqdm(total=total, desc="compare", unit="run")
+    interrupted: Interrupted | None = None
     try:
         for seed in seeds:
             task = load_task(args, seed, log=print if bar is None else bar.write)
@@ -222,6 +239,10 @@ def run(args: argparse.Namespace) -> int:
                             del model  # one unlearned copy at a time
                         if bar is not None:
                             bar.update(1)
+    except KeyboardInterrupt as err:  # hours of finished runs are kept, the report says it is partial
+        if not runs:
+            raise
+        interrupted = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
     finally:
         if bar is not None:
             bar.close()
@@ -245,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
             if args.model is not None:
                 protocol["reference"] = f"--reference-model {args.reference_model}"
     report = markdown_report(table, splits, as_pct, len(seeds), first.steps, protocol)
+    if interrupted is not None:
+        report = interrupted_markdown(interrupted, len(runs) + len(diverged), total) + report
     if args.audit:
         report += "\n" + audit_markdown(runs)
     pairs = paired(runs, splits, as_pct)
@@ -279,10 +302,18 @@ def run(args: argparse.Namespace) -> int:
             "runs": runs,
             "diverged": diverged,
         }
+        if interrupted is not None:
+            payload["interrupted"] = {
+                "signal": signal.Signals(interrupted.signum).name,
+                "runs_finished": len(runs) + len(diverged),
+                "runs_planned": total,
+            }
         dump_json(staging / "results.json", payload)
         pareto_plot(staging / "pareto.png", table, splits, as_pct)
         tradeoff_plot(staging / "tradeoff.png", runs)
     print(report)
+    if interrupted is not None:
+        raise Interrupted(interrupted.signum, written=out)
     if diverged:
         total = len(runs) + len(diverged)
         print(f"{len(diverged)} of {total} runs diverged (listed above, not in the tables)")
