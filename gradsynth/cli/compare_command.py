@@ -65,8 +65,7 @@ from gradsynth.cli.unlearn_command import (
     weights_for,
 )
 from gradsynth.cli.user_audit import (
-    check_user_audit,
-    in_task_format,
+    audit_non_members,
     load_reference,
     read_non_members,
     user_audit,
@@ -174,11 +173,7 @@ def run(args: argparse.Namespace) -> int:
             if args.audit and args.model is None:
                 reference, *_ = load_never_learned_model(args.world, seed, log=log)
                 reference.to(device)
-            seed_non_members = task.non_members if args.audit else None  # --facts real brings its own
-            if non_members is not None:
-                seed_non_members = in_task_format(non_members, task.tokenizer, args)
-            if seed_non_members is not None:
-                check_user_audit(task.forget, relearn)
+            seed_non_members = audit_non_members(args, non_members, task, relearn)
             task.model.to(device)
             with phase(f"evaluating {split_sizes(task)} before unlearning"):
                 before = evaluate(task.model, batches, task, progress=bar is not None)
@@ -315,8 +310,9 @@ def run(args: argparse.Namespace) -> int:
     if interrupted is not None:
         raise Interrupted(interrupted.signum, written=out)
     if diverged:
-        total = len(runs) + len(diverged)
-        print(f"{len(diverged)} of {total} runs diverged (listed above, not in the tables)")
+        print(
+            f"{len(diverged)} of {len(runs) + len(diverged)} runs diverged (listed above, not in the tables)"
+        )
     print(
         f"{len(runs)} runs in {time.perf_counter() - start:.0f}s. "
         f"Wrote {out}/ (results.md, results.json, pareto.png, tradeoff.png)"

@@ -48,8 +48,7 @@ from gradsynth.cli.scale import (
 from gradsynth.cli.sources import load_task
 from gradsynth.cli.tables import before_after_table, benchmark_table, num
 from gradsynth.cli.user_audit import (
-    check_user_audit,
-    in_task_format,
+    audit_non_members,
     load_reference,
     non_members_name,
     read_non_members,
@@ -231,12 +230,7 @@ def _unlearn(
     if args.max_length:
         task.max_length = args.max_length
     reference = load_reference(args, task.model, task.tokenizer, device)
-    if non_members is not None:
-        non_members = in_task_format(non_members, task.tokenizer, args)
-    elif args.audit:
-        non_members = task.non_members  # --facts real: the shipped facts the model does not know
-    if non_members is not None:
-        check_user_audit(task.forget, relearn)
+    non_members = audit_non_members(args, non_members, task, relearn)
     task.model = with_lora(task.model, args, args.seed)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(task.model)

@@ -90,6 +90,21 @@ def read_non_members(args: argparse.Namespace) -> list[Example] | None:
     return examples
 
 
+def audit_non_members(
+    args: argparse.Namespace, from_file: list[Example] | None, task: Any, relearn: RelearnSettings | None
+) -> list[Example] | None:
+    """The audit's non-members for ``task``: ``--non-members`` put in its prompt format, else (with
+    ``--audit``) those its source brings (``--facts real``), else None; with any, the forget set is
+    checked to be auditable before the run."""
+    if from_file is not None:
+        chosen = in_task_format(from_file, task.tokenizer, args)
+    else:
+        chosen = task.non_members if getattr(args, "audit", False) else None
+    if chosen is not None:
+        check_user_audit(task.forget, relearn)
+    return chosen
+
+
 def non_members_name(args: argparse.Namespace) -> str:
     """What the audit's non-members were, for its printed heading."""
     if getattr(args, "non_members", None) is not None:
