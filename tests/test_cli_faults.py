@@ -602,14 +602,16 @@ def test_greedy_answers_see_at_most_max_length_prompt_tokens(cache, monkeypatch)
     from gradsynth.cli.sources import Task
     from gradsynth.world import load_world_model
 
+    from gradsynth.unlearning import generation
+
     model, tokenizer, *_ = load_world_model("ci", log=lambda _: None)
     widths = []
 
-    def generate(input_ids, **kwargs):
-        widths.append(input_ids.shape[1])
-        return input_ids  # no new tokens: the width is what is checked
+    def greedy_tokens(model, rows, *args):
+        widths.append(max(len(row) for row in rows))
+        return [[] for _ in rows]  # no new tokens: the prompts' width is what is checked
 
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(generation, "greedy_tokens", greedy_tokens)
     from gradsynth.unlearning.encoding import Example, prompt_of
 
     examples = [Example(prompt_of("Where? " * 3000), "Orsk"), Example(prompt_of("Who?"), "Velmora")]

@@ -4,7 +4,8 @@
 answer (and end-of-sentence token) the model reproduces greedily. It is computed with one
 teacher-forced pass: greedy decoding emits the answer exactly iff the arg-max at every answer
 position is the answer token, so no generation loop is needed. ``recall`` is ``None`` for
-plain-text data, which has no answers.
+plain-text data, which has no answers. Tokens every row of a batch starts with (a chat template's
+system turn) run once (`gradsynth.unlearning.shared_prefix.logits_from`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from gradsynth.unlearning.encoding import IGNORE_INDEX
 from gradsynth.unlearning.objectives import token_logprobs
+from gradsynth.unlearning.shared_prefix import logits_from
 
 
 def exact_match(logits: Tensor, labels: Tensor) -> Tensor:
@@ -24,6 +26,12 @@ def exact_match(logits: Tensor, labels: Tensor) -> Tensor:
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     return ((predicted == targets) | ~mask).all(dim=-1) & mask.any(dim=-1)
+
+
+def first_labelled(labels: Tensor) -> int:
+    """The first position that holds a label in any row (the width if none does)."""
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    return int(labelled[0]) if labelled.numel() else labels.shape[1]
 
 
 @torch.no_grad()
@@ -35,11 +43,14 @@ def split_metrics(model: Any, batches: list[dict[str, Tensor]], has_answers: boo
     nll_sum, tokens, hits, count = 0.0, 0, 0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp, mask = token_logprobs(logits, batch["labels"])
+        logits, offset = logits_from(
+            model, batch["input_ids"], batch["attention_mask"], first_labelled(batch["labels"]) - 1
+        )
+        labels = batch["labels"][:, offset:]
+        logp, mask = token_logprobs(logits, labels)
         nll_sum -= float(logp.sum())
         tokens += int(mask.sum())
-        hits += int(exact_match(logits, batch["labels"]).sum())
+        hits += int(exact_match(logits, labels).sum())
         count += batch["labels"].shape[0]
     model.train(was_training)
     return {

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from gradsynth.unlearning.encoding import pad_id_of, prompt_of
+from gradsynth.unlearning.shared_prefix import logits_from
 
 N_OPTIONS = 4
 
@@ -80,7 +81,8 @@ def option_logprobs(
     """Per question, the summed log-probability of each option's continuation tokens.
 
     Sequences are batched by length (less padding); right padding leaves the real tokens'
-    logits unchanged in a causal model."""
+    logits unchanged in a causal model; the tokens every sequence of a batch starts with (a chat
+    template's system turn) run once (`gradsynth.unlearning.shared_prefix.logits_from`)."""
     pairs = [(i, _continuation(tokenizer, c.context, o)) for i, c in enumerate(choices) for o in c.options]
     order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][1][0]) + len(pairs[k][1][1]))
     device = next(model.parameters()).device
@@ -94,10 +96,13 @@ def option_logprobs(
         width = max(len(ids) for ids in chunk)
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        first = min(len(pairs[k][1][0]) for k in rows) - 1  # the first position whose logits count
+        logits, offset = logits_from(model, ids, mask, first)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         for row, k in enumerate(rows):
             context, continuation = pairs[k][1]
-            positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=device)
+            start = len(context) - 1 - offset
+            positions = torch.arange(start, start + len(continuation), device=device)
             sums[k] = float(logp[row, positions, torch.tensor(continuation, device=device)].sum())
     model.train(was_training)
     out: list[list[float]] = [[] for _ in choices]
