@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with interrupts_raise():
             args = build_parser().parse_args(argv)
+            args.argv = list(sys.argv[1:] if argv is None else argv)  # what `compare --jobs` hands on
             check_environment()
             torch.set_num_threads(args.threads)
             command = {

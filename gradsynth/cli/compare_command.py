@@ -33,6 +33,7 @@ from typing import Any
 
 from gradsynth.cli.audit_command import audit_markdown, relearn_settings, world_audit
 from gradsynth.cli.benchmark_plan import plan_from_args
+from gradsynth.cli.compare_jobs import claimer, run_jobs
 from gradsynth.cli.compare_paired import paired, paired_markdown
 from gradsynth.cli.compare_ranking import rank, ranking_markdown, tradeoff_plot, utility_kept
 from gradsynth.cli.compare_results import aggregate, markdown_report, pareto_plot, pct_splits
@@ -121,6 +122,47 @@ def diverged_markdown(diverged: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _prepare_seed(
+    args: argparse.Namespace,
+    seed: int,
+    objectives: list[str],
+    rules: list[str],
+    lrs: list[float],
+    device: str,
+    non_members: Any,
+    relearn: Any,
+    user_reference: Any,
+    targets: dict[int, float | None],
+    bar: Any,
+    log: Any,
+) -> tuple[Any, ...]:
+    """One seed's task, evaluation batches, scores before, lm-eval plan, audit reference and non-members
+    (and its forget target, into ``targets``): what every cell of the seed shares."""
+    task = load_task(args, seed, log=log)
+    if args.max_length:
+        task.max_length = args.max_length
+    for objective in objectives:
+        check_rmu(task, settings_for(args, rules[0], lrs[0], seed, len(task.forget), objective))
+    batches = evaluation_batches(task, progress=bar is not None)
+    if args.model is not None and user_reference is None:
+        user_reference = load_reference(args, task.model, task.tokenizer, device)
+    targets[seed] = forget_target_for(args, seed, batches["forget"][0], log=log, reference=user_reference)
+    # The audit's reference: the user's, else the seed's never-learned model (loaded once).
+    reference = user_reference
+    if args.audit and args.model is None:
+        reference, *_ = load_never_learned_model(args.world, seed, log=log)
+        reference.to(device)
+    seed_non_members = audit_non_members(args, non_members, task, relearn)
+    task.model.to(device)
+    with phase(f"evaluating {split_sizes(task)} before unlearning"):
+        before = evaluate(task.model, batches, task, progress=bar is not None)
+    plan = plan_from_args(args, task)
+    bench_before = plan.run(task.model, task.tokenizer)
+    if args.rank_by:  # refuse an unknown metric now, not after every run
+        rank([{"rule": "", "lr": 0.0, "after": before, "benchmarks": {"after": bench_before}}], args.rank_by)
+    return task, batches, before, plan, bench_before, reference, seed_non_members
+
+
 def run(args: argparse.Namespace) -> int:
     rules = parse_list(args.rules, str, "--rules")
     check_rules(rules, "--rules")
@@ -138,7 +180,11 @@ def run(args: argparse.Namespace) -> int:
     seeds = parse_list(args.seeds, int, "--seeds")
     check_seeds(seeds, "--seeds")
     out = args.out or default_out("compare")
-    check_output_folder(out, args.overwrite, run_inputs(args))
+    if args.queue is None:  # a --jobs worker writes into its parent's private folder
+        check_output_folder(out, args.overwrite, run_inputs(args))
+    total = len(seeds) * len(objectives) * len(rules) * len(lrs)
+    if args.jobs > 1 and args.queue is None:
+        return run_jobs(args, out, total)
     relearn = relearn_settings(args) if args.audit else None
     device = resolve_device(args.device)
     non_members = read_non_members(args)  # a user's audit: read before the model, as the other files
@@ -148,45 +194,42 @@ def run(args: argparse.Namespace) -> int:
     targets: dict[int, float | None] = {}  # the forget target of each seed (per seed with "reference")
     diverged: list[dict[str, Any]] = []
     bar = None
-    total = len(seeds) * len(objectives) * len(rules) * len(lrs)
     if not args.no_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="compare", unit="run")
     interrupted: Interrupted | None = None
+    claim = claimer(args.queue)
+    log = print if bar is None else bar.write
+    last: dict[str, Any] = {}  # the last seed prepared: its task and scores before (for the tables)
+    cell = -1
     try:
         for seed in seeds:
-            task = load_task(args, seed, log=print if bar is None else bar.write)
-            if args.max_length:
-                task.max_length = args.max_length
-            for objective in objectives:
-                check_rmu(task, settings_for(args, rules[0], lrs[0], seed, len(task.forget), objective))
-            batches = evaluation_batches(task, progress=bar is not None)
-            log = print if bar is None else bar.write
-            if args.model is not None and user_reference is None:
-                user_reference = load_reference(args, task.model, task.tokenizer, device)
-            targets[seed] = forget_target_for(
-                args, seed, batches["forget"][0], log=log, reference=user_reference
-            )
-            # The audit's reference: the user's, else the seed's never-learned model (loaded once).
-            reference = user_reference
-            if args.audit and args.model is None:
-                reference, *_ = load_never_learned_model(args.world, seed, log=log)
-                reference.to(device)
-            seed_non_members = audit_non_members(args, non_members, task, relearn)
-            task.model.to(device)
-            with phase(f"evaluating {split_sizes(task)} before unlearning"):
-                before = evaluate(task.model, batches, task, progress=bar is not None)
-            plan = plan_from_args(args, task)
-            bench_before = plan.run(task.model, task.tokenizer)
-            if args.rank_by:  # refuse an unknown metric now, not after every run
-                rank(
-                    [{"rule": "", "lr": 0.0, "after": before, "benchmarks": {"after": bench_before}}],
-                    args.rank_by,
-                )
+            prepared: tuple[Any, ...] | None = None
             for objective in objectives:
                 for rule in rules:
                     for lr in lrs:
+                        cell += 1
+                        if not claim(cell):  # another --jobs worker runs it
+                            continue
+                        if prepared is None:
+                            prepared = _prepare_seed(
+                                args,
+                                seed,
+                                objectives,
+                                rules,
+                                lrs,
+                                device,
+                                non_members,
+                                relearn,
+                                user_reference,
+                                targets,
+                                bar,
+                                log,
+                            )
+                            task, batches, before, plan, bench_before, reference, seed_non_members = prepared
+                            user_reference = reference if args.model is not None else user_reference
+                            last = {"task": task, "before": before}
                         settings = settings_for(
                             args, rule, lr, seed, len(task.forget), objective, target=targets[seed]
                         )
@@ -206,11 +249,18 @@ def run(args: argparse.Namespace) -> int:
                                 ladder_factor=args.ladder_factor or LADDER_FACTOR,
                             )
                         except RunDiverged as err:  # keep every finished cell; note this one
-                            cell = {"seed": seed, "objective": objective, "rule": rule, "lr": lr}
-                            diverged.append({**cell, "error": str(err)})
-                            (print if bar is None else bar.write)(f"Diverged: forget loss {objective}, {err}")
+                            found = {
+                                "seed": seed,
+                                "objective": objective,
+                                "rule": rule,
+                                "lr": lr,
+                                "cell": cell,
+                            }
+                            diverged.append({**found, "error": str(err)})
+                            log(f"Diverged: forget loss {objective}, {err}")
                         else:
                             runs.append(_run_record(seed, objective, rule, lr, settings, task, outcome))
+                            runs[-1]["cell"] = cell
                             if args.audit and seed_non_members is not None:
                                 runs[-1]["audit"] = user_audit(
                                     model,
@@ -235,19 +285,40 @@ def run(args: argparse.Namespace) -> int:
                         if bar is not None:
                             bar.update(1)
     except KeyboardInterrupt as err:  # hours of finished runs are kept, the report says it is partial
-        if not runs:
+        if not runs and args.queue is None:
             raise
         interrupted = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
     finally:
         if bar is not None:
             bar.close()
+    if args.queue is not None:  # a --jobs worker: the parent renders every worker's cells at once
+        return _worker_result(
+            args, out, rules, objectives, lrs, seeds, targets, last, runs, diverged, interrupted
+        )
     if not runs:
         cell = diverged[0]
         raise CliError(f"every run diverged (forget loss {cell['objective']}, {cell['error']}); lower --lrs")
-    splits = list(task.splits)
-    as_pct = pct_splits(before, splits)
-    table = aggregate(runs, splits)
-    first = settings_for(args, rules[0], lrs[0], seeds[0], len(task.forget), objectives[0], targets[seeds[0]])
+    task, before = last["task"], last["before"]
+    settings = _settings(args, rules, objectives, lrs, seeds, targets, task, device)
+    return write_comparison(
+        args, out, settings, list(task.splits), before, runs, diverged, interrupted, total, start
+    )
+
+
+def _settings(
+    args: argparse.Namespace,
+    rules: list[str],
+    objectives: list[str],
+    lrs: list[float],
+    seeds: list[int],
+    targets: dict[int, float | None],
+    task: Any,
+    device: str,
+) -> dict[str, Any]:
+    """results.json's ``settings``: the first cell's, the grid, the protocol and the task."""
+    first = settings_for(
+        args, rules[0], lrs[0], seeds[0], len(task.forget), objectives[0], targets.get(seeds[0])
+    )
     protocol = None
     if args.forget_target is not None:
         protocol = {
@@ -260,18 +331,6 @@ def run(args: argparse.Namespace) -> int:
             protocol["targets"] = {str(seed): target for seed, target in targets.items()}
             if args.model is not None:
                 protocol["reference"] = f"--reference-model {args.reference_model}"
-    report = markdown_report(table, splits, as_pct, len(seeds), first.steps, protocol)
-    if interrupted is not None:
-        report = interrupted_markdown(interrupted, len(runs) + len(diverged), total) + report
-    if args.audit:
-        report += "\n" + audit_markdown(runs)
-    pairs = paired(runs, splits, as_pct)
-    if pairs:
-        report += "\n" + paired_markdown(pairs)
-    if args.rank_by:
-        report += "\n" + ranking_markdown(runs, args.rank_by)
-    if diverged:
-        report += "\n" + diverged_markdown(diverged)
     settings = {**first.as_dict(), "device": device}
     task_info = {k: v for k, v in task.description.items() if k not in ("targets", "neighbours")}
     settings.update(
@@ -286,6 +345,68 @@ def run(args: argparse.Namespace) -> int:
         protocol=protocol,
         task=task_info,
     )
+    return settings
+
+
+def _worker_result(
+    args: argparse.Namespace,
+    out: Any,
+    rules: list[str],
+    objectives: list[str],
+    lrs: list[float],
+    seeds: list[int],
+    targets: dict[int, float | None],
+    last: dict[str, Any],
+    runs: list[dict[str, Any]],
+    diverged: list[dict[str, Any]],
+    interrupted: Interrupted | None,
+) -> int:
+    """A ``--jobs`` worker's cells as ``worker.json`` in ``out`` (nothing when it claimed none)."""
+    if last:
+        task = last["task"]
+        settings = _settings(args, rules, objectives, lrs, seeds, targets, task, resolve_device(args.device))
+        payload = {
+            "settings": settings,
+            "splits": list(task.splits),
+            "before": last["before"],
+            "runs": runs,
+            "diverged": diverged,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        dump_json(out / "worker.json", payload)
+    if interrupted is not None:
+        raise Interrupted(interrupted.signum, written=out)
+    return 0
+
+
+def write_comparison(
+    args: argparse.Namespace,
+    out: Any,
+    settings: dict[str, Any],
+    splits: list[str],
+    before: dict[str, Any],
+    runs: list[dict[str, Any]],
+    diverged: list[dict[str, Any]],
+    interrupted: Interrupted | None,
+    total: int,
+    start: float,
+) -> int:
+    """Write results.md, results.json, pareto.png and tradeoff.png for ``runs`` and print the report."""
+    as_pct = pct_splits(before, splits)
+    table = aggregate(runs, splits)
+    protocol = settings["protocol"]
+    report = markdown_report(table, splits, as_pct, len(settings["seeds"]), settings["steps"], protocol)
+    if interrupted is not None:
+        report = interrupted_markdown(interrupted, len(runs) + len(diverged), total) + report
+    if args.audit:
+        report += "\n" + audit_markdown(runs)
+    pairs = paired(runs, splits, as_pct)
+    if pairs:
+        report += "\n" + paired_markdown(pairs)
+    if args.rank_by:
+        report += "\n" + ranking_markdown(runs, args.rank_by)
+    if diverged:
+        report += "\n" + diverged_markdown(diverged)
     with staged_output(out, args.overwrite) as staging:
         (staging / "results.md").write_text(report)
         payload = {

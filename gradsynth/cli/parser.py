@@ -415,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank rules by a metric: SPLIT.METRIC (forget.mc_acc, general.recall) or TASK.METRIC",
     )
     compare.add_argument("--quick", action="store_true", help="the CI-sized world, two rates, fewer steps")
+    compare.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="run the cells in this many processes at once (each with --threads threads), each taking "
+        "the next unclaimed cell, and write one merged result (default 1)",
+    )
+    compare.add_argument("--queue", type=Path, help=argparse.SUPPRESS)  # a --jobs worker's claim folder
     audit = commands.add_parser(
         "audit",
         help="how deep the forgetting of an embedded-world model is (MIA, truth ratios, relearning)",
