@@ -84,7 +84,9 @@ def run_jobs(args: argparse.Namespace, out: Path, total: int) -> int:
     for n in range(args.jobs):
         log = (work / f"worker-{n}.log").open("w")
         argv = [*base, "--queue", str(queue), "--out", str(work / f"worker-{n}")]
-        workers.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log))
+        # Unbuffered: a worker's log shows its phase lines as they happen (hours on a real model).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        workers.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     print(f"compare: {total} runs in {args.jobs} worker processes (logs in {work})", flush=True)
     interrupted: Interrupted | None = None
     try:

