@@ -17,6 +17,7 @@ import functools
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from gradsynth.unlearning.encoding import Example, pad_id_of, token_ids
 from gradsynth.unlearning.shared_prefix import SharedPrefix, cache_keyword, cache_of, shared_prefix
@@ -104,10 +105,7 @@ def greedy_tokens(
     rambling answer of 32 tokens made the others' 7 cost 32)."""
     device = next(model.parameters()).device
     start = prefix.length if prefix is not None else 0
-    own = [row[start:] for row in rows]
-    width = max(len(r) for r in own)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in own], device=device)
-    own_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in own], device=device)
+    ids, own_mask = left_padded([row[start:] for row in rows], pad, device)
     if prefix is not None:
         cache, mask = prefix.cache_for(len(rows)), prefix.attention(own_mask)
         positions = prefix.positions(own_mask)
@@ -151,12 +149,17 @@ def greedy_tokens(
     return tokens
 
 
+def left_padded(rows: list[list[int]], pad: int, device: Any) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` of ``rows`` padded on the left to the longest (all end together)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 def _generated(model: Any, rows: list[list[int]], pad: int, eos: int | None) -> list[list[int]]:
     """``model.generate``'s greedy continuation of each row (left-padded), its own settings applied."""
-    device = next(model.parameters()).device
-    width = max(len(r) for r in rows)
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    input_ids, attention = left_padded(rows, pad, next(model.parameters()).device)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention,
@@ -165,7 +168,7 @@ def _generated(model: Any, rows: list[list[int]], pad: int, eos: int | None) -> 
         pad_token_id=pad,
         eos_token_id=eos,
     )
-    return output[:, width:].tolist()
+    return output[:, input_ids.shape[1] :].tolist()
 
 
 def rouge_l_of(
