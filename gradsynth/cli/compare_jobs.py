@@ -113,6 +113,7 @@ def run_jobs(args: argparse.Namespace, out: Path, total: int) -> int:
     diverged = sorted((d for result in results for d in result["diverged"]), key=lambda d: d["cell"])
     if not runs:
         if interrupted is not None:
+            shutil.rmtree(work, ignore_errors=True)
             raise interrupted
         cell = diverged[0]
         raise CliError(f"every run diverged (forget loss {cell['objective']}, {cell['error']}); lower --lrs")
@@ -125,20 +126,21 @@ def run_jobs(args: argparse.Namespace, out: Path, total: int) -> int:
     if targets:
         settings["protocol"]["targets"] = dict(sorted(targets.items(), key=lambda kv: int(kv[0])))
     settings["jobs"] = args.jobs
-    code = write_comparison(
-        args,
-        out,
-        settings,
-        results[0]["splits"],
-        results[0]["before"],
-        runs,
-        diverged,
-        interrupted,
-        total,
-        start,
-    )
-    shutil.rmtree(work, ignore_errors=True)
-    return code
+    try:
+        return write_comparison(
+            args,
+            out,
+            settings,
+            results[0]["splits"],
+            results[0]["before"],
+            runs,
+            diverged,
+            interrupted,
+            total,
+            start,
+        )
+    finally:  # written (or interrupted after writing): the workers' folder has served
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _wait(workers: list[tuple[subprocess.Popen, Any]], queue: Path, total: int, start: float) -> None:
