@@ -30,10 +30,14 @@ def _examples(seed: str, n: int) -> list[tuple[list[int], list[int]]]:
 
 
 def run_loop(
-    shard: tuple[int, int] | None, forget_loss: str, sharding: str = "ddp", retain_loss: str = "nll"
+    shard: tuple[int, int] | None,
+    forget_loss: str,
+    sharding: str = "ddp",
+    retain_loss: str = "nll",
+    zero_stage: int = 3,
 ) -> dict:
-    """Weights after 3 steps (gathered whole under FSDP2), the step records, and the batch sizes
-    the model's forward saw. The KL retain loss gets a frozen copy as its reference."""
+    """Weights after 3 steps (gathered whole under FSDP2 and ZeRO-3), the step records, and the batch
+    sizes the model's forward saw. The KL retain loss gets a frozen copy as its reference."""
     torch.manual_seed(0)
     model = tiny_llama()
     reference = copy.deepcopy(model).eval().requires_grad_(False) if retain_loss == "kl" else None
@@ -58,14 +62,28 @@ def run_loop(
         reference,
         shard=shard,
         sharding=sharding,
+        zero_stage=zero_stage,
     )
-    whole = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters()}
     return {
-        "sharded": [n for n, p in model.named_parameters() if hasattr(p, "full_tensor")],
-        "weights": {n: p.detach().clone() for n, p in whole.items()},
+        "sharded": [
+            n for n, p in model.named_parameters() if hasattr(p, "full_tensor") or hasattr(p, "ds_tensor")
+        ],
+        "weights": _whole_weights(model),
         "records": [(r.forget_loss, r.retain_loss, r.cos_fr) for r in records],
         "seen": seen,
     }
+
+
+def _whole_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole, on every rank: FSDP2 shards and ZeRO-3 partitions gathered."""
+    named = list(model.named_parameters())
+    if any(hasattr(p, "ds_tensor") for _, p in named):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {n: p.detach().clone() for n, p in named}
+    whole = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in named}
+    return {n: p.detach().clone() for n, p in whole.items()}
 
 
 def ddp_loop_case(out: str, forget_loss: str, rank: int, world: int, weighted: bool = True) -> None:
@@ -93,4 +111,31 @@ def non_finite_case(out: str, rank: int, world: int) -> None:
     if rank == 1:
         with torch.no_grad():
             model.get_parameter("model.layers.1.mlp.up_proj.weight").to_local()[0, 0] = float("nan")
+    torch.save({"clean": clean, "bad": non_finite_parameter(model)}, f"{out}.{rank}")
+
+
+def deepspeed_loop_case(out: str, runs: list[tuple[str, str, int]], rank: int, world: int) -> None:
+    """The loop through a DeepSpeed engine for each (forget loss, retain loss, ZeRO stage) in turn."""
+    from deepspeed_cases import setup_deepspeed
+
+    setup_deepspeed(rank, world)
+    done = {(f, r, stage): run_loop((rank, world), f, "deepspeed", r, stage) for f, r, stage in runs}
+    torch.save(done, f"{out}.{rank}")
+
+
+def deepspeed_non_finite_case(out: str, rank: int, world: int) -> None:
+    """A NaN in rank 1's ZeRO-3 partition alone: every rank must see it."""
+    from deepspeed_cases import setup_deepspeed
+
+    from gradsynth.optim import SynthesizingOptimizer
+    from gradsynth.unlearning.sharding import deepspeed_steps, non_finite_parameter
+
+    setup_deepspeed(rank, world)
+    model = tiny_llama()
+    optimizer = SynthesizingOptimizer(torch.optim.AdamW(model.parameters()), "sago")
+    deepspeed_steps(model, optimizer, 3, 2, 1)
+    clean = non_finite_parameter(model)
+    if rank == 1:
+        with torch.no_grad():
+            model.get_parameter("model.layers.1.mlp.up_proj.weight").ds_tensor[0] = float("nan")
     torch.save({"clean": clean, "bad": non_finite_parameter(model)}, f"{out}.{rank}")

@@ -6,16 +6,24 @@ on GPUs, one GPU per process: ``cuda:LOCAL_RANK``), loads the same model and dat
 batches and trains on its slice of each under ``DistributedDataParallel``, with each rank's loss
 weighted so that the averaged gradient is the whole batch's
 (`gradsynth.unlearning.loop.shard_weight`): the run is the one-process run, to float32 rounding
-of the sums. ``--sharding fsdp2`` shards the model with FSDP2 instead of DDP
-(`gradsynth.unlearning.sharding`); ``--sharding`` without a launcher, and ``deepspeed`` (not built
-for the command), are refused. Every rank evaluates (the same model, so the same numbers; under
-FSDP2 the same forwards in lockstep); rank 0 alone prints the tables and writes ``--out`` (under
-FSDP2 the weights gathered from every rank); the others write nothing.
+of the sums. ``--sharding fsdp2`` shards the model with FSDP2 instead of DDP;
+``--sharding deepspeed`` runs it in a DeepSpeed engine at ``--zero-stage`` (default 3), each task's
+gradient read out of the engine and the synthesized one written back
+(`gradsynth.unlearning.sharding`). ``--sharding`` without a launcher is refused. Every rank
+evaluates (the same model, so the same numbers; under FSDP2 and ZeRO-3 the same forwards in
+lockstep); rank 0 alone prints the tables and writes ``--out`` (under FSDP2 and ZeRO-3 the weights
+gathered from every rank); the others write nothing.
+
+DeepSpeed on the CPU builds its shared-memory communication op with g++ the first time an engine
+starts on a machine (about 80 s; cached in ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``, and loaded from there afterwards). gradsynth leaves that to DeepSpeed.
 
 Refused under several processes, each in one line: ``--batch-size`` not a multiple of the process
 count, LoRA (the adapters-off reference of a wrapped model), RMU (its hooks on the layers), the
 audit and lm-eval tasks (single-process evaluations), and checkpoints (``--save-every``,
-``--resume``).
+``--resume``); under DeepSpeed also ``--dtype`` other than float32 (DeepSpeed's own bf16/fp16
+settings are not wired through the command). ``--zero-stage`` without ``--sharding deepspeed``,
+and ``--sharding deepspeed`` without DeepSpeed installed, are refused in any run.
 """
 
 from __future__ import annotations
@@ -60,10 +68,21 @@ def sharding_of(args: argparse.Namespace) -> str:
     return getattr(args, "sharding", None) or "ddp"
 
 
+def zero_stage_of(args: argparse.Namespace) -> int:
+    """The ZeRO stage of ``--sharding deepspeed``: ``--zero-stage``, or 3 (everything partitioned)."""
+    stage = getattr(args, "zero_stage", None)
+    return 3 if stage is None else stage
+
+
 def check_launch_flags(args: argparse.Namespace) -> None:
     """Refuse, before any work, what a multi-process `unlearn` does not run."""
     world = launched_processes()
     sharding = getattr(args, "sharding", None)
+    if getattr(args, "zero_stage", None) is not None and sharding != "deepspeed":
+        raise CliError(
+            f"--zero-stage {args.zero_stage} is a DeepSpeed setting; add --sharding deepspeed (under "
+            "torchrun), or drop --zero-stage"
+        )
     if world == 1:
         if sharding is not None:
             raise CliError(
@@ -73,10 +92,7 @@ def check_launch_flags(args: argparse.Namespace) -> None:
             )
         return
     if sharding == "deepspeed":
-        raise CliError(
-            "--sharding deepspeed is not built for the command yet (the DeepSpeedTasks recipe runs in "
-            "your own loop or the Trainer); use --sharding ddp or fsdp2"
-        )
+        _check_deepspeed(args)
     where = f"under {world} processes (WORLD_SIZE={world})"
     refused = [
         (args.lora_rank is not None, "--lora-rank"),
@@ -94,6 +110,21 @@ def check_launch_flags(args: argparse.Namespace) -> None:
         raise CliError(
             f"--batch-size {args.batch_size}: not a multiple of the {world} processes; each rank trains "
             f"on an equal slice of every batch, so give e.g. --batch-size {fits}"
+        )
+
+
+def _check_deepspeed(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise CliError(
+            "--sharding deepspeed: DeepSpeed is not installed; pip install deepspeed, or use "
+            "--sharding ddp or fsdp2"
+        )
+    if args.dtype != "float32":
+        raise CliError(
+            f"--dtype {args.dtype} is not offered with --sharding deepspeed (DeepSpeed's own bf16/fp16 "
+            "settings are not wired through the command); use --dtype float32, or --sharding ddp or fsdp2"
         )
 
 
