@@ -34,7 +34,7 @@ def run_loop(
     forget_loss: str,
     sharding: str = "ddp",
     retain_loss: str = "nll",
-    zero_stage: int = 3,
+    zero: dict | None = None,
 ) -> dict:
     """Weights after 3 steps (gathered whole under FSDP2 and ZeRO-3), the step records, and the batch
     sizes the model's forward saw. The KL retain loss gets a frozen copy as its reference."""
@@ -62,11 +62,15 @@ def run_loop(
         reference,
         shard=shard,
         sharding=sharding,
-        zero_stage=zero_stage,
+        zero=zero,
     )
     return {
         "sharded": [
             n for n, p in model.named_parameters() if hasattr(p, "full_tensor") or hasattr(p, "ds_tensor")
+        ],
+        # ZeRO-3 parameters whose data is this rank's partition alone (none whole on every rank)
+        "partitioned": [
+            n for n, p in model.named_parameters() if hasattr(p, "ds_tensor") and p.data.numel() == 0
         ],
         "weights": _whole_weights(model),
         "records": [(r.forget_loss, r.retain_loss, r.cos_fr) for r in records],
@@ -114,28 +118,41 @@ def non_finite_case(out: str, rank: int, world: int) -> None:
     torch.save({"clean": clean, "bad": non_finite_parameter(model)}, f"{out}.{rank}")
 
 
+# DeepSpeed keeps parameters under 1e5 elements whole on every rank by default: all of a tiny model's.
+PARTITION_ALL = {"stage3_param_persistence_threshold": 0}
+
+
 def deepspeed_loop_case(out: str, runs: list[tuple[str, str, int]], rank: int, world: int) -> None:
     """The loop through a DeepSpeed engine for each (forget loss, retain loss, ZeRO stage) in turn."""
     from deepspeed_cases import setup_deepspeed
 
     setup_deepspeed(rank, world)
-    done = {(f, r, stage): run_loop((rank, world), f, "deepspeed", r, stage) for f, r, stage in runs}
+    done = {
+        (f, r, stage): run_loop((rank, world), f, "deepspeed", r, {"stage": stage, **PARTITION_ALL})
+        for f, r, stage in runs
+    }
     torch.save(done, f"{out}.{rank}")
 
 
-def deepspeed_non_finite_case(out: str, rank: int, world: int) -> None:
-    """A NaN in rank 1's ZeRO-3 partition alone: every rank must see it."""
+def deepspeed_partition_case(out: str, rank: int, world: int) -> None:
+    """A tiny Llama partitioned by ZeRO-3: `full_state_dict` must gather it whole on rank 0 (the tied
+    output weight once), and a NaN in rank 1's partition alone must be seen by every rank."""
     from deepspeed_cases import setup_deepspeed
 
     from gradsynth.optim import SynthesizingOptimizer
-    from gradsynth.unlearning.sharding import deepspeed_steps, non_finite_parameter
+    from gradsynth.unlearning.sharding import deepspeed_steps, full_state_dict, non_finite_parameter
 
     setup_deepspeed(rank, world)
+    torch.manual_seed(0)
     model = tiny_llama()
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
     optimizer = SynthesizingOptimizer(torch.optim.AdamW(model.parameters()), "sago")
-    deepspeed_steps(model, optimizer, 3, 2, 1)
+    deepspeed_steps(model, optimizer, {"stage": 3, **PARTITION_ALL}, 2, 1)
+    partitioned = all(p.data.numel() == 0 for p in model.parameters())
+    gathered = full_state_dict(model)
     clean = non_finite_parameter(model)
     if rank == 1:
         with torch.no_grad():
             model.get_parameter("model.layers.1.mlp.up_proj.weight").ds_tensor[0] = float("nan")
-    torch.save({"clean": clean, "bad": non_finite_parameter(model)}, f"{out}.{rank}")
+    result = {"partitioned": partitioned, "gathered": gathered, "before": before, "clean": clean}
+    torch.save({**result, "bad": non_finite_parameter(model)}, f"{out}.{rank}")

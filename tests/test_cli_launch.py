@@ -20,9 +20,10 @@ from gradsynth.cli import main
 pytest.importorskip("transformers")
 from cli_ddp_cases import (
     BATCH,
+    PARTITION_ALL,
     ddp_loop_case,
     deepspeed_loop_case,
-    deepspeed_non_finite_case,
+    deepspeed_partition_case,
     fsdp2_loop_case,
     non_finite_case,
     run_loop,
@@ -99,9 +100,10 @@ def world_cache(tmp_path_factory, ci_world_master):
 def test_torchrun_unlearn_on_two_ranks_matches_one_process_and_only_rank_0_writes(
     world_cache, tmp_path, sharding
 ):
-    """DeepSpeed runs its default ZeRO-3 here, the stage that gathers the weights to save and
-    evaluates a partitioned model; the first DeepSpeed run on a machine also builds DeepSpeed's
-    shared-memory op (minutes on a loaded machine, then cached), hence the generous timeout."""
+    """DeepSpeed runs its default ZeRO-3 here, every parameter partitioned (the stage that gathers
+    the weights to save and evaluates a partitioned model); the first DeepSpeed run on a machine
+    also builds DeepSpeed's shared-memory op (minutes on a loaded machine, then cached), hence the
+    generous timeout."""
     if sharding == "deepspeed":
         pytest.importorskip("deepspeed")
     flags = ["unlearn", "--world", "ci", "--steps", "3", "--no-progress"]
@@ -109,6 +111,10 @@ def test_torchrun_unlearn_on_two_ranks_matches_one_process_and_only_rank_0_write
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     how = ["--sharding", sharding] if sharding else []
+    if sharding == "deepspeed":
+        config = tmp_path / "zero.json"
+        config.write_text(json.dumps({"zero_optimization": PARTITION_ALL}))
+        how += ["--deepspeed-config", str(config)]
     done = subprocess.run(
         [*launch, "-m", "gradsynth.cli", *flags, *how, "--out", str(two)],
         env=env,
@@ -130,9 +136,10 @@ def test_torchrun_unlearn_on_two_ranks_matches_one_process_and_only_rank_0_write
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
     assert reports[0]["settings"]["sharding"] == (sharding or "ddp")
     assert reports[0]["settings"]["processes"] == 2
-    assert reports[0]["settings"]["zero_stage"] == (3 if sharding == "deepspeed" else None)
-    # The saved folder (gathered from the shards under FSDP2) is a plain transformers model: reloaded
-    # in one process it scores what the ranks measured on the model in memory.
+    zero = {"stage": 3, **PARTITION_ALL} if sharding == "deepspeed" else None
+    assert reports[0]["settings"]["zero_optimization"] == zero
+    # The saved folder (gathered from the shards under FSDP2 and ZeRO-3) is a plain transformers model:
+    # reloaded in one process it scores what the ranks measured on the model in memory.
     reloaded = AutoModelForCausalLM.from_pretrained(two, dtype=torch.float32)
     assert type(reloaded).__name__ == "LlamaForCausalLM"
     task = world_task("ci", 0, log=lambda _: None)
@@ -156,12 +163,60 @@ def test_torchrun_unlearn_on_two_ranks_matches_one_process_and_only_rank_0_write
             "--dtype bfloat16 is not offered with --sharding deepspeed",
         ),
         (["--zero-stage", "2"], "--zero-stage 2 is a DeepSpeed setting; add --sharding deepspeed"),
+        (["--deepspeed-config", "{}"], "is a DeepSpeed setting; add --sharding deepspeed"),
+        (
+            [
+                "--sharding",
+                "deepspeed",
+                "--deepspeed-config",
+                '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}',
+            ],
+            "offload_optimizer is refused: each task's gradient",
+        ),
+        (
+            [
+                "--sharding",
+                "deepspeed",
+                "--deepspeed-config",
+                '{"zero_optimization": {}, "bf16": {"enabled": true}}',
+            ],
+            "bf16 set by the command itself",
+        ),
+        (
+            [
+                "--sharding",
+                "deepspeed",
+                "--zero-stage",
+                "1",
+                "--deepspeed-config",
+                '{"zero_optimization": {"stage": 2}}',
+            ],
+            "--zero-stage 1 and --deepspeed-config's stage 2 disagree",
+        ),
+        (["--sharding", "deepspeed", "--deepspeed-config", "not json"], "not a readable JSON file"),
     ],
-    ids=["batch", "lora", "checkpoints", "audit", "deepspeed-lora", "deepspeed-dtype", "zero-stage-alone"],
+    ids=[
+        "batch",
+        "lora",
+        "checkpoints",
+        "audit",
+        "deepspeed-lora",
+        "deepspeed-dtype",
+        "zero-stage-alone",
+        "config-alone",
+        "offload",
+        "precision",
+        "stages-disagree",
+        "not-json",
+    ],
 )
 def test_what_several_processes_refuse_is_one_line(tmp_path, capsys, monkeypatch, flags, says):
     if "deepspeed" in flags:
         pytest.importorskip("deepspeed")  # without it, the refusal below is said first
+    if "--deepspeed-config" in flags:  # the JSON text given goes into a file
+        at = flags.index("--deepspeed-config") + 1
+        (tmp_path / "ds.json").write_text(flags[at])
+        flags = [*flags[:at], str(tmp_path / "ds.json"), *flags[at + 1 :]]
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     code = main(["unlearn", "--world", "ci", "--out", str(tmp_path / "run"), *flags])
@@ -219,6 +274,7 @@ def test_deepspeed_ranks_of_the_loop_are_the_one_process_run(tmp_path):
             where = f"rank {rank}, {forget_loss} + {retain_loss}, ZeRO-{stage}"
             got, whole = runs[(forget_loss, retain_loss, stage)], wholes[(forget_loss, retain_loss)]
             assert sorted(got["sharded"]) == (sorted(whole["weights"]) if stage == 3 else []), where
+            assert sorted(got["partitioned"]) == sorted(got["sharded"]), where
             assert got["seen"][-12:] == [BATCH // 2] * 12, where
             rtol = WHOLE_MODEL_RTOL if forget_loss == "ga" else NPO_KL_RTOL
             assert _relative(got["weights"], whole["weights"]) < rtol, where
@@ -226,10 +282,17 @@ def test_deepspeed_ranks_of_the_loop_are_the_one_process_run(tmp_path):
                 assert mine == pytest.approx(one, rel=1e-5, abs=1e-6), where
 
 
-def test_a_non_finite_zero3_partition_on_one_rank_is_seen_by_every_rank(tmp_path):
+def test_zero3_partitions_are_gathered_for_saving_and_checked_on_every_rank(tmp_path):
     pytest.importorskip("deepspeed")
-    spawn(functools.partial(deepspeed_non_finite_case, str(tmp_path / "rank")), tmp_path, timeout=300)
+    spawn(functools.partial(deepspeed_partition_case, str(tmp_path / "rank")), tmp_path, timeout=300)
     got = [torch.load(tmp_path / f"rank.{rank}", weights_only=True) for rank in range(2)]
+    assert [g["partitioned"] for g in got] == [True, True]  # no parameter whole on a rank
+    before = got[0]["before"]
+    assert "lm_head.weight" in before  # tied: the module's state dict names it twice
+    assert sorted(got[0]["gathered"]) == sorted(set(before) - {"lm_head.weight"})
+    for name, tensor in got[0]["gathered"].items():
+        assert torch.equal(tensor, before[name]), name
+    assert got[1]["gathered"] == {}  # rank 0 alone keeps the weights
     assert [g["clean"] for g in got] == [None, None]
     assert got[1]["bad"] == "model.layers.1.mlp.up_proj.weight"
     assert got[0]["bad"] == "a parameter sharded on another rank"

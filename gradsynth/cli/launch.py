@@ -29,12 +29,16 @@ and ``--sharding deepspeed`` without DeepSpeed installed, are refused in any run
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from gradsynth.cli.errors import CliError
+from gradsynth.unlearning.sharding import ZERO_STAGES
 
 
 def _env_int(name: str, default: int) -> int:
@@ -68,21 +72,62 @@ def sharding_of(args: argparse.Namespace) -> str:
     return getattr(args, "sharding", None) or "ddp"
 
 
-def zero_stage_of(args: argparse.Namespace) -> int:
-    """The ZeRO stage of ``--sharding deepspeed``: ``--zero-stage``, or 3 (everything partitioned)."""
+def zero_config_of(args: argparse.Namespace) -> dict[str, Any]:
+    """DeepSpeed's ``zero_optimization`` section for ``--sharding deepspeed``: ``--deepspeed-config``'s,
+    its stage from ``--zero-stage``, else the file's, else 3 (everything partitioned)."""
+    path = getattr(args, "deepspeed_config", None)
+    zero: dict[str, Any] = {}
+    if path is not None:
+        try:
+            config = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CliError(f"--deepspeed-config {path}: not a readable JSON file ({err})") from err
+        if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
+            raise CliError(
+                f"--deepspeed-config {path}: expected a JSON object with a zero_optimization object"
+            )
+        other = sorted(set(config) - {"zero_optimization"})
+        if other:
+            raise CliError(
+                f"--deepspeed-config {path}: {', '.join(other)} set by the command itself (batch sizes, "
+                "fp32, no clipping, AdamW); give only a zero_optimization section"
+            )
+        zero = dict(config.get("zero_optimization", {}))
     stage = getattr(args, "zero_stage", None)
-    return 3 if stage is None else stage
+    if stage is not None and zero.get("stage", stage) != stage:
+        raise CliError(
+            f"--zero-stage {stage} and --deepspeed-config's stage {zero['stage']} disagree; give one of them"
+        )
+    zero["stage"] = stage if stage is not None else zero.get("stage", 3)
+    if zero["stage"] not in ZERO_STAGES:
+        raise CliError(f"--deepspeed-config {path}: stage {zero['stage']!r}; DeepSpeed's ZeRO stages are 0-3")
+    offloaded = [key for key in ("offload_optimizer", "offload_param") if _offloads(zero.get(key))]
+    if offloaded:
+        raise CliError(
+            f"--deepspeed-config {path}: {' and '.join(offloaded)} is refused: each task's gradient read "
+            "out of an offloading engine and the result written back was measured wrong (relative error "
+            "1-3.6); remove the offload, or shard with --sharding fsdp2"
+        )
+    return zero
+
+
+def _offloads(section: Any) -> bool:
+    """Whether a ZeRO ``offload_*`` section moves something off the device (``device`` not none)."""
+    return isinstance(section, dict) and str(section.get("device", "none")).lower() != "none"
 
 
 def check_launch_flags(args: argparse.Namespace) -> None:
     """Refuse, before any work, what a multi-process `unlearn` does not run."""
     world = launched_processes()
     sharding = getattr(args, "sharding", None)
-    if getattr(args, "zero_stage", None) is not None and sharding != "deepspeed":
-        raise CliError(
-            f"--zero-stage {args.zero_stage} is a DeepSpeed setting; add --sharding deepspeed (under "
-            "torchrun), or drop --zero-stage"
-        )
+    for flag in ("zero_stage", "deepspeed_config"):
+        given = getattr(args, flag, None)
+        if given is not None and sharding != "deepspeed":
+            name = "--" + flag.replace("_", "-")
+            raise CliError(
+                f"{name} {given} is a DeepSpeed setting; add --sharding deepspeed (under torchrun), "
+                f"or drop {name}"
+            )
     if world == 1:
         if sharding is not None:
             raise CliError(
@@ -126,6 +171,7 @@ def _check_deepspeed(args: argparse.Namespace) -> None:
             f"--dtype {args.dtype} is not offered with --sharding deepspeed (DeepSpeed's own bf16/fp16 "
             "settings are not wired through the command); use --dtype float32, or --sharding ddp or fsdp2"
         )
+    zero_config_of(args)  # the file read and checked before any work
 
 
 def join(device: str) -> Launch | None:

@@ -376,6 +376,13 @@ def _add_scale(p: argparse.ArgumentParser) -> None:
         help="with --sharding deepspeed: the ZeRO stage (default 3: parameters, gradients and optimizer "
         "state partitioned; at 1 and 2 gradsynth's two task gradients are whole on every rank)",
     )
+    scale.add_argument(
+        "--deepspeed-config",
+        type=Path,
+        metavar="FILE",
+        help="with --sharding deepspeed: a JSON file holding only a zero_optimization section (DeepSpeed's "
+        "ZeRO tuning keys; no offload); batch sizes, precision and the optimizer are the command's",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

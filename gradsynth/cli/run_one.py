@@ -153,7 +153,7 @@ def run_unlearning(
     checkpoints: RunCheckpoints | None = None,
     shard: tuple[int, int] | None = None,
     sharding: str = "ddp",
-    zero_stage: int = 3,
+    zero: dict[str, Any] | None = None,
 ) -> tuple[Any, RunOutcome]:
     """Unlearn on a copy of ``task.model`` (or on it, ``in_place``); returns the model and the outcome.
 
@@ -165,8 +165,8 @@ def run_unlearning(
     most as many times as the ladder has rates). With ``checkpoints`` (`gradsynth.cli.resume`), each
     rung's loop saves checkpoints, and a resumed run skips the rungs finished before the stop.
     ``shard=(rank, world)``: this process's slice of a data-parallel run (`gradsynth.cli.launch`),
-    under ``sharding`` ``ddp``, ``fsdp2`` or ``deepspeed`` (at ZeRO ``zero_stage``); after FSDP2 or
-    ZeRO-3 the returned model is sharded: every rank must run what runs it, and
+    under ``sharding`` ``ddp``, ``fsdp2`` or ``deepspeed`` (``zero``: DeepSpeed's ``zero_optimization``
+    section); after FSDP2 or ZeRO-3 the returned model is sharded: every rank must run what runs it, and
     `gradsynth.unlearning.sharding.full_state_dict` gathers it."""
     plan = plan or BenchmarkPlan()
     target = settings.forget_target
@@ -238,7 +238,7 @@ def run_unlearning(
             saving,
             shard,
             sharding,
-            zero_stage,
+            zero,
         )
         runs.append((lr, records, curve, time.perf_counter() - start))
         return model, records
@@ -281,7 +281,7 @@ def _loop(
     checkpoint: Checkpointing | None = None,
     shard: tuple[int, int] | None = None,
     sharding: str = "ddp",
-    zero_stage: int = 3,
+    zero: dict[str, Any] | None = None,
 ) -> list[StepRecord]:
     """One run of the loop on ``model`` with a progress bar and the evaluation curve."""
     torch.manual_seed(settings.seed)
@@ -351,7 +351,7 @@ def _loop(
             checkpoint=checkpoint,
             shard=shard,
             sharding=sharding,
-            zero_stage=zero_stage,
+            zero=zero,
         )
     except CheckpointMismatch as err:
         raise CliError(f"--resume: {err}; give the interrupted run's model and settings") from err

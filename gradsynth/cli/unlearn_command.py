@@ -31,7 +31,7 @@ from gradsynth.cli.launch import (
     join,
     leave,
     sharding_of,
-    zero_stage_of,
+    zero_config_of,
 )
 from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.parser import (
@@ -279,7 +279,7 @@ def _unlearn(
             checkpoints=checkpoints,
             shard=(launch.rank, launch.world) if launch is not None else None,
             sharding=sharding_of(args),
-            zero_stage=zero_stage_of(args),
+            zero=zero_config_of(args) if sharding_of(args) == "deepspeed" else None,
         )
         protocol = protocol_summary(settings, outcome)
         if protocol:
@@ -334,7 +334,7 @@ def _unlearn(
             "gradient_checkpointing": args.gradient_checkpointing,
             "processes": launch.world if launch is not None else 1,
             "sharding": sharding_of(args) if launch is not None else None,
-            "zero_stage": zero_stage_of(args)
+            "zero_optimization": zero_config_of(args)
             if launch is not None and args.sharding == "deepspeed"
             else None,
         }

@@ -155,7 +155,7 @@ def unlearn(
     checkpoint: Checkpointing | None = None,
     shard: tuple[int, int] | None = None,
     sharding: str = "ddp",
-    zero_stage: int = 3,
+    zero: dict[str, Any] | None = None,
 ) -> list[StepRecord]:
     """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step.
 
@@ -177,9 +177,10 @@ def unlearn(
     ``sharding="fsdp2"``: the same, but the model is sharded in place with FSDP2
     (`gradsynth.unlearning.sharding`) and stays sharded after the run; a plain frozen ``reference``
     is sharded like it. Whatever runs the model afterwards must run on every rank.
-    ``sharding="deepspeed"``: the same through a DeepSpeed engine at ZeRO ``zero_stage``
-    (`gradsynth.unlearning.sharding.deepspeed_steps`); at ZeRO-3 the model stays partitioned after
-    the run, as under FSDP2. A reference model stays whole on every rank.
+    ``sharding="deepspeed"``: the same through a DeepSpeed engine whose ``zero_optimization`` config
+    section is ``zero`` (default ``{"stage": 3}``; `gradsynth.unlearning.sharding.deepspeed_steps`);
+    at ZeRO-3 the model stays partitioned after the run, as under FSDP2. A reference model stays
+    whole on every rank.
 
     Raises `Diverged` at the first non-finite loss, or if a weight is non-finite at the end
     (a non-finite weight makes the next loss non-finite, so this covers every step).
@@ -199,7 +200,8 @@ def unlearn(
         # The engine is built over the optimizer and runs the forwards: it comes before the losses.
         trained_now = [p for p in model.parameters() if p.requires_grad]  # RMU is refused under a launch
         micro = max(1, settings.batch_size // shard[1])
-        engine = deepspeed_steps(model, optimizer_for(trained_now), zero_stage, micro, settings.grad_accum)
+        zero = zero if zero is not None else {"stage": 3}
+        engine = deepspeed_steps(model, optimizer_for(trained_now), zero, micro, settings.grad_accum)
         net = engine.engine
     elif shard is not None:
         net = sharding_wrap(model, sharding)

@@ -58,22 +58,23 @@ def wrap(model: nn.Module, sharding: str) -> nn.Module:
 
 
 def deepspeed_steps(
-    model: nn.Module, optimizer: Any, stage: int, micro_batch: int, grad_accum: int
+    model: nn.Module, optimizer: Any, zero: dict[str, Any], micro_batch: int, grad_accum: int
 ) -> DeepSpeedSteps:
-    """``model`` in a DeepSpeed engine at ZeRO ``stage`` over ``optimizer`` (a `SynthesizingOptimizer`).
+    """``model`` in a DeepSpeed engine over ``optimizer`` (a `SynthesizingOptimizer`), with ``zero`` as
+    its ``zero_optimization`` section (``{"stage": 3}``, and any tuning key DeepSpeed takes).
 
-    Collective: every rank calls it, with the same model, after the process group is up. The
-    config is the command's own: no offload (`gradsynth.integrations.distributed` says why it is
-    refused), no clipping (DeepSpeed clips at 1.0 by default; one process does not clip), fp32.
-    The batch sizes only feed DeepSpeed's bookkeeping: the loop feeds the batches itself."""
-    if stage not in ZERO_STAGES:
-        raise ValueError(f"stage must be one of {ZERO_STAGES}; got {stage!r}")
+    Collective: every rank calls it, with the same model, after the process group is up. The rest
+    of the config is the loop's own: no clipping (DeepSpeed clips at 1.0 by default; one process
+    does not clip), fp32. The batch sizes only feed DeepSpeed's bookkeeping: the loop feeds the
+    batches itself. ZeRO offload is refused (by `DeepSpeedTasks`: measured wrong)."""
+    if zero.get("stage") not in ZERO_STAGES:
+        raise ValueError(f"zero_optimization's stage must be one of {ZERO_STAGES}; got {zero.get('stage')!r}")
     import deepspeed
 
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": dict(zero),
         "zero_allow_untested_optimizer": True,  # the client optimizer is a SynthesizingOptimizer
         "gradient_clipping": 0.0,
         "steps_per_print": 2**31 - 1,
