@@ -7,7 +7,8 @@ batches and trains on its slice of each under ``DistributedDataParallel``, with 
 weighted so that the averaged gradient is the whole batch's
 (`gradsynth.unlearning.loop.shard_weight`): the run is the one-process run, to float32 rounding
 of the sums. ``--sharding fsdp2`` shards the model with FSDP2 instead of DDP;
-``--sharding deepspeed`` runs it in a DeepSpeed engine at ``--zero-stage`` (default 3), each task's
+``--sharding deepspeed`` runs it in a DeepSpeed engine at ``--zero-stage`` (default 3; more ZeRO
+keys from ``--deepspeed-config``'s ``zero_optimization`` section, `zero_config_of`), each task's
 gradient read out of the engine and the synthesized one written back
 (`gradsynth.unlearning.sharding`). ``--sharding`` without a launcher is refused. Every rank
 evaluates (the same model, so the same numbers; under FSDP2 and ZeRO-3 the same forwards in
@@ -15,15 +16,20 @@ lockstep); rank 0 alone prints the tables and writes ``--out`` (under FSDP2 and 
 gathered from every rank); the others write nothing.
 
 DeepSpeed on the CPU builds its shared-memory communication op with g++ the first time an engine
-starts on a machine (about 80 s; cached in ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``, and loaded from there afterwards). gradsynth leaves that to DeepSpeed.
+starts on a machine (80 s to 3 min measured; cached in ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``, and loaded from there afterwards). gradsynth leaves that build to
+DeepSpeed and does not patch it out, although training never calls the op (only DeepSpeed's
+``inference_all_reduce`` does): docs/cli.md says so.
 
 Refused under several processes, each in one line: ``--batch-size`` not a multiple of the process
 count, LoRA (the adapters-off reference of a wrapped model), RMU (its hooks on the layers), the
 audit and lm-eval tasks (single-process evaluations), and checkpoints (``--save-every``,
 ``--resume``); under DeepSpeed also ``--dtype`` other than float32 (DeepSpeed's own bf16/fp16
-settings are not wired through the command). ``--zero-stage`` without ``--sharding deepspeed``,
-and ``--sharding deepspeed`` without DeepSpeed installed, are refused in any run.
+settings are not wired through the command), ZeRO offload in ``--deepspeed-config`` (measured
+wrong with the per-task recipe), any key of that file but ``zero_optimization``, and a stage
+there that ``--zero-stage`` contradicts. ``--zero-stage`` or ``--deepspeed-config`` without
+``--sharding deepspeed``, and ``--sharding deepspeed`` without DeepSpeed installed, are refused
+in any run.
 """
 
 from __future__ import annotations
