@@ -156,3 +156,32 @@ def deepspeed_partition_case(out: str, rank: int, world: int) -> None:
             model.get_parameter("model.layers.1.mlp.up_proj.weight").ds_tensor[0] = float("nan")
     result = {"partitioned": partitioned, "gathered": gathered, "before": before, "clean": clean}
     torch.save({**result, "bad": non_finite_parameter(model)}, f"{out}.{rank}")
+
+
+def diverging_run(shard: tuple[int, int] | None, stage: int = 3) -> str | None:
+    """`Diverged`'s message from a run whose learning rate makes the weights overflow (None if it ends)."""
+    from gradsynth.unlearning.loop import Diverged
+
+    torch.manual_seed(0)
+    settings = UnlearnSettings(rule="sum", lr=1e37, steps=4, batch_size=BATCH)
+    try:
+        unlearn(
+            tiny_llama(),
+            _examples("forget", 10),
+            _examples("retain", 10),
+            0,
+            settings,
+            shard=shard,
+            sharding="deepspeed",
+            zero={"stage": stage},
+        )
+    except Diverged as err:
+        return str(err)
+    return None
+
+
+def deepspeed_diverging_case(out: str, stages: list[int], rank: int, world: int) -> None:
+    from deepspeed_cases import setup_deepspeed
+
+    setup_deepspeed(rank, world)
+    torch.save({stage: diverging_run((rank, world), stage) for stage in stages}, f"{out}.{rank}")

@@ -22,8 +22,10 @@ from cli_ddp_cases import (
     BATCH,
     PARTITION_ALL,
     ddp_loop_case,
+    deepspeed_diverging_case,
     deepspeed_loop_case,
     deepspeed_partition_case,
+    diverging_run,
     fsdp2_loop_case,
     non_finite_case,
     run_loop,
@@ -296,6 +298,20 @@ def test_zero3_partitions_are_gathered_for_saving_and_checked_on_every_rank(tmp_
     assert [g["clean"] for g in got] == [None, None]
     assert got[1]["bad"] == "model.layers.1.mlp.up_proj.weight"
     assert got[0]["bad"] == "a parameter sharded on another rank"
+
+
+def test_a_diverging_deepspeed_run_stops_on_every_rank_as_one_process_does(tmp_path):
+    """ZeRO-1/2/3 skip a step whose gradient is not finite (one process would apply it and end on
+    NaN weights): the loop must stop there, on every rank, not carry on from the skipped step."""
+    pytest.importorskip("deepspeed")
+    stages = [0, 3]
+    spawn(functools.partial(deepspeed_diverging_case, str(tmp_path / "rank"), stages), tmp_path, timeout=300)
+    assert "diverged" in diverging_run(None)
+    for rank in range(2):
+        said = torch.load(tmp_path / f"rank.{rank}", weights_only=True)
+        for stage in stages:
+            assert said[stage] is not None and "diverged" in said[stage], (rank, stage, said[stage])
+    assert "DeepSpeed skipped the update" in said[3]
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp2", "deepspeed"])

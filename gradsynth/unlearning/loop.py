@@ -195,20 +195,20 @@ def unlearn(
             base, settings.rule, alpha=settings.alpha, gamma=settings.gamma, track_geometry=True
         )
 
-    net, engine = model, None
+    net, in_engine = model, None
     if shard is not None and sharding == "deepspeed":
         # The engine is built over the optimizer and runs the forwards: it comes before the losses.
         trained_now = [p for p in model.parameters() if p.requires_grad]  # RMU is refused under a launch
         micro = max(1, settings.batch_size // shard[1])
         zero = zero if zero is not None else {"stage": 3}
-        engine = deepspeed_steps(model, optimizer_for(trained_now), zero, micro, settings.grad_accum)
-        net = engine.engine
+        in_engine = deepspeed_steps(model, optimizer_for(trained_now), zero, micro, settings.grad_accum)
+        net = in_engine.engine
     elif shard is not None:
         net = sharding_wrap(model, sharding)
         if sharding == "fsdp2":
             ref_model = sharded_reference(model, ref_model)
     params, forget_of, retain_of = _objective(model, settings, ref_table, ref_model, net)
-    optimizer: Any = engine if engine is not None else optimizer_for(params)
+    optimizer: Any = in_engine if in_engine is not None else optimizer_for(params)
     forget_cycle = _Cycle(forget, f"forget-{settings.seed}")
     retain_cycle = _Cycle(retain, f"retain-{settings.seed}")
     target_batches: list[dict[str, Tensor]] = []
@@ -261,6 +261,11 @@ def unlearn(
                 _check_finite_loss(step, forget_total, retain_total)
             with checkpoint.guard():  # the update and the record saying it happened: never split
                 optimizer.step()
+                if in_engine is not None and not in_engine.applied:
+                    raise Diverged(
+                        f"the synthesized gradient is not finite at step {step} (DeepSpeed skipped the "
+                        "update on every rank): the run diverged; lower --lr, check --beta/--delta"
+                    )
                 geometry = optimizer.geometry
                 record = StepRecord(
                     step=step,

@@ -111,6 +111,12 @@ class DeepSpeedSteps:
         self.tasks.step(boundary=True)
 
     @property
+    def applied(self) -> bool:
+        """Whether the last step updated the weights. At ZeRO-1/2/3 the engine skips a step whose
+        gradient is non-finite on any rank (one process would have applied it and diverged)."""
+        return bool(self.engine.was_step_applied())
+
+    @property
     def geometry(self) -> Any:
         return self.tasks.geometry
 
