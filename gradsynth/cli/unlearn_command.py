@@ -263,6 +263,7 @@ def _unlearn(
         f"({task.description['source']}); rule {settings.rule}, forget loss {settings.losses.forget}, "
         f"retain loss {settings.losses.retain}, lr {settings.lr:g}, {length}, device {device}"
     )
+    zero = zero_config_of(args) if launch is not None and sharding_of(args) == "deepspeed" else None
     with (
         staged_output(out, args.overwrite) if launch is None or launch.rank == 0 else _no_output() as staging
     ):
@@ -279,7 +280,7 @@ def _unlearn(
             checkpoints=checkpoints,
             shard=(launch.rank, launch.world) if launch is not None else None,
             sharding=sharding_of(args),
-            zero=zero_config_of(args) if sharding_of(args) == "deepspeed" else None,
+            zero=zero,
         )
         protocol = protocol_summary(settings, outcome)
         if protocol:
@@ -334,9 +335,7 @@ def _unlearn(
             "gradient_checkpointing": args.gradient_checkpointing,
             "processes": launch.world if launch is not None else 1,
             "sharding": sharding_of(args) if launch is not None else None,
-            "zero_optimization": zero_config_of(args)
-            if launch is not None and args.sharding == "deepspeed"
-            else None,
+            "zero_optimization": zero,
         }
         write_report(
             staging / "report.json",

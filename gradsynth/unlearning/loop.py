@@ -183,7 +183,9 @@ def unlearn(
     whole on every rank.
 
     Raises `Diverged` at the first non-finite loss, or if a weight is non-finite at the end
-    (a non-finite weight makes the next loss non-finite, so this covers every step).
+    (a non-finite weight makes the next loss non-finite, so this covers every step); under
+    DeepSpeed also at a step the engine skipped for a non-finite gradient (ZeRO-1/2/3 skip it
+    where one process would apply it and end on NaN weights).
     """
     device = next(model.parameters()).device
     ref_table, ref_model = _references(model, forget, pad_id, settings, reference, precompute_reference)
