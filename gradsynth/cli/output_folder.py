@@ -63,6 +63,7 @@ def run_inputs(args: argparse.Namespace) -> list[tuple[str, object]]:
         ("--reference-model", getattr(args, "reference_model", None)),
         ("--resume", getattr(args, "resume", None)),
         ("--non-members", getattr(args, "non_members", None)),
+        ("--deepspeed-config", getattr(args, "deepspeed_config", None)),
         *(("--include-path", folder) for folder in getattr(args, "include_path", None) or []),
         *((f"--eval {name}", file) for name, file in getattr(args, "eval", None) or []),
         ("the gradsynth cache (GRADSYNTH_CACHE)", cache_dir()),

@@ -366,7 +366,22 @@ def _add_scale(p: argparse.ArgumentParser) -> None:
         "--sharding",
         choices=("ddp", "fsdp2", "deepspeed"),
         help="under torchrun: how the ranks share the model: ddp (every rank holds it whole; the default), "
-        "fsdp2 (parameters, gradients and optimizer state sharded); deepspeed is not built yet",
+        "fsdp2 (parameters, gradients and optimizer state sharded), deepspeed (a DeepSpeed engine at "
+        "--zero-stage; float32, no offload)",
+    )
+    scale.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        help="with --sharding deepspeed: the ZeRO stage (default 3: parameters, gradients and optimizer "
+        "state partitioned; at 1 and 2 gradsynth's two task gradients are whole on every rank)",
+    )
+    scale.add_argument(
+        "--deepspeed-config",
+        type=Path,
+        metavar="FILE",
+        help="with --sharding deepspeed: a JSON file holding only a zero_optimization section (DeepSpeed's "
+        "ZeRO tuning keys; no offload); batch sizes, precision and the optimizer are the command's",
     )
 
 

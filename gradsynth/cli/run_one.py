@@ -153,6 +153,7 @@ def run_unlearning(
     checkpoints: RunCheckpoints | None = None,
     shard: tuple[int, int] | None = None,
     sharding: str = "ddp",
+    zero: dict[str, Any] | None = None,
 ) -> tuple[Any, RunOutcome]:
     """Unlearn on a copy of ``task.model`` (or on it, ``in_place``); returns the model and the outcome.
 
@@ -164,8 +165,9 @@ def run_unlearning(
     most as many times as the ladder has rates). With ``checkpoints`` (`gradsynth.cli.resume`), each
     rung's loop saves checkpoints, and a resumed run skips the rungs finished before the stop.
     ``shard=(rank, world)``: this process's slice of a data-parallel run (`gradsynth.cli.launch`),
-    under ``sharding`` ``ddp`` or ``fsdp2`` (the returned model is then sharded: every rank must run
-    what runs it, and `gradsynth.unlearning.sharding.full_state_dict` gathers it)."""
+    under ``sharding`` ``ddp``, ``fsdp2`` or ``deepspeed`` (``zero``: DeepSpeed's ``zero_optimization``
+    section); after FSDP2 or ZeRO-3 the returned model is sharded: every rank must run what runs it, and
+    `gradsynth.unlearning.sharding.full_state_dict` gathers it."""
     plan = plan or BenchmarkPlan()
     target = settings.forget_target
     if target is not None and any(e.answer is None for e in task.forget):
@@ -236,6 +238,7 @@ def run_unlearning(
             saving,
             shard,
             sharding,
+            zero,
         )
         runs.append((lr, records, curve, time.perf_counter() - start))
         return model, records
@@ -278,6 +281,7 @@ def _loop(
     checkpoint: Checkpointing | None = None,
     shard: tuple[int, int] | None = None,
     sharding: str = "ddp",
+    zero: dict[str, Any] | None = None,
 ) -> list[StepRecord]:
     """One run of the loop on ``model`` with a progress bar and the evaluation curve."""
     torch.manual_seed(settings.seed)
@@ -347,6 +351,7 @@ def _loop(
             checkpoint=checkpoint,
             shard=shard,
             sharding=sharding,
+            zero=zero,
         )
     except CheckpointMismatch as err:
         raise CliError(f"--resume: {err}; give the interrupted run's model and settings") from err

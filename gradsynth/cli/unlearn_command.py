@@ -24,7 +24,15 @@ import torch
 from gradsynth.cli.audit_command import audit_table, relearn_settings, world_audit
 from gradsynth.cli.benchmark_plan import plan_from_args
 from gradsynth.cli.errors import CliError
-from gradsynth.cli.launch import Launch, check_launch_flags, is_writer, join, leave, sharding_of
+from gradsynth.cli.launch import (
+    Launch,
+    check_launch_flags,
+    is_writer,
+    join,
+    leave,
+    sharding_of,
+    zero_config_of,
+)
 from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
 from gradsynth.cli.parser import (
     DEFAULT_STEPS,
@@ -205,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoints = run_checkpoints(args, Path(os.path.abspath(out)))
     device = resolve_device(args.device)
     launch = join(device)
+    if launch is not None and sharding_of(args) == "deepspeed" and launch.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick a GPU it can see
     try:
         with contextlib.nullcontext() if writer else contextlib.redirect_stdout(io.StringIO()):
             return _unlearn(args, out, relearn, checkpoints, launch.device if launch else device, launch)
@@ -253,6 +263,7 @@ def _unlearn(
         f"({task.description['source']}); rule {settings.rule}, forget loss {settings.losses.forget}, "
         f"retain loss {settings.losses.retain}, lr {settings.lr:g}, {length}, device {device}"
     )
+    zero = zero_config_of(args) if launch is not None and sharding_of(args) == "deepspeed" else None
     with (
         staged_output(out, args.overwrite) if launch is None or launch.rank == 0 else _no_output() as staging
     ):
@@ -269,6 +280,7 @@ def _unlearn(
             checkpoints=checkpoints,
             shard=(launch.rank, launch.world) if launch is not None else None,
             sharding=sharding_of(args),
+            zero=zero,
         )
         protocol = protocol_summary(settings, outcome)
         if protocol:
@@ -284,7 +296,7 @@ def _unlearn(
             f"cos(g,r) {num(geometry['cos_gr'])}, cos(g,f) {num(geometry['cos_gf'])}, "
             f"conflicting coordinates {num(geometry['conflict_fraction'])}; loop {outcome.seconds:.1f}s"
         )
-        # FSDP2 leaves the model sharded: every rank takes part in gathering it, rank 0 keeps it.
+        # FSDP2 and ZeRO-3 leave the model sharded: every rank takes part in gathering it, rank 0 keeps it.
         whole = full_state_dict(model) if is_sharded(model) else None
         if staging is None:
             return 0
@@ -323,6 +335,7 @@ def _unlearn(
             "gradient_checkpointing": args.gradient_checkpointing,
             "processes": launch.world if launch is not None else 1,
             "sharding": sharding_of(args) if launch is not None else None,
+            "zero_optimization": zero,
         }
         write_report(
             staging / "report.json",

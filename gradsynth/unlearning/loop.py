@@ -39,7 +39,7 @@ from gradsynth.unlearning.encoding import IGNORE_INDEX, collate
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.reference import AdaptersDisabled, ReferenceLogprobs, is_peft_model
 from gradsynth.unlearning.rmu import RMU, decoder_layers
-from gradsynth.unlearning.sharding import non_finite_parameter, sharded_reference
+from gradsynth.unlearning.sharding import deepspeed_steps, non_finite_parameter, sharded_reference
 from gradsynth.unlearning.sharding import wrap as sharding_wrap
 from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss
 
@@ -155,6 +155,7 @@ def unlearn(
     checkpoint: Checkpointing | None = None,
     shard: tuple[int, int] | None = None,
     sharding: str = "ddp",
+    zero: dict[str, Any] | None = None,
 ) -> list[StepRecord]:
     """Unlearn ``forget`` while retaining ``retain``, in place; returns one record per step.
 
@@ -176,23 +177,40 @@ def unlearn(
     ``sharding="fsdp2"``: the same, but the model is sharded in place with FSDP2
     (`gradsynth.unlearning.sharding`) and stays sharded after the run; a plain frozen ``reference``
     is sharded like it. Whatever runs the model afterwards must run on every rank.
+    ``sharding="deepspeed"``: the same through a DeepSpeed engine whose ``zero_optimization`` config
+    section is ``zero`` (default ``{"stage": 3}``; `gradsynth.unlearning.sharding.deepspeed_steps`);
+    at ZeRO-3 the model stays partitioned after the run, as under FSDP2. A reference model stays
+    whole on every rank.
 
     Raises `Diverged` at the first non-finite loss, or if a weight is non-finite at the end
-    (a non-finite weight makes the next loss non-finite, so this covers every step).
+    (a non-finite weight makes the next loss non-finite, so this covers every step); under
+    DeepSpeed also at a step the engine skipped for a non-finite gradient (ZeRO-1/2/3 skip it
+    where one process would apply it and end on NaN weights).
     """
     device = next(model.parameters()).device
     ref_table, ref_model = _references(model, forget, pad_id, settings, reference, precompute_reference)
     was_trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    net = model
-    if shard is not None:
+
+    def optimizer_for(params: list[torch.nn.Parameter]) -> SynthesizingOptimizer:
+        base = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+        return SynthesizingOptimizer(
+            base, settings.rule, alpha=settings.alpha, gamma=settings.gamma, track_geometry=True
+        )
+
+    net, in_engine = model, None
+    if shard is not None and sharding == "deepspeed":
+        # The engine is built over the optimizer and runs the forwards: it comes before the losses.
+        trained_now = [p for p in model.parameters() if p.requires_grad]  # RMU is refused under a launch
+        micro = max(1, settings.batch_size // shard[1])
+        zero = zero if zero is not None else {"stage": 3}
+        in_engine = deepspeed_steps(model, optimizer_for(trained_now), zero, micro, settings.grad_accum)
+        net = in_engine.engine
+    elif shard is not None:
         net = sharding_wrap(model, sharding)
         if sharding == "fsdp2":
             ref_model = sharded_reference(model, ref_model)
     params, forget_of, retain_of = _objective(model, settings, ref_table, ref_model, net)
-    base = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    optimizer = SynthesizingOptimizer(
-        base, settings.rule, alpha=settings.alpha, gamma=settings.gamma, track_geometry=True
-    )
+    optimizer: Any = in_engine if in_engine is not None else optimizer_for(params)
     forget_cycle = _Cycle(forget, f"forget-{settings.seed}")
     retain_cycle = _Cycle(retain, f"retain-{settings.seed}")
     target_batches: list[dict[str, Tensor]] = []
@@ -245,6 +263,11 @@ def unlearn(
                 _check_finite_loss(step, forget_total, retain_total)
             with checkpoint.guard():  # the update and the record saying it happened: never split
                 optimizer.step()
+                if in_engine is not None and not in_engine.applied:
+                    raise Diverged(
+                        f"the synthesized gradient is not finite at step {step} (DeepSpeed skipped the "
+                        "update on every rank): the run diverged; lower --lr, check --beta/--delta"
+                    )
                 geometry = optimizer.geometry
                 record = StepRecord(
                     step=step,
