@@ -148,8 +148,92 @@ static inline __attribute__((always_inline)) void rule_geometry(float *out, cons
     for (int k = 0; k < 7; ++k) acc[k] += s[k];
 }
 
+/* The same loop on 8 floats at a time in GCC/clang vector types, where the compiler has them:
+ * the vectoriser of the loop above keeps its 16 x 7 accumulators and blocks on the stack (~3x
+ * torch.add on AVX2); here 7 sums x 2 half-vectors of 4 doubles stay in registers. The float32
+ * operations are the same, elementwise, so g is the same; the sums differ by float64 rounding
+ * (another grouping of the terms). fma(x, y, s) of an exact float64 product x*y equals s + x*y. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector) && __has_builtin(__builtin_convertvector)
+#define GS_VECTORS 1
+#endif
+#endif
+#ifdef GS_VECTORS
+typedef float gs_v8f __attribute__((vector_size(32)));
+typedef int32_t gs_v8i __attribute__((vector_size(32)));
+typedef double gs_v4d __attribute__((vector_size(32)));
+typedef int64_t gs_v4l __attribute__((vector_size(32)));
+#ifdef __FMA__
+#include <immintrin.h>
+#define GS_FMA(a, b, c) ((gs_v4d)_mm256_fmadd_pd((__m256d)(a), (__m256d)(b), (__m256d)(c)))
+#else
+#define GS_FMA(a, b, c) ((c) + (a) * (b))
+#endif
+#define GS_PICK(c, x, y) ((gs_v8f)((((gs_v8i)(x)) & (c)) | (((gs_v8i)(y)) & ~(c))))
+
+static inline __attribute__((always_inline)) int64_t rule_geometry_vec(float *out, const float *f, const float *r,
+                                                                      int64_t n, float alpha, float gamma,
+                                                                      const int kind, double *acc) {
+    const gs_v8f S = {0x1p117f, 0x1p117f, 0x1p117f, 0x1p117f, 0x1p117f, 0x1p117f, 0x1p117f, 0x1p117f};
+    gs_v4d sum[6][2] = {{{0}}};
+    gs_v4l count[2] = {{0}};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __builtin_prefetch(f + i + AHEAD);
+        __builtin_prefetch(r + i + AHEAD);
+        gs_v8f x, y, v;
+        __builtin_memcpy(&x, f + i, sizeof x);
+        __builtin_memcpy(&y, r + i, sizeof y);
+        gs_v8f a = y * alpha, b = gamma * x, da = a - a, db = b - b;
+        gs_v8i c = (x * S) * (y * S) < 0;
+        if (kind == 2)
+            v = a + b;
+        else if (kind == 1)
+            v = a + GS_PICK(c, db, b);
+        else
+            v = GS_PICK(c, a, b) + GS_PICK(c, db, da);
+        __builtin_memcpy(out + i, &v, sizeof v);
+#define GS_HALF(h, k0, k1, k2, k3)                                                                      \
+    do {                                                                                              \
+        gs_v4d dx = __builtin_convertvector(__builtin_shufflevector(x, x, k0, k1, k2, k3), gs_v4d);   \
+        gs_v4d dy = __builtin_convertvector(__builtin_shufflevector(y, y, k0, k1, k2, k3), gs_v4d);   \
+        gs_v4d u = __builtin_convertvector(__builtin_shufflevector(v, v, k0, k1, k2, k3), gs_v4d);    \
+        gs_v4d p = dx * dy;                                                                           \
+        sum[0][h] = GS_FMA(dx, dx, sum[0][h]);                                                        \
+        sum[1][h] = GS_FMA(dy, dy, sum[1][h]);                                                        \
+        sum[2][h] += p;                                                                               \
+        sum[3][h] = GS_FMA(u, u, sum[3][h]);                                                          \
+        sum[4][h] = GS_FMA(u, dx, sum[4][h]);                                                         \
+        sum[5][h] = GS_FMA(u, dy, sum[5][h]);                                                         \
+        count[h] -= p < 0; /* -1 where true */                                                        \
+    } while (0)
+        GS_HALF(0, 0, 1, 2, 3);
+        GS_HALF(1, 4, 5, 6, 7);
+#undef GS_HALF
+    }
+    double s[7] = {0};
+    for (int h = 0; h < 2; ++h)
+        for (int j = 0; j < 4; ++j) {
+            for (int k = 0; k < 6; ++k) s[k] += sum[k][h][j];
+            s[6] += (double)count[h][j];
+        }
+    for (int k = 0; k < 7; ++k) acc[k] += s[k];
+    return i;
+}
+#endif
+
 void gradsynth_rule_geometry_f32(float *out, const float *f, const float *r, int64_t n, float alpha, float gamma,
                                  int kind, double *acc) {
+    int64_t done = 0;
+#ifdef GS_VECTORS
+    if (kind == 0)
+        done = rule_geometry_vec(out, f, r, n, alpha, gamma, 0, acc);
+    else if (kind == 1)
+        done = rule_geometry_vec(out, f, r, n, alpha, gamma, 1, acc);
+    else
+        done = rule_geometry_vec(out, f, r, n, alpha, gamma, 2, acc);
+#endif
+    out += done, f += done, r += done, n -= done;
     if (kind == 0)
         rule_geometry(out, f, r, n, alpha, gamma, 0, acc);
     else if (kind == 1)
