@@ -163,20 +163,32 @@ def test_dtensor_shards_give_partial_sums_reduced_once(mesh, rule):
     assert got.result().as_dict() == pytest.approx(want.result().as_dict(), rel=1e-12)
 
 
+# Float32 where the compiled kernels run (40,010 elements; below `MIN_NUMEL` the eager rules run),
+# bfloat16 wherever its C kernels run (any size). Lengths that end in the loops' scalar tails.
+ONE_LOOP_CASES = [(torch.float32, 4001), (torch.bfloat16, 4001), (torch.bfloat16, 101)]
+
+
+@pytest.mark.parametrize(("dtype", "repeats"), ONE_LOOP_CASES)
 @pytest.mark.parametrize("rule", ["sago", "sago_prefer_retain", "sum", "pcgrad"])
-def test_the_c_kernels_with_geometry_are_the_compiled_kernels_bit_for_bit(rule):
-    """Float32 where the compiled kernels run: one C loop writes g and takes the sums."""
+def test_the_c_kernels_with_geometry_are_the_compiled_kernels_bit_for_bit(rule, dtype, repeats):
+    """Where the untracked step runs the float32 compiled kernel or the bfloat16 C kernel: one C
+    loop writes the same g, bit for bit, and takes the sums."""
+    from gradsynth.rules import native
+
+    if dtype == torch.bfloat16 and not native.bf16_available():
+        pytest.skip(f"no bfloat16 C kernels here ({native.reason()}, or no AVX2 and FMA)")
     inf, nan = float("inf"), float("nan")
-    f = torch.tensor([inf, -inf, nan, 1.0, -1.0, 2.0, 0.0, 1e-30, 3.0, -0.0] * 4000)
-    r = torch.tensor([1.0, 1.0, 1.0, inf, -inf, nan, inf, -1e-30, -0.5, 2.0] * 4000)
+    f = torch.tensor([inf, -inf, nan, 1.0, -1.0, 2.0, 0.0, 1e-30, 3.0, -0.0] * repeats)
+    r = torch.tensor([1.0, 1.0, 1.0, inf, -inf, nan, inf, -1e-30, -0.5, 2.0] * repeats)
     f[::7] = torch.randn(f[::7].numel())
     r[::3] = torch.randn(r[::3].numel())
+    f, r = f.to(dtype), r.to(dtype)
     with fused.use_backend("compiled"):
         want = r.clone()
         get_rule(rule).combine(f, want, alpha=0.7, gamma=1.9, out=want)
         got, sink = r.clone(), GeometryAccumulator()
         get_rule(rule).combine(f, got, alpha=0.7, gamma=1.9, out=got, geometry=sink)
-    assert fused.status()["geometry[float32, cpu]"] == "C kernel with the rule"
+    assert fused.status()[f"geometry[{str(dtype).removeprefix('torch.')}, cpu]"] == "C kernel with the rule"
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     finite = f.isfinite() & r.isfinite()
     fs, rs = f[finite], r[finite]

@@ -101,8 +101,9 @@ class SynthesizingOptimizer(torch.optim.Optimizer):
         alpha: weight of the retain gradient (>= 0).
         gamma: weight of the forget gradient (>= 0).
         track_geometry: after each synthesis, compute the gradient geometry
-            (`geometry`); costs extra passes over the gradients and one temporary the
-            size of the largest parameter.
+            (`geometry`). The built-in rules take its sums in the pass that writes the
+            update (`gradsynth.rules.geometry_sums`): no extra gradient set; a custom rule's
+            update goes to a new tensor per parameter, measured after.
         streaming: combine each parameter during the second task's backward, as soon as its
             gradient is complete, instead of holding both task gradients until `step`: peak
             memory falls from one extra gradient set to a fraction of one. Each step then takes

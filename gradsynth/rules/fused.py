@@ -12,6 +12,7 @@ never compiles.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from gradsynth.rules.kernels import (
@@ -40,7 +41,7 @@ from gradsynth.rules.kernels import (
 
 def float32_linear_applies(forget: Tensor, retain: Tensor, out: Tensor, weight: float) -> bool:
     """Whether the float32 ``linear`` kernel (not the float64 or eager one) applies ``weight`` here."""
-    return fuses_geometry(forget, retain, out, weight)
+    return forget.dtype == torch.float32 and fuses_geometry(forget, retain, out, weight)
 
 
 __all__ = [

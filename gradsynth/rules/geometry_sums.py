@@ -92,11 +92,12 @@ def sums_of(forget: Tensor, retain: Tensor, update: Tensor) -> Tensor:
 def fused_measured(
     kind: str, forget: Tensor, retain: Tensor, out: Tensor, alpha: float, gamma: float, sink: GeometrySink
 ) -> bool:
-    """Float32 ``sago``, ``prefer`` or ``linear`` (see `native.rule_geometry_f32`) with its sums in
-    one loop, where the caller has checked that the compiled kernel of that name would run (the C
-    loop performs its operations); False (nothing written) where it cannot."""
+    """``sago``, ``prefer`` or ``linear`` (see `native.rule_geometry`) with its sums in one loop,
+    where the caller has checked (`gradsynth.rules.kernels.fuses_geometry`) that the kernel this
+    loop repeats would run: float32's compiled kernel, bfloat16's C kernel; False (nothing
+    written) where it cannot."""
     sums = torch.zeros(7, dtype=torch.float64)
-    if not native.rule_geometry_f32(kind, out, forget, retain, alpha, gamma, sums):
+    if not native.rule_geometry(kind, out, forget, retain, alpha, gamma, sums):
         return False
     _took(forget.dtype, "cpu", "C kernel with the rule")
     # (the rule's own update came from the same loop, standing in for its compiled kernel)

@@ -86,10 +86,8 @@ def pcgrad(
         if plan is not None:
             # The weight of the whole tensor, then the apply the plain path runs, measured by chunks.
             weight, large = plan
-            if (
-                large
-                and kernels.fuses_geometry(forget, retain, out, weight)
-                and fused_measured("linear", forget, retain, out, weight, gamma, geometry)
+            if kernels.fuses_geometry(forget, retain, out, weight, large=large) and fused_measured(
+                "linear", forget, retain, out, weight, gamma, geometry
             ):
                 return out  # the compiled apply's operations and the sums in one C loop
 

@@ -231,16 +231,21 @@ def select_dots(
     return peers["compiled" if large else "eager"]
 
 
-def fuses_geometry(forget: Tensor, retain: Tensor, out: Tensor, weight: float | None = None) -> bool:
-    """Whether the one-loop C kernel of a float32 rule with its geometry sums
-    (`gradsynth.rules.native.rule_geometry_f32`) stands in here: where the compiled kernel of the
-    rule (``weight`` None: sago or prefer-retain; else the linear apply of that float weight)
-    would run, on the CPU; the C loop performs its float32 operations in order."""
-    if forget.dtype != torch.float32 or forget.device.type != "cpu":
+def fuses_geometry(
+    forget: Tensor, retain: Tensor, out: Tensor, weight: float | None = None, *, large: bool | None = None
+) -> bool:
+    """Whether a one-loop C kernel of a rule with its geometry sums (`gradsynth.rules.native.
+    rule_geometry`) stands in here, on the CPU: where the kernel it repeats would run for the rule
+    (``weight`` None: sago or prefer-retain; else the linear apply of that float weight), i.e.
+    float32's compiled kernel (`eligible`; ``large`` if the caller has checked it) or bfloat16's C
+    kernel (any size); the C loop performs that kernel's operations in order."""
+    if forget.device.type != "cpu" or forget.dtype not in (torch.float32, torch.bfloat16):
         return False
     if weight is not None and host_weight_kernel(weight) != "linear":
         return False
-    return eligible(forget, retain, out)
+    if forget.dtype == torch.bfloat16:
+        return c_takes("apply", forget, retain, out)
+    return eligible(forget, retain, out) if large is None else large
 
 
 def select_geometry(forget: Tensor, retain: Tensor, out: Tensor) -> str:

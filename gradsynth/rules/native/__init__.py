@@ -447,11 +447,22 @@ def add_geometry(sums: Tensor, forget: Tensor, retain: Tensor, update: Tensor) -
     return True
 
 
-def _rule_geometry_function() -> Any:
-    loaded = library() if torch.get_num_threads() == 1 else None
-    if loaded is None:
+#: The one-loop rule kernels with their geometry sums, per dtype (`rule_geometry`).
+_RULE_GEOMETRY = {
+    torch.float32: "gradsynth_rule_geometry_f32",
+    torch.bfloat16: "gradsynth_rule_geometry_bf16",
+}
+
+
+def _rule_geometry_function(dtype: torch.dtype) -> Any:
+    symbol = _RULE_GEOMETRY.get(dtype)
+    # (the bfloat16 one runs where the bfloat16 kernels it repeats do: AVX2 and FMA, checked)
+    if dtype == torch.bfloat16:
+        loaded = _bf16_library()
+    else:
+        loaded = library() if torch.get_num_threads() == 1 else None
+    if symbol is None or loaded is None:
         return None
-    symbol = "gradsynth_rule_geometry_f32"
     entry = _geometry_functions.get(symbol)
     if entry is None or entry[0] is not loaded:
         function = getattr(loaded, symbol, None)
@@ -465,24 +476,25 @@ def _rule_geometry_function() -> Any:
                 ctypes.c_void_p,
             ]
             function.restype = None
-            function = function if _check_rule_geometry(function) else None
+            function = function if _check_rule_geometry(function, dtype) else None
         entry = _geometry_functions[symbol] = (loaded, function)
     return entry[1]
 
 
-#: The rules of ``gradsynth_rule_geometry_f32``, by its ``kind`` argument.
+#: The rules of ``gradsynth_rule_geometry_f32`` and ``_bf16``, by their ``kind`` argument.
 RULE_KINDS = {"sago": 0, "prefer": 1, "linear": 2}
 
 
-def _check_rule_geometry(function: Any) -> bool:
+def _check_rule_geometry(function: Any, dtype: torch.dtype) -> bool:
     """The three rules on values with known results (infinities, NaN, zeros, underflowing products):
-    the update as `expected_applies`, the sums exactly (small dyadic values)."""
-    f = torch.tensor([2**-8 + 2**-15, -(2.0**-8), 2**-8, 0.0, -1.5, 0.25, 1e-30] * 7)
-    r = torch.tensor([1.0, 1.0 + 2**-7, -3.0, 2**-133, 0.5, -0.75, -1e-30] * 7)
+    the update as `expected_applies` (rounded to bfloat16 for bfloat16), the sums exactly (small
+    dyadic values)."""
+    f = torch.tensor([2**-8 + 2**-15, -(2.0**-8), 2**-8, 0.0, -1.5, 0.25, 1e-30] * 7).to(dtype)
+    r = torch.tensor([1.0, 1.0 + 2**-7, -3.0, 2**-133, 0.5, -0.75, -1e-30] * 7).to(dtype)
     for name, kind in RULE_KINDS.items():
         out, acc = torch.empty_like(r), torch.zeros(7, dtype=torch.float64)
         function(out.data_ptr(), f.data_ptr(), r.data_ptr(), f.numel(), 0.5, 2.0, kind, acc.data_ptr())
-        if not torch.equal(out, expected_applies(f, r, 0.5, 2.0)[name]):
+        if not torch.equal(out, expected_applies(f.float(), r.float(), 0.5, 2.0)[name].to(dtype)):
             return False
         a, b, c = (t.double().tolist() for t in (f, r, out))
         pairs = [(a, a), (b, b), (a, b), (c, c), (c, a), (c, b)]
@@ -497,14 +509,15 @@ def _check_rule_geometry(function: Any) -> bool:
     return True
 
 
-def rule_geometry_f32(
+def rule_geometry(
     kind: str, out: Tensor, forget: Tensor, retain: Tensor, alpha: float, gamma: float, sums: Tensor
 ) -> bool:
     """Kernel ``kind`` of `RULE_KINDS` (``linear``: ``alpha * r + gamma * f``, the caller keeping
-    ``alpha`` 0 or a normal float32 number) on contiguous float32 CPU tensors into ``out``, the
-    compiled kernels' float32 operations, with the 7 geometry sums added into the float64 tensor
-    ``sums``, in one loop; False (nothing written) where the caller must compute it."""
-    function = _rule_geometry_function()
+    ``alpha`` 0 or a normal float32 number) on contiguous float32 or bfloat16 CPU tensors into
+    ``out``, with the 7 geometry sums added into the float64 tensor ``sums``, in one loop; False
+    (nothing written) where the caller must compute it. Float32: the compiled kernels' float32
+    operations; bfloat16: those of `apply_bf16` (the same operations, rounded once)."""
+    function = _rule_geometry_function(out.dtype)
     if function is None:
         return False
     function(

@@ -209,6 +209,77 @@ TARGET void gradsynth_prefer_bf16(uint16_t *out, const uint16_t *f, const uint16
     apply(PREFER, out, f, r, n, alpha, gamma);
 }
 
+/* The geometry sums of 8 float32 values of f, r and g, exact in float64, into two half-vector
+ * accumulators per sum (sum[k][0..1]) and the conflict counts (count[0..1], -1 added per conflict
+ * as the compare's all-ones mask, negated at the end). */
+TARGET static inline void sums8(__m256 x, __m256 y, __m256 u, __m256d sum[6][2], __m256i count[2]) {
+    for (int h = 0; h < 2; ++h) {
+        __m128 xh = h ? _mm256_extractf128_ps(x, 1) : _mm256_castps256_ps128(x);
+        __m128 yh = h ? _mm256_extractf128_ps(y, 1) : _mm256_castps256_ps128(y);
+        __m128 uh = h ? _mm256_extractf128_ps(u, 1) : _mm256_castps256_ps128(u);
+        __m256d dx = _mm256_cvtps_pd(xh), dy = _mm256_cvtps_pd(yh), du = _mm256_cvtps_pd(uh);
+        __m256d p = _mm256_mul_pd(dx, dy);
+        sum[0][h] = _mm256_fmadd_pd(dx, dx, sum[0][h]);
+        sum[1][h] = _mm256_fmadd_pd(dy, dy, sum[1][h]);
+        sum[2][h] = _mm256_add_pd(sum[2][h], p);
+        sum[3][h] = _mm256_fmadd_pd(du, du, sum[3][h]);
+        sum[4][h] = _mm256_fmadd_pd(du, dx, sum[4][h]);
+        sum[5][h] = _mm256_fmadd_pd(du, dy, sum[5][h]);
+        count[h] = _mm256_add_epi64(count[h], _mm256_castpd_si256(_mm256_cmp_pd(p, _mm256_setzero_pd(), _CMP_LT_OQ)));
+    }
+}
+
+/* A kernel above with the geometry sums of f, r and the written g (the bfloat16 value, widened)
+ * added into acc[0..6] in the same loop, as gradsynth_rule_geometry_f32 does for float32: the
+ * same apply8/narrow8, so g is bit-identical to the kernel's; every value and product exact in
+ * float64 (sums as gradsynth_geometry_bf16, in another grouping). out may be f or r. */
+TARGET static inline void apply_geometry(enum kind kind, uint16_t *out, const uint16_t *f, const uint16_t *r,
+                                         int64_t n, float alpha, float gamma, double *acc) {
+    const __m256 av = _mm256_set1_ps(alpha), gv = _mm256_set1_ps(gamma);
+    __m256d sum[6][2];
+    __m256i count[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int k = 0; k < 6; ++k) sum[k][0] = sum[k][1] = _mm256_setzero_pd();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        _mm_prefetch((const char *)(f + i + AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(r + i + AHEAD), _MM_HINT_T0);
+        __m256 f0, f1, r0, r1;
+        load16(f + i, &f0, &f1);
+        load16(r + i, &r0, &r1);
+        __m256i g0 = narrow8(apply8(kind, f0, r0, av, gv)), g1 = narrow8(apply8(kind, f1, r1, av, gv));
+        _mm256_storeu_si256((__m256i *)(out + i), _mm256_packus_epi32(g0, g1));
+        sums8(f0, r0, _mm256_castsi256_ps(_mm256_slli_epi32(g0, 16)), sum, count);
+        sums8(f1, r1, _mm256_castsi256_ps(_mm256_slli_epi32(g1, 16)), sum, count);
+    }
+    double s[7] = {0}, lanes[4];
+    int64_t counts[4];
+    for (int k = 0; k < 6; ++k) {
+        _mm256_storeu_pd(lanes, _mm256_add_pd(sum[k][0], sum[k][1]));
+        s[k] = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    }
+    _mm256_storeu_si256((__m256i *)counts, _mm256_add_epi64(count[0], count[1]));
+    s[6] = -(double)(counts[0] + counts[1] + counts[2] + counts[3]);
+    for (; i < n; ++i) {
+        uint16_t v = narrow(apply1(kind, widen(f[i]), widen(r[i]), alpha, gamma));
+        double a = widen(f[i]), b = widen(r[i]), c = widen(v), p = a * b;
+        out[i] = v;
+        s[0] += a * a, s[1] += b * b, s[2] += p, s[3] += c * c, s[4] += c * a, s[5] += c * b;
+        s[6] += p < 0 ? 1.0 : 0.0;
+    }
+    for (int k = 0; k < 7; ++k) acc[k] += s[k];
+}
+
+/* kind as gradsynth_rule_geometry_f32's: 0 sago, 1 prefer, 2 linear. */
+TARGET void gradsynth_rule_geometry_bf16(uint16_t *out, const uint16_t *f, const uint16_t *r, int64_t n,
+                                         float alpha, float gamma, int kind, double *acc) {
+    if (kind == 0)
+        apply_geometry(SAGO, out, f, r, n, alpha, gamma, acc);
+    else if (kind == 1)
+        apply_geometry(PREFER, out, f, r, n, alpha, gamma, acc);
+    else
+        apply_geometry(LINEAR, out, f, r, n, alpha, gamma, acc);
+}
+
 #else
 int gradsynth_bf16_supported(void) { return 0; }
 void gradsynth_sago_bf16(uint16_t *out, const uint16_t *f, const uint16_t *r, int64_t n, float alpha, float gamma) {
@@ -222,5 +293,9 @@ void gradsynth_dots_bf16(const uint16_t *f, const uint16_t *r, int64_t n, double
 }
 void gradsynth_linear_bf16(uint16_t *out, const uint16_t *f, const uint16_t *r, int64_t n, float w, float g) {
     (void)out, (void)f, (void)r, (void)n, (void)w, (void)g;
+}
+void gradsynth_rule_geometry_bf16(uint16_t *out, const uint16_t *f, const uint16_t *r, int64_t n, float alpha,
+                                  float gamma, int kind, double *acc) {
+    (void)out, (void)f, (void)r, (void)n, (void)alpha, (void)gamma, (void)kind, (void)acc;
 }
 #endif
