@@ -600,9 +600,8 @@ def test_a_windowed_tokenization_keeps_the_tokens_of_the_whole_text(cache):
 def test_greedy_answers_see_at_most_max_length_prompt_tokens(cache, monkeypatch):
     from gradsynth.cli.run_one import evaluate, evaluation_batches
     from gradsynth.cli.sources import Task
-    from gradsynth.world import load_world_model
-
     from gradsynth.unlearning import generation
+    from gradsynth.world import load_world_model
 
     model, tokenizer, *_ = load_world_model("ci", log=lambda _: None)
     widths = []
