@@ -40,7 +40,9 @@ from gradsynth.unlearning.checkpoint import Checkpointing, LoopState
 
 VERSION = 1
 STATE, WEIGHTS, OPTIMIZER = "state.json", "weights.safetensors", "optimizer.pt"
-NOT_SETTINGS = frozenset({"command", "out", "overwrite", "no_progress", "resume", "save_every", "threads"})
+NOT_SETTINGS = frozenset(
+    {"command", "argv", "out", "overwrite", "no_progress", "resume", "save_every", "threads"}
+)  # argv: the words themselves, which name --out and --resume
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
