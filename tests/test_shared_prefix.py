@@ -8,14 +8,18 @@ float32 whatever the model's dtype.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import Tensor
 
 from gradsynth.unlearning import generation, shared_prefix
-from gradsynth.unlearning.encoding import Example, collate, encode_many, pad_id_of, prompt_of
+from gradsynth.unlearning.encoding import Example, collate, encode_many, first_labelled, pad_id_of, prompt_of
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.multiple_choice import make_choices, option_logprobs
-from gradsynth.unlearning.shared_prefix import MIN_SHARED, logits_from, shared_length
+from gradsynth.unlearning.shared_prefix import MIN_SHARED, answer_logits, logits_from, shared_length
+from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss
 
 PREAMBLE = "Answer each question about the people of the world in one short answer. "
 
@@ -123,3 +127,123 @@ def test_split_scores_with_and_without_the_shared_prefix_agree(world, monkeypatc
     assert shared[0]["recall"] == plain[0]["recall"]
     assert shared[0]["nll"] == pytest.approx(plain[0]["nll"], rel=1e-6)
     assert all(s == pytest.approx(p, rel=1e-6, abs=1e-6) for s, p in zip(shared[1], plain[1], strict=True))
+
+
+def _answered(facts, n: int = 8, start: int = 0) -> list[Example]:
+    return [Example(prompt_of(PREAMBLE + f.question), f" {f.answer}") for f in facts[start : start + n]]
+
+
+@pytest.mark.parametrize(
+    ("forget", "retain"),
+    [("ga", "nll"), ("npo", "kl"), ("simnpo", "nll")],
+    ids=["ga+nll", "npo+kl", "simnpo"],
+)
+def test_losses_and_gradients_with_a_shared_prefix_are_the_plain_ones(world, forget, retain):
+    """Training through the shared prefix: same loss, same gradient (the repeat's backward sums the
+    rows into the one prefix run), to float32-rotary rounding."""
+    model, tokenizer, facts = world
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # make the reference differ, so that NPO and KL have something to measure
+        for p in reference.parameters():
+            p.mul_(1.01)
+    settings = LossSettings(forget, retain)
+    batch = _batch(tokenizer, _answered(facts))
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert shared_length(ids.tolist(), keep=0) >= MIN_SHARED  # the shared path is the one exercised
+    assert first_labelled(labels) > shared_length(ids.tolist(), keep=0)
+
+    def losses_and_grads(share: bool) -> tuple[list[float], list[Tensor]]:
+        model.zero_grad()
+        lf = forget_loss(model, batch, settings, reference, share_prefix=share)
+        lr = retain_loss(model, batch, settings, reference, share_prefix=share)
+        (lf + 0.5 * lr).backward()
+        return [float(lf), float(lr)], [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    original = model.forward
+    model.forward = lambda *a, **k: calls.append(k["input_ids"].shape) or original(*a, **k)
+    try:
+        shared = losses_and_grads(True)
+    finally:
+        del model.forward
+    plain = losses_and_grads(False)
+    # Each loss ran one packed row: the prefix once, then every row's own tokens, no padding.
+    real = int(batch["attention_mask"].sum())
+    prefix = shared_length(ids.tolist(), keep=0)
+    packed = (1, real - (ids.shape[0] - 1) * prefix)
+    assert calls[0] == packed and all(shape == packed for shape in calls[:2])
+    assert shared[0] == pytest.approx(plain[0], rel=1e-6, abs=1e-7)
+    for s, p in zip(shared[1], plain[1], strict=True):
+        torch.testing.assert_close(s, p, rtol=1e-5, atol=1e-7)
+    model.zero_grad()
+
+
+def test_losses_fall_back_to_the_plain_forward_without_a_shared_prefix(world):
+    model, tokenizer, facts = world
+    batch = _batch(tokenizer, [Example(prompt_of(f.question), f" {f.answer}") for f in facts[:6]])
+    settings = LossSettings("ga")
+    with torch.no_grad():
+        assert float(forget_loss(model, batch, settings, share_prefix=True)) == float(
+            forget_loss(model, batch, settings)
+        )
+
+
+def test_answer_logits_start_at_the_first_position_needed(world):
+    model, tokenizer, facts = world
+    batch = _batch(tokenizer, _answered(facts))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    first = first_labelled(batch["labels"]) - 1
+    with torch.no_grad():
+        logits, offset = answer_logits(model, ids, mask, first)
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    assert offset == first and logits.shape[1] == ids.shape[1] - first  # no logits for the question
+    real = mask[:, offset:].bool()
+    torch.testing.assert_close(logits[real], plain[:, offset:][real], rtol=1e-6, atol=1e-6)
+
+
+def test_rows_packed_a_few_at_a_time_give_the_same_logits(world, monkeypatch):
+    model, tokenizer, facts = world
+    batch = _batch(tokenizer, _answered(facts, n=7))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    first = first_labelled(batch["labels"]) - 1
+    whole, offset = logits_from(model, ids, mask, first)
+    calls = []
+    original = model.forward
+    monkeypatch.setattr(shared_prefix, "PACK_OWN_TOKENS", 1)  # one row per packed sequence
+    model.forward = lambda *a, **k: calls.append(k["input_ids"].shape) or original(*a, **k)
+    try:
+        split, split_offset = logits_from(model, ids, mask, first)
+    finally:
+        del model.forward
+    assert len(calls) == ids.shape[0] and split_offset == offset
+    real = mask[:, offset:].bool()
+    torch.testing.assert_close(split[real], whole[real], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["flash_attention_2", "short sliding window", "a hole in the mask"],
+    ids=lambda c: c.replace(" ", "-"),
+)
+def test_what_cannot_be_packed_runs_the_plain_forward(world, monkeypatch, change):
+    model, tokenizer, facts = world
+    batch = _batch(tokenizer, _answered(facts))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if change == "flash_attention_2":
+        monkeypatch.setattr(model.config, "_attn_implementation", change, raising=False)
+    elif change == "short sliding window":
+        monkeypatch.setattr(model.config, "sliding_window", 8, raising=False)
+    else:  # not right-padded: a masked token inside the shared prefix
+        mask = mask.clone()
+        mask[0, 2] = 0
+    calls = []
+    original = model.forward
+    model.forward = lambda *a, **k: calls.append(k) or original(*a, **k)
+    try:
+        if change == "flash_attention_2":  # the plain forward would fail on CPU: only check the choice
+            assert not shared_prefix.packs(model, int(mask.sum(1).max()))
+            return
+        _, offset = logits_from(model, ids, mask, first_labelled(batch["labels"]) - 1)
+    finally:
+        del model.forward
+    assert offset == 0 and len(calls) == 1 and calls[0]["input_ids"] is ids

@@ -132,6 +132,12 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def first_labelled(labels: Tensor) -> int:
+    """The first position that holds a label in any row (the width if none does)."""
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    return int(labelled[0]) if labelled.numel() else labels.shape[1]
+
+
 def pad_id_of(tokenizer: Any) -> int:
     """The padding id: the tokenizer's own, else its end-of-sentence id, else 0."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradsynth.unlearning.encoding import IGNORE_INDEX
+from gradsynth.unlearning.encoding import IGNORE_INDEX, first_labelled
 from gradsynth.unlearning.objectives import token_logprobs
 from gradsynth.unlearning.shared_prefix import logits_from
 
@@ -26,12 +26,6 @@ def exact_match(logits: Tensor, labels: Tensor) -> Tensor:
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     return ((predicted == targets) | ~mask).all(dim=-1) & mask.any(dim=-1)
-
-
-def first_labelled(labels: Tensor) -> int:
-    """The first position that holds a label in any row (the width if none does)."""
-    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    return int(labelled[0]) if labelled.numel() else labels.shape[1]
 
 
 @torch.no_grad()

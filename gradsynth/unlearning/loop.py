@@ -209,7 +209,7 @@ def unlearn(
         net = sharding_wrap(model, sharding)
         if sharding == "fsdp2":
             ref_model = sharded_reference(model, ref_model)
-    params, forget_of, retain_of = _objective(model, settings, ref_table, ref_model, net)
+    params, forget_of, retain_of = _objective(model, settings, ref_table, ref_model, net, shard is None)
     optimizer: Any = in_engine if in_engine is not None else optimizer_for(params)
     forget_cycle = _Cycle(forget, f"forget-{settings.seed}")
     retain_cycle = _Cycle(retain, f"retain-{settings.seed}")
@@ -354,9 +354,12 @@ def _objective(
     ref_table: ReferenceLogprobs | None,
     ref_model: Any,
     net: Any = None,
+    share_prefix: bool = False,
 ) -> tuple[list[torch.nn.Parameter], Callable[..., Any], Callable[..., Any]]:
     """The parameters to train, ``forget(batch, items) -> L_f`` and ``retain(batch) -> L_r``; the
-    losses run ``net`` (``model`` itself, or its ``DistributedDataParallel`` wrapper)."""
+    losses run ``net`` (``model`` itself, or its ``DistributedDataParallel`` wrapper), packing the
+    rows behind one copy of their common start when ``share_prefix`` (see `forget_loss`; on one
+    process only for now: the sharded paths are not yet tested with a chat model)."""
     net = model if net is None else net
     rmu = rmu_for(model, settings)
     if rmu is not None:
@@ -365,13 +368,13 @@ def _objective(
 
     def forget_of(batch: dict[str, Any], items: list[Encoded]) -> Any:
         ref_logprob = ref_table.lookup(items, device) if ref_table is not None else None
-        return forget_loss(net, batch, settings.losses, ref_model, ref_logprob)
+        return forget_loss(net, batch, settings.losses, ref_model, ref_logprob, share_prefix)
 
     return (
         # All of them, or a PEFT model's adapters alone (its base weights are frozen).
         [p for p in model.parameters() if p.requires_grad],
         forget_of,
-        lambda batch: retain_loss(net, batch, settings.losses, ref_model),
+        lambda batch: retain_loss(net, batch, settings.losses, ref_model, share_prefix),
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradsynth.unlearning.encoding import first_labelled
 from gradsynth.unlearning.objectives import (
     FORGET_LOSSES,
     RETAIN_LOSSES,
@@ -18,6 +19,7 @@ from gradsynth.unlearning.objectives import (
     sequence_logprob,
     simnpo_loss,
 )
+from gradsynth.unlearning.shared_prefix import answer_logits
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,17 @@ def _refuse_rmu(settings: LossSettings) -> None:
         )
 
 
-def _logits(model: Any, batch: dict[str, Tensor]) -> Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def _logits(model: Any, batch: dict[str, Tensor], share_prefix: bool = False) -> tuple[Tensor, Tensor]:
+    """``(logits, labels)`` of the batch, cut alike from the left when ``share_prefix``: the rows'
+    common start (a chat template's system turn) runs once and only positions from the first that
+    predicts an answer token get logits (`gradsynth.unlearning.shared_prefix.answer_logits`)."""
+    labels = batch["labels"]
+    if share_prefix:
+        logits, offset = answer_logits(
+            model, batch["input_ids"], batch["attention_mask"], first_labelled(labels) - 1
+        )
+        return logits, labels[:, offset:]
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels
 
 
 def forget_loss(
@@ -82,34 +93,50 @@ def forget_loss(
     settings: LossSettings,
     reference: Any = None,
     ref_logprob: Tensor | None = None,
+    share_prefix: bool = False,
 ) -> Tensor:
     """The forget loss of ``model`` on ``batch`` (GA, NPO or SimNPO; RMU has state: see the loop).
 
     NPO only: ``ref_logprob`` holds ``log pi_ref(y|x)`` of the batch's examples (looked up in a
     `gradsynth.unlearning.reference.ReferenceLogprobs`); without it, ``reference`` (the frozen
     model) computes them.
+
+    ``share_prefix``: pack the rows behind one copy of their common start (a chat template's
+    turns), still one forward (`gradsynth.unlearning.shared_prefix.answer_logits`): the same loss
+    and gradient up to rounding, far fewer tokens. A wrapper without the model's config (DDP, a
+    DeepSpeed engine) runs the plain forward.
     """
     _refuse_rmu(settings)
-    logits = _logits(model, batch)
+    logits, labels = _logits(model, batch, share_prefix)
     if settings.forget == "ga":
-        return ga_loss(logits, batch["labels"])
-    logprob, length = sequence_logprob(logits, batch["labels"])
+        return ga_loss(logits, labels)
+    logprob, length = sequence_logprob(logits, labels)
     if settings.forget == "simnpo":
         return simnpo_loss(logprob, length, settings.beta, settings.delta)
     if ref_logprob is None:
         with torch.no_grad():
-            ref_logprob, _ = sequence_logprob(_logits(reference, batch), batch["labels"])
+            ref_logprob, _ = sequence_logprob(*_logits(reference, batch, share_prefix))
     return npo_loss(logprob, ref_logprob, settings.beta)
 
 
 def retain_loss(
-    model: Any, batch: dict[str, Tensor], settings: LossSettings, reference: Any = None
+    model: Any,
+    batch: dict[str, Tensor],
+    settings: LossSettings,
+    reference: Any = None,
+    share_prefix: bool = False,
 ) -> Tensor:
-    """The retain loss of ``model`` on ``batch``; ``reference`` is the frozen model (KL only)."""
+    """The retain loss of ``model`` on ``batch``; ``reference`` is the frozen model (KL only);
+    ``share_prefix`` as in `forget_loss`."""
     _refuse_rmu(settings)
-    logits = _logits(model, batch)
+    logits, labels = _logits(model, batch, share_prefix)
     if settings.retain == "nll":
-        return nll_loss(logits, batch["labels"])
+        return nll_loss(logits, labels)
     with torch.no_grad():
-        ref_logits = _logits(reference, batch)
-    return kl_loss(logits, ref_logits, batch["labels"])
+        ref_logits, ref_labels = _logits(reference, batch, share_prefix)
+    cut = labels.shape[1] - ref_labels.shape[1]  # the two models may cut at different offsets
+    if cut > 0:
+        logits, labels = logits[:, cut:], labels[:, cut:]
+    else:
+        ref_logits = ref_logits[:, -cut:]
+    return kl_loss(logits, ref_logits, labels)

