@@ -37,30 +37,27 @@ MIN_SHARED = 8
 
 
 @functools.cache
-def _cache_keyword(forward_owner: type) -> str:
-    parameters = inspect.signature(forward_owner.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+def _parameters_of(forward_owner: type) -> frozenset[str]:
+    return frozenset(inspect.signature(forward_owner.forward).parameters)
+
+
+def forward_takes(model: Any) -> frozenset[str]:
+    """The names ``model``'s forward takes (a PEFT model answers for the model it wraps); looked up
+    once per model class."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _parameters_of(type(base))
 
 
 def cache_keyword(model: Any) -> str:
     """The forward argument that takes a key/value cache: ``cache`` (transformers >= 5.2x) or
-    ``past_key_values`` (before; a PEFT model answers for the model it wraps)."""
-    return _cache_keyword(_forward_owner(model))
-
-
-def _forward_owner(model: Any) -> type:
-    return type(model.get_base_model() if hasattr(model, "get_base_model") else model)
-
-
-@functools.cache
-def _takes_logits_to_keep(forward_owner: type) -> bool:
-    return "logits_to_keep" in inspect.signature(forward_owner.forward).parameters
+    ``past_key_values`` (before)."""
+    return "cache" if "cache" in forward_takes(model) else "past_key_values"
 
 
 def logits_to_keep(model: Any, last: int) -> dict[str, int]:
     """The forward argument that computes logits for the ``last`` positions only, where ``model``
     takes one (``{}`` otherwise: it returns them all)."""
-    return {"logits_to_keep": last} if _takes_logits_to_keep(_forward_owner(model)) else {}
+    return {"logits_to_keep": last} if "logits_to_keep" in forward_takes(model) else {}
 
 
 def cache_of(output: Any) -> Any:
@@ -111,7 +108,10 @@ class SharedPrefix:
         return torch.cat([ones, own_mask], dim=1)
 
 
-def _shared_prefix(model: Any, rows: list[list[int]], keep: int) -> SharedPrefix | None:
+@torch.no_grad()
+def shared_prefix(model: Any, rows: list[list[int]], keep: int = 1) -> SharedPrefix | None:
+    """The `SharedPrefix` of ``rows`` (at least ``keep`` own tokens left per row), or None when they
+    share fewer than `MIN_SHARED` tokens."""
     length = shared_length(rows, keep)
     if length < MIN_SHARED:
         return None
@@ -119,13 +119,6 @@ def _shared_prefix(model: Any, rows: list[list[int]], keep: int) -> SharedPrefix
     device = next(model.parameters()).device
     out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, **logits_to_keep(model, 1))
     return SharedPrefix(ids, cache_of(out), out.logits[0, -1].float())
-
-
-@torch.no_grad()
-def shared_prefix(model: Any, rows: list[list[int]], keep: int = 1) -> SharedPrefix | None:
-    """The `SharedPrefix` of ``rows`` (at least ``keep`` own tokens left per row), or None when they
-    share fewer than `MIN_SHARED` tokens."""
-    return _shared_prefix(model, rows, keep)
 
 
 @torch.no_grad()
@@ -151,10 +144,13 @@ def answer_logits(
     lengths = attention_mask.sum(dim=1)
     width = min(int(lengths.min()), first_needed + 1, total - 1)
     start = shared_length(input_ids[:, :width].tolist(), keep=0) if width > 0 else 0
-    right_padded = torch.equal(
-        attention_mask.bool(), torch.arange(total, device=lengths.device) < lengths.unsqueeze(1)
-    )
-    if start < MIN_SHARED or not right_padded or not packs(model, int(lengths.max())):
+    if (
+        start < MIN_SHARED
+        or not packs(model, int(lengths.max()))
+        or not torch.equal(  # right-padded: each row's tokens first, then its padding
+            attention_mask.bool(), torch.arange(total, device=lengths.device) < lengths.unsqueeze(1)
+        )
+    ):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits, 0
     return packed_logits(model, input_ids, lengths.tolist(), start, first_needed), first_needed
 
@@ -170,12 +166,10 @@ def packs(model: Any, longest: int) -> bool:
     no sliding window shorter than the ``longest`` row (a given mask replaces the window's)."""
     config = getattr(model, "config", None)
     window = getattr(config, "sliding_window", None)
-    owner = _forward_owner(model)
     return (
         getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
         and (window is None or longest <= window)
-        and _takes_logits_to_keep(owner)
-        and "position_ids" in inspect.signature(owner.forward).parameters
+        and {"logits_to_keep", "position_ids"} <= forward_takes(model)
     )
 
 
