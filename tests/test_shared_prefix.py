@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from gradsynth.unlearning import generation, shared_prefix
+from gradsynth.unlearning.audit import answer_stats
 from gradsynth.unlearning.encoding import Example, collate, encode_many, first_labelled, pad_id_of, prompt_of
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.multiple_choice import make_choices, option_logprobs
@@ -127,6 +128,26 @@ def test_split_scores_with_and_without_the_shared_prefix_agree(world, monkeypatc
     assert shared[0]["recall"] == plain[0]["recall"]
     assert shared[0]["nll"] == pytest.approx(plain[0]["nll"], rel=1e-6)
     assert all(s == pytest.approx(p, rel=1e-6, abs=1e-6) for s, p in zip(shared[1], plain[1], strict=True))
+
+
+def test_audit_token_stats_with_and_without_the_shared_prefix_agree(world, monkeypatch):
+    model, tokenizer, facts = world
+    examples = _answered(facts, n=12)
+    calls = []
+    original = model.forward
+    model.forward = lambda *a, **k: calls.append(k["input_ids"].shape) or original(*a, **k)
+    try:
+        shared = answer_stats(model, tokenizer, examples, max_length=256)
+    finally:
+        del model.forward
+    assert calls and all(shape[0] == 1 for shape in calls)  # packed rows, not the padded batch
+    monkeypatch.setattr(shared_prefix, "MIN_SHARED", 10**9)
+    plain = answer_stats(model, tokenizer, examples, max_length=256)
+    assert [len(s.logprobs) for s in shared] == [len(p.logprobs) for p in plain]
+    assert all(len(p.logprobs) > 0 for p in plain)
+    for s, p in zip(shared, plain, strict=True):
+        assert s.logprobs == pytest.approx(p.logprobs, rel=1e-6, abs=1e-6)
+        assert s.z_scores == pytest.approx(p.z_scores, rel=1e-5, abs=1e-5)
 
 
 def _answered(facts, n: int = 8, start: int = 0) -> list[Example]:

@@ -4,6 +4,10 @@
 ``gradsynth: error: ...``, with exit status 2, and no output folder is left behind. SIGINT,
 SIGTERM and SIGHUP stop a command the same way, with one line and exit status 128 + the
 signal number (130, 143, 129).
+
+Run as a program (``argv`` not given), it first tells glibc to keep freed memory for reuse
+(`gradsynth.allocator`; ``GRADSYNTH_KEEP_FREED_MEMORY=0`` keeps glibc's defaults): each CPU step
+then reuses its memory instead of faulting fresh pages in, about 10 % of a step on a 135M model.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``gradsynth`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     import torch
 
+    from gradsynth.allocator import keep_freed_memory_unless_switched_off
     from gradsynth.cli import audit_command, compare_command, eval_command, unlearn_command
     from gradsynth.cli.errors import CliError
     from gradsynth.cli.parser import build_parser, check_environment
     from gradsynth.cli.signals import Interrupted, interrupts_raise
 
+    if argv is None:  # this process is the command line: its memory is its own to keep
+        keep_freed_memory_unless_switched_off()
     try:
         with interrupts_raise():
             args = build_parser().parse_args(argv)

