@@ -14,8 +14,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gradsynth"
 TIERS = [["rules"], ["optim"], ["integrations"], ["unlearning", "world", "cli"]]
 CORE = ["rules", "optim"]
 #: Modules at the package root below every tier: they import the standard library only, and any
-#: layer may use them (gradsynth.owned_files: the ownership checks of the kernel and world caches).
-FOUNDATION = ["gradsynth.owned_files"]
+#: layer may use them (gradsynth.owned_files: the ownership checks of the kernel and world caches;
+#: gradsynth.allocator: keeping freed memory, which the command line turns on).
+FOUNDATION = ["gradsynth.owned_files", "gradsynth.allocator"]
 
 
 def _imports(path: Path) -> set[str]:
