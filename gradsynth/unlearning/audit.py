@@ -38,10 +38,9 @@ from gradsynth.unlearning.audit_metrics import (
     ranks_last,
     token_stats,
 )
-from gradsynth.unlearning.encoding import Example, first_labelled, make_batches, prompt_of
+from gradsynth.unlearning.encoding import Example, make_batches, prompt_of
 from gradsynth.unlearning.evaluate import split_metrics
 from gradsynth.unlearning.objectives import nll_loss
-from gradsynth.unlearning.shared_prefix import logits_from
 from gradsynth.unlearning.task_losses import batch_logits
 
 RELEARN_STEPS = (1, 2, 5, 10, 20)
@@ -111,11 +110,7 @@ def answer_stats(
     try:
         for batch in _batches(tokenizer, examples, max_length=max_length):
             batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch["labels"]
-            logits, offset = logits_from(
-                model, batch["input_ids"], batch["attention_mask"], first_labelled(labels) - 1
-            )
-            out.extend(token_stats(logits, labels[:, offset:]))
+            out.extend(token_stats(*batch_logits(model, batch, share_prefix=True)))
     finally:
         model.train(was_training)
     return out

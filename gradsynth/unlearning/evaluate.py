@@ -5,7 +5,7 @@ answer (and end-of-sentence token) the model reproduces greedily. It is computed
 teacher-forced pass: greedy decoding emits the answer exactly iff the arg-max at every answer
 position is the answer token, so no generation loop is needed. ``recall`` is ``None`` for
 plain-text data, which has no answers. Tokens every row of a batch starts with (a chat template's
-system turn) run once (`gradsynth.unlearning.shared_prefix.logits_from`).
+system turn) run once (`gradsynth.unlearning.task_losses.batch_logits`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradsynth.unlearning.encoding import IGNORE_INDEX, first_labelled
+from gradsynth.unlearning.encoding import IGNORE_INDEX
 from gradsynth.unlearning.objectives import token_logprobs
-from gradsynth.unlearning.shared_prefix import logits_from
+from gradsynth.unlearning.task_losses import batch_logits
 
 
 def exact_match(logits: Tensor, labels: Tensor) -> Tensor:
@@ -37,10 +37,7 @@ def split_metrics(model: Any, batches: list[dict[str, Tensor]], has_answers: boo
     nll_sum, tokens, hits, count = 0.0, 0, 0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits, offset = logits_from(
-            model, batch["input_ids"], batch["attention_mask"], first_labelled(batch["labels"]) - 1
-        )
-        labels = batch["labels"][:, offset:]
+        logits, labels = batch_logits(model, batch, share_prefix=True)
         logp, mask = token_logprobs(logits, labels)
         nll_sum -= float(logp.sum())
         tokens += int(mask.sum())
