@@ -10,12 +10,18 @@ follows the live tensors.
 
 Plain training (one backward of ``gamma*Lf + alpha*Lr``) holds one gradient set: extra ~ 0.
 
-On a CUDA device (``measure(..., device="cuda")``, used by ``benchmarks/gpu_check.py``) the same
-formula takes the allocator's exact counts instead: ``torch.cuda.memory_allocated()`` with params
-only, and ``torch.cuda.max_memory_allocated()`` over the measured steps. A mode ending in
-``+geometry`` tracks the gradient geometry (``track_geometry=True``).
+``--keep-freed-memory`` adds three columns for what the ``gradsynth`` command line runs with
+(`gradsynth.keep_freed_memory`: freed blocks stay in the process for reuse). Freed memory then
+stays resident, so a warm-up step cannot be left out of the count: these columns count from the
+params-only size before the first full-size step (after a one-layer warm-up that pages the code
+in) to the peak over it and the measured steps, with freed blocks returned as above, with
+glibc's defaults (no setting: blocks under the mmap threshold, which rises to 32 MiB with use,
+stay on the heap), and kept. The first step's one-off costs (from ``MIN_STEP_NUMEL`` = 2**24
+elements a step, the compiled kernels: about 15 MiB that stay after their first call) are in
+all three; their differences are what each malloc setting costs at the peak.
 
-Usage: ``python benchmarks/memory_peak.py [--layers 64] [--width 1024]`` (Linux only).
+Usage: ``python benchmarks/memory_peak.py [--layers 64] [--width 1024] [--steps 2]
+[--keep-freed-memory]`` (Linux only).
 """
 
 from __future__ import annotations
@@ -74,14 +80,14 @@ def cuda_allocated_and_peak_kib(steps: Callable[[], None]) -> tuple[float, float
     return before / 1024, torch.cuda.max_memory_allocated() / 1024
 
 
-def measure(rule: str, mode: str, micro: int, layers: int, width: int, device: str = "cpu") -> dict:
+def _training(rule: str, mode: str, micro: int, layers: int, width: int, device: str):
+    """``(step, optimizer, KiB of one gradient set)``: ``step(seed)`` runs a training step of ``mode``."""
     import torch
 
     from gradsynth import SynthesizingOptimizer
 
     geometry = mode.endswith("+geometry")
     mode = mode.removesuffix("+geometry")
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
     model.to(device)
@@ -116,50 +122,112 @@ def measure(rule: str, mode: str, micro: int, layers: int, width: int, device: s
         if geometry:
             assert opt.geometry is not None
 
-    step(0)  # warm-up: lazily allocated state and buffers
-    opt.zero_grad(set_to_none=True)
+    return step, opt, grad_set_kib
+
+
+def measure(
+    rule: str,
+    mode: str,
+    micro: int,
+    layers: int,
+    width: int,
+    device: str = "cpu",
+    *,
+    steps: int = 2,
+    keep_freed: bool = False,
+    from_start: bool = False,
+) -> dict:
+    import torch
+
+    from gradsynth import keep_freed_memory
+
+    if keep_freed and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory needs glibc's malloc (Linux)")
+    torch.set_num_threads(1)
     measured = cuda_allocated_and_peak_kib if torch.device(device).type == "cuda" else resident_and_peak_kib
-    params_only_kib, peak_kib = measured(lambda: [step(seed) for seed in range(1, 3)])
+    if from_start:
+        warm_up, _, _ = _training(rule, mode, micro, 1, width, device)
+        warm_up(0)
+        del warm_up
+        step, _, grad_set_kib = _training(rule, mode, micro, layers, width, device)
+        params_only_kib, peak_kib = measured(lambda: [step(seed) for seed in range(steps + 1)])
+    else:
+        step, opt, grad_set_kib = _training(rule, mode, micro, layers, width, device)
+        step(0)  # warm-up: lazily allocated state and buffers
+        opt.zero_grad(set_to_none=True)
+        params_only_kib, peak_kib = measured(lambda: [step(seed) for seed in range(1, steps + 1)])
     return {
         "extra_sets": (peak_kib - params_only_kib) / grad_set_kib - 1,
         "grad_set_mib": grad_set_kib / 1024,
     }
 
 
+#: The columns: (malloc setting, counted from the first step), see the module's docstring.
+COLUMNS = {
+    "extra gradient sets": ("returned", False),
+    "first step, returned": ("returned", True),
+    "glibc defaults": ("default", True),
+    "kept": ("kept", True),
+}
+
+
+def measure_in_child(
+    rule: str,
+    mode: str,
+    micro: int,
+    layers: int,
+    width: int,
+    *,
+    steps: int = 2,
+    malloc: str = "returned",
+    from_start: bool = False,
+) -> dict:
+    """`measure` on the CPU in a fresh process (the resident set must start clean), one thread;
+    ``malloc``: freed blocks ``"returned"`` to the system, glibc's ``"default"``, or ``"kept"``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if malloc == "returned":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    command = [sys.executable, __file__, "--layers", str(layers), "--width", str(width)]
+    command += ["--steps", str(steps), "--child", rule, mode, str(micro)]
+    command += ["--from-start"] if from_start else []
+    command += ["--keep-freed-memory"] if malloc == "kept" else []
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=64)
     parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=2, help="measured steps after the warm-up")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="three more columns from the first step: freed memory returned, glibc's defaults, kept",
+    )
+    parser.add_argument("--from-start", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=3, metavar=("RULE", "MODE", "MICRO"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         rule, mode, micro = args.child
-        print(json.dumps(measure(rule, mode, int(micro), args.layers, args.width)))
-        return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    print(f"{'configuration':58s} {'rule':15s} {'extra gradient sets':>20s}")
-    for label, rule, mode, micro in CONFIGS:
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--layers",
-                str(args.layers),
-                "--width",
-                str(args.width),
-                "--child",
-                rule,
-                mode,
-                str(micro),
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
+        size = {"layers": args.layers, "width": args.width, "steps": args.steps}
+        found = measure(
+            rule, mode, int(micro), **size, keep_freed=args.keep_freed_memory, from_start=args.from_start
         )
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{label:58s} {rule:15s} {result['extra_sets']:20.3f}")
-    print(f"(one gradient set = {result['grad_set_mib']:.0f} MiB)")
+        print(json.dumps(found))
+        return
+    names = list(COLUMNS) if args.keep_freed_memory else list(COLUMNS)[:1]
+    print(f"{'configuration':58s} {'rule':15s} " + " ".join(f"{name:>20s}" for name in names))
+    for label, rule, mode, micro in CONFIGS:
+        found = [
+            measure_in_child(
+                rule, mode, micro, args.layers, args.width, steps=args.steps, malloc=m, from_start=start
+            )
+            for m, start in (COLUMNS[name] for name in names)
+        ]
+        print(f"{label:58s} {rule:15s} " + " ".join(f"{r['extra_sets']:20.3f}" for r in found))
+    print(f"(one gradient set = {found[0]['grad_set_mib']:.0f} MiB)")
 
 
 if __name__ == "__main__":

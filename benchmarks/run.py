@@ -316,10 +316,10 @@ def memory_name(rule: str, mode: str) -> str:
 def memory_rows(layers: int, width: int, device: str = "cpu", configs=None) -> dict[str, float]:
     """Extra gradient sets of a step per (rule, `memory_peak.py` mode): one process each on the CPU
     (the resident set must start clean), in this process on a CUDA device (the allocator counts)."""
+    import memory_peak
+
     configs = MEMORY_CONFIGS if configs is None else configs
     if torch.device(device).type == "cuda":
-        import memory_peak
-
         result = {}
         for rule, mode in configs:
             result[memory_name(rule, mode)] = memory_peak.measure(rule, mode, 1, layers, width, device)[
@@ -327,21 +327,10 @@ def memory_rows(layers: int, width: int, device: str = "cpu", configs=None) -> d
             ]
             torch.cuda.empty_cache()
         return result
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    result = {}
-    for rule, mode in configs:
-        out = subprocess.run(
-            [
-                *(sys.executable, str(HERE / "memory_peak.py")),
-                *("--layers", str(layers), "--width", str(width), "--child", rule, mode, "1"),
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        result[memory_name(rule, mode)] = json.loads(out.stdout.strip().splitlines()[-1])["extra_sets"]
-    return result
+    return {
+        memory_name(rule, mode): memory_peak.measure_in_child(rule, mode, 1, layers, width)["extra_sets"]
+        for rule, mode in configs
+    }
 
 
 def plot(rows: list[dict], e2e: dict, path: Path) -> None:
