@@ -137,6 +137,17 @@ def test_gradsynth_audit_tells_the_learned_facts_from_non_members(files, tmp_pat
     assert "reference" not in found and found["model"]["mia"] == model["mia"]
 
 
+def test_the_relearning_attacks_steps_and_folds_are_flags(files, tmp_path, capsys):
+    out = tmp_path / "audit"
+    argv = ["audit", str(files["model"]), "--forget", str(files["forget"])]
+    argv += ["--non-members", str(files["non_members"]), "--relearn-steps", "3,1", "--relearn-folds", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| k=1 | k=3 |" in printed and "k=20" not in printed
+    relearned = json.loads((out / "audit.json").read_text())["model"]["relearning"]["forget"]
+    assert len(relearned) == 2 and all(0 <= r <= 1 for r in relearned)
+
+
 def test_unlearn_and_compare_audit_a_users_model(files, tmp_path, capsys):
     data = ["--forget", str(files["forget"]), "--retain", str(files["retain"])]
     data += ["--non-members", str(files["non_members"]), "--reference-model", str(files["reference"])]
@@ -224,6 +235,18 @@ def test_flags_that_do_not_fit_together_are_one_line(files, tmp_path, capsys):
             ["--forget: 2 facts cannot make the relearning attack's 3 folds", "--no-relearn"],
         ),
         (["audit", model, "--prompt-format", "plain"], ["--prompt-format goes with --forget"]),
+        (["audit", model, "--relearn-steps", "1,x"], ["--relearn-steps '1,x'", "list of int"]),
+        (["audit", model, "--relearn-steps", "0,5"], ["--relearn-steps '0,5'", "at least 1"]),
+        (["audit", model, "--relearn-folds", "1"], ["--relearn-folds 1", "at least 2"]),
+        (
+            [*user, "--audit", "--non-members", non, "--relearn-folds", "7"],
+            ["--forget: 6 facts cannot make the relearning attack's 7 folds", "fewer --relearn-folds"],
+        ),
+        (
+            ["unlearn", "--world", "ci", "--audit", "--relearn-folds", "1000"],
+            ["the forget set:", "cannot make the relearning attack's 1000 folds"],
+        ),
+        (["compare", "--world", "ci", "--audit", "--relearn-folds", "1", "--jobs", "2"], ["--relearn-folds"]),
     ]  # fmt: skip
     for argv, parts in cases:
         out = tmp_path / "out"

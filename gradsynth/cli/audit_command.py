@@ -16,6 +16,7 @@ from typing import Any
 from gradsynth.cli.compare_results import cell, summary
 from gradsynth.cli.errors import CliError
 from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_output
+from gradsynth.cli.parser import parse_list
 from gradsynth.cli.tables import markdown_table
 from gradsynth.cli.user_audit import load_reference, user_audit
 from gradsynth.unlearning.audit import RelearnSettings, audit_model
@@ -167,8 +168,14 @@ def audit_markdown(runs: list[dict[str, Any]]) -> str:
 def relearn_settings(args: argparse.Namespace) -> RelearnSettings | None:
     if getattr(args, "no_relearn", False):
         return None
+    steps = parse_list(getattr(args, "relearn_steps", "1,2,5,10,20"), int, "--relearn-steps")
+    if min(steps) < 1:
+        raise CliError(f"--relearn-steps {args.relearn_steps!r}: steps must be at least 1")
+    folds = getattr(args, "relearn_folds", 3)
+    if folds < 2:
+        raise CliError(f"--relearn-folds {folds}: needs at least 2 (one fold to train, the rest held out)")
     try:
-        return RelearnSettings(lr=args.relearn_lr)
+        return RelearnSettings(folds=folds, steps=tuple(steps), lr=args.relearn_lr)
     except ValueError as err:
         raise CliError(f"--relearn-lr: {err}") from err
 

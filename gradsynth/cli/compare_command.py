@@ -183,9 +183,9 @@ def run(args: argparse.Namespace) -> int:
     if args.queue is None:  # a --jobs worker writes into its parent's private folder
         check_output_folder(out, args.overwrite, run_inputs(args))
     total = len(seeds) * len(objectives) * len(rules) * len(lrs)
+    relearn = relearn_settings(args) if args.audit else None  # its flags refused before any worker
     if args.jobs > 1 and args.queue is None:
         return run_jobs(args, out, total)
-    relearn = relearn_settings(args) if args.audit else None
     device = resolve_device(args.device)
     non_members = read_non_members(args)  # a user's audit: read before the model, as the other files
     user_reference = None  # --reference-model: loaded with the first seed's task, checked against it

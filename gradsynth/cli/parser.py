@@ -304,6 +304,18 @@ def _add_relearn(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--relearn-lr", type=_positive, default=1e-3, help="AdamW rate of the relearning attack (1e-3)"
     )
+    p.add_argument(
+        "--relearn-steps",
+        default="1,2,5,10,20",
+        help="fine-tuning steps after which the relearning attack reads recall (1,2,5,10,20; the "
+        "attack runs to the largest, the main cost of an audit)",
+    )
+    p.add_argument(
+        "--relearn-folds",
+        type=_positive_int,
+        default=3,
+        help="forget folds of the relearning attack, each fine-tuned on once (3; at least 2)",
+    )
 
 
 # ----- the flags of a run at scale (LoRA, gradient checkpointing, checkpoints and resume) -----

@@ -102,6 +102,8 @@ def audit_non_members(
         chosen = task.non_members if getattr(args, "audit", False) else None
     if chosen is not None:
         check_user_audit(task.forget, relearn)
+    elif getattr(args, "audit", False):  # the world's own facts: only the folds can fail
+        check_folds(len(task.forget), relearn, "the forget set")
     return chosen
 
 
@@ -137,10 +139,15 @@ def load_reference(args: argparse.Namespace, model: Any, tokenizer: Any, device:
 def check_user_audit(forget: list[Example], relearn: RelearnSettings | None) -> None:
     """Refuse, before any unlearning, a forget set the audit cannot score or split into folds."""
     audit_facts(forget, "--forget")
-    if relearn is not None and len(forget) < relearn.folds:
+    check_folds(len(forget), relearn, "--forget")
+
+
+def check_folds(facts: int, relearn: RelearnSettings | None, name: str) -> None:
+    """Refuse a relearning attack with more folds than forget facts (before any unlearning)."""
+    if relearn is not None and facts < relearn.folds:
         raise CliError(
-            f"--forget: {len(forget)} facts cannot make the relearning attack's {relearn.folds} folds; "
-            "give more forget facts or pass --no-relearn"
+            f"{name}: {facts} facts cannot make the relearning attack's {relearn.folds} folds; "
+            "give more forget facts, fewer --relearn-folds, or pass --no-relearn"
         )
 
 
