@@ -14,8 +14,8 @@ freed memory stays in the process and is reused, and in the same measurement bot
 no page fault and no system time (about 10 % faster each).
 
 The price: the process keeps its peak heap for its lifetime (resident memory does not shrink
-after a peak), and the peak itself is higher, since a freed block's hole does not always fit the
-next aligned allocation of the same size: 4 % (150 MB) on a whole SmolLM2 command-line run, up to
+after a peak), and the peak itself is higher (heap fragmentation, by an amount that varies from
+run to run): 4 % (150 MB) on a whole SmolLM2 command-line run, up to
 1.8 gradient sets on a synthetic stack of layers, where glibc's defaults do as badly
 (``benchmarks/memory_peak.py --keep-freed-memory``, docs/memory.md). The setting
 is process-wide, so nothing in gradsynth's library layers calls it: the ``gradsynth`` command
