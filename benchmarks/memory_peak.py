@@ -145,7 +145,7 @@ def measure(
         raise SystemExit("--keep-freed-memory needs glibc's malloc (Linux)")
     torch.set_num_threads(1)
     measured = cuda_allocated_and_peak_kib if torch.device(device).type == "cuda" else resident_and_peak_kib
-    if from_start:
+    if from_start or keep_freed:  # kept, the warm-up's freed blocks stay resident: count them
         warm_up, _, _ = _training(rule, mode, micro, 1, width, device)
         warm_up(0)
         del warm_up

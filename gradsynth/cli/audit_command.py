@@ -168,14 +168,16 @@ def audit_markdown(runs: list[dict[str, Any]]) -> str:
 def relearn_settings(args: argparse.Namespace) -> RelearnSettings | None:
     if getattr(args, "no_relearn", False):
         return None
-    steps = parse_list(getattr(args, "relearn_steps", "1,2,5,10,20"), int, "--relearn-steps")
+    # RelearnSettings checks these too; here the refusal names the flag.
+    steps = parse_list(args.relearn_steps, int, "--relearn-steps")
     if min(steps) < 1:
         raise CliError(f"--relearn-steps {args.relearn_steps!r}: steps must be at least 1")
-    folds = getattr(args, "relearn_folds", 3)
-    if folds < 2:
-        raise CliError(f"--relearn-folds {folds}: needs at least 2 (one fold to train, the rest held out)")
+    if args.relearn_folds < 2:
+        raise CliError(
+            f"--relearn-folds {args.relearn_folds}: needs at least 2 (one fold to train, the rest held out)"
+        )
     try:
-        return RelearnSettings(folds=folds, steps=tuple(steps), lr=args.relearn_lr)
+        return RelearnSettings(folds=args.relearn_folds, steps=tuple(steps), lr=args.relearn_lr)
     except ValueError as err:
         raise CliError(f"--relearn-lr: {err}") from err
 

@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from gradsynth.cli.errors import CliError
 from gradsynth.rules import available_rules
+from gradsynth.unlearning.audit import RELEARN_STEPS, RelearnSettings
 from gradsynth.unlearning.chat import PROMPT_FORMATS
 from gradsynth.unlearning.encoding import LOSS_SCOPES
 from gradsynth.unlearning.objectives import FORGET_LOSSES, RETAIN_LOSSES
@@ -304,17 +305,19 @@ def _add_relearn(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--relearn-lr", type=_positive, default=1e-3, help="AdamW rate of the relearning attack (1e-3)"
     )
+    steps = ",".join(map(str, RELEARN_STEPS))
     p.add_argument(
         "--relearn-steps",
-        default="1,2,5,10,20",
-        help="fine-tuning steps after which the relearning attack reads recall (1,2,5,10,20; the "
+        default=steps,
+        help=f"fine-tuning steps after which the relearning attack reads recall ({steps}; the "
         "attack runs to the largest, the main cost of an audit)",
     )
     p.add_argument(
         "--relearn-folds",
         type=_positive_int,
-        default=3,
-        help="forget folds of the relearning attack, each fine-tuned on once (3; at least 2)",
+        default=RelearnSettings.folds,
+        help=f"forget folds of the relearning attack, each fine-tuned on once ({RelearnSettings.folds}; "
+        "at least 2)",
     )
 
 
