@@ -126,6 +126,10 @@ def main() -> None:
     )
     digest = parameter_digest(model)
     print(f"process {accelerator.process_index}: parameters {digest}", flush=True)
+    # Leaving the process group to the interpreter's teardown lets gloo's worker threads die
+    # joinable: now and then a process aborts ("terminate called without an active exception",
+    # SIGABRT) after all its work is done, and the launcher reports the run as failed.
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

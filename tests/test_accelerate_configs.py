@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIM = (str(ROOT / "tests" / "cpu_launch.py"),)
 
 
+def _free_port() -> int:
+    # The config files leave the port to Accelerate's default (29500), which a second suite on
+    # this machine, or a launch still closing, may hold.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(config: str, *script: str, extra: tuple[str, ...] = (), ok: bool = True) -> str:
     example = str(ROOT / "examples" / "accelerate_loop.py")
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "examples" / "accelerate" / config),
+        "--main_process_port", str(_free_port()),
         "--num_cpu_threads_per_process", "1", *script, example, "--quick", *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -37,6 +37,7 @@ if MISSING:
     )
 
 import torch  # noqa: E402
+from helpers import one_line  # noqa: E402
 
 from gradsynth.cli import main  # noqa: E402
 from gradsynth.cli.models import load, smollm2_path  # noqa: E402
@@ -188,6 +189,7 @@ def test_gradsynth_eval_scores_the_saved_model_on_lm_eval_tasks_and_own_splits(
 
 # Facts of the shipped benchmark this model was checked to know (chat format, containment).
 KNOWN_CAPITALS = ("France", "Germany", "Japan", "China", "Russia", "Egypt", "England", "Greece")
+UNKNOWN_CAPITALS = ("Spain", "Portugal", "Finland", "Denmark")
 KNOWN_OTHERS = (
     "In which city is the Eiffel Tower?",
     "In which city is the Colosseum?",
@@ -209,25 +211,42 @@ def test_the_shipped_real_facts_benchmark_end_to_end(smollm2, tmp_path, capsys, 
     from gradsynth.unlearning import real_facts
 
     _, _, folder = smollm2
+    shipped = real_facts.facts()
     wanted = {f"What is the capital of {c}?" for c in KNOWN_CAPITALS} | set(KNOWN_OTHERS)
-    subset = tuple(f for f in real_facts.facts() if f.question in wanted)
+    subset = tuple(f for f in shipped if f.question in wanted)
     assert len(subset) == len(wanted)
     monkeypatch.setattr(real_facts, "facts", lambda: subset)
     for name, value in (("FORGET_SIZE", 4), ("MIN_NEIGHBOURS", 1), ("NEIGHBOURS", 2), ("RETAIN_SIZE", 4)):
         monkeypatch.setattr(real_facts, name, value)
     monkeypatch.setattr(real_facts, "GENERAL_SIZE", 4)
+    argv = ["unlearn", "--model", str(folder), "--facts", "real", "--steps", "1", "--audit"]
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2  # knows them all: no non-members
+    one_line(capsys, "--facts real has no non-members", "--non-members FILE")
+    assert not (tmp_path / "refused").exists()
+    # The audit's non-members: capitals it does not know (it names another city, AMD EPYC AVX2).
+    unknown = {f"What is the capital of {c}?" for c in UNKNOWN_CAPITALS}
+    subset = tuple(f for f in shipped if f.question in wanted | unknown)
+    monkeypatch.setattr(real_facts, "facts", lambda: subset)
     out = tmp_path / "run"
     argv = ["unlearn", "--model", str(folder), "--facts", "real", "--steps", "1", "--batch-size", "4"]
+    argv += ["--audit", "--relearn-steps", "1", "--relearn-folds", "2", "--relearn-lr", "1e-12"]
     assert main([*argv, "--lr", "1e-5", "--max-length", "96", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "General score kept" in printed
     report = json.loads((out / "report.json").read_text())
     task = report["settings"]["task"]
     assert task["benchmark"] == "real-facts" and task["forget_relation"] == "capital"
-    assert task["known"] >= 15  # of 19 checked by hand
+    assert 15 <= task["known"] <= 19  # of the 19 known checked by hand (the 4 unknown aside)
     assert task["sizes"] == {"forget": 4, "retain": 4, "neighbour": 2, "general": 4, "prose": 12}
     before = report["metrics"]["before"]
     for split in ("forget", "retain", "neighbour", "general"):  # known facts, scored the same way
         assert before[split]["recall"] == 1.0, (split, before[split])
     assert before["forget"]["mc_acc"] is not None and before["general"]["mc_acc"] is not None
     assert before["prose"]["recall"] is None and before["prose"]["nll"] > 0
+    # The audit scores the forget facts as the run scored them (gold answers, the non-members' form)
+    # and reads recall by the run's measure, so it finds the run's own forget recall; at a negligible
+    # rate, one relearning step leaves the held-out facts as recalled as before it.
+    audit, after = report["audit"], report["metrics"]["after"]
+    assert audit["recall"] == "contains" and audit["forget"] == 4
+    assert audit["model"]["forget_recall"] == after["forget"]["recall"]
+    assert audit["model"]["relearning"]["forget"] == [after["forget"]["recall"]]

@@ -157,6 +157,7 @@ def test_unlearn_and_compare_audit_a_users_model(files, tmp_path, capsys):
     assert f"forget facts against --non-members {files['non_members']}" in capsys.readouterr().out
     audit = json.loads((out / "report.json").read_text())["audit"]
     assert audit["source"] == "files" and audit["reference"]["forget_recall"] == 0.0
+    assert audit["recall"] == "contains"  # the run's own measure (unlearn --model's default)
     assert 0 <= audit["forget_quality"] <= 1
 
     compared = tmp_path / "compare"
@@ -273,3 +274,60 @@ def test_auditing_a_saved_run_against_another_seed_or_world_is_refused(files, tm
     (run / "report.json").write_text(json.dumps(report))
     assert main(["audit", str(run), "--world", "ci"]) == 2
     one_line(capsys, "unlearned on files, not the embedded world", "--forget FILE --non-members FILE")
+
+
+def test_forget_recall_is_read_as_the_run_reads_it(tmp_path, capsys):
+    """A model that answers in a sentence ("It is red.") recalls every forget fact by ``contains``
+    and none by ``exact`` (which asks for "red" and the end right after the prompt); the audit reads
+    recall, before the attack and along its curve, by the measure it is given (contains for a
+    model's files, as unlearn --model stops by it) and says which in its table."""
+    from gradsynth.world.tokenizer import train_tokenizer
+
+    sentences = [(q, f"It is {a}.") for q, a in FORGET]
+    texts = [f"{q} Answer: {a}" for q, a in (*sentences, *NON_MEMBERS)]
+    folder = _trained(train_tokenizer(texts * 4, 300), sentences, tmp_path / "sentences")
+    forget = _write(tmp_path / "forget.jsonl", _qa(FORGET))
+    non_members = _write(tmp_path / "non-members.jsonl", _qa(NON_MEMBERS))
+    # One step at a negligible rate: the curve must read what the model recalls before the attack.
+    argv = ["audit", str(folder), "--forget", str(forget), "--non-members", str(non_members)]
+    argv += ["--relearn-steps", "1", "--relearn-folds", "2", "--relearn-lr", "1e-12"]
+    found = {}
+    for recall in ("contains", "exact"):
+        out = tmp_path / recall
+        flags = [] if recall == "contains" else ["--recall", "exact"]  # contains: the default
+        assert main([*argv, *flags, "--out", str(out)]) == 0
+        found[recall] = json.loads((out / "audit.json").read_text())
+        printed = capsys.readouterr().out
+        words = "answer in the greedy generation" if recall == "contains" else "answer and end teacher-forced"
+        assert f"forget recall ({words})" in printed, printed
+    assert found["contains"]["recall"] == "contains" and found["exact"]["recall"] == "exact"
+    assert found["contains"]["model"]["forget_recall"] == 1.0
+    assert found["exact"]["model"]["forget_recall"] == 0.0
+    assert found["contains"]["model"]["relearning"]["forget"] == [1.0]
+    assert found["exact"]["model"]["relearning"]["forget"] == [0.0]
+
+
+def test_audit_reads_the_recall_a_saved_run_recorded(tmp_path):
+    from gradsynth.cli.audit_command import _recorded_recall
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert _recorded_recall(str(run)) is None  # no report: the audit's own default
+    for recorded, read in (("contains", "contains"), ("exact", "exact"), ("other", None)):
+        (run / "report.json").write_text(json.dumps({"settings": {"task": {"recall": recorded}}}))
+        assert _recorded_recall(str(run)) == read
+
+
+def test_relearning_labels_are_the_runs_training_answers_of_the_same_facts():
+    from gradsynth.cli.user_audit import audit_facts, with_labels
+    from gradsynth.unlearning.audit import _trained_examples
+    from gradsynth.unlearning.encoding import Example
+
+    scored = [Example("Q: where? A:", "Paris", separator=""), Example("Q: who? A:", "Ann", separator="")]
+    trained = [Example(e.prompt, f"It is {e.answer}.", separator="") for e in scored]
+    facts = with_labels(audit_facts(scored, "--forget"), trained)
+    assert [f.answer for f in facts] == ["Paris", "Ann"]  # what every score reads
+    assert [e.answer for e in _trained_examples(facts)] == ["It is Paris.", "It is Ann."]
+    assert [e.prompt for e in _trained_examples(facts)] == [e.prompt for e in scored]
+    with pytest.raises(ValueError, match="same order"):
+        with_labels(audit_facts(scored, "--forget"), trained[::-1])

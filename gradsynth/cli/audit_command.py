@@ -19,7 +19,7 @@ from gradsynth.cli.output_folder import check_output_folder, run_inputs, staged_
 from gradsynth.cli.parser import parse_list
 from gradsynth.cli.tables import markdown_table
 from gradsynth.cli.user_audit import load_reference, user_audit
-from gradsynth.unlearning.audit import RelearnSettings, audit_model
+from gradsynth.unlearning.audit import RECALLS, RelearnSettings, audit_model
 from gradsynth.world.never_learned import (
     forget_facts,
     load_never_learned_model,
@@ -39,10 +39,12 @@ def world_audit(
     *,
     reference: Any = "never-learned",
     relearn: RelearnSettings | None = None,
+    recall: str = "exact",
     log: Any = print,
 ) -> dict[str, Any]:
     """The audit of ``model`` on the world split; ``reference="never-learned"`` trains (once) and uses
-    the world model pretrained without the split's forget facts, ``None`` audits the model alone."""
+    the world model pretrained without the split's forget facts, ``None`` audits the model alone.
+    ``recall``: the run's measure of forget recall (`gradsynth.unlearning.audit.forget_recall`)."""
     model_reference = None
     if reference == "never-learned":
         model_reference, *_ = load_never_learned_model(size_name, split_seed, log=log)
@@ -58,8 +60,16 @@ def world_audit(
         reference=model_reference,
         values=relation_values(),
         relearn=relearn,
+        recall=recall,
     )
     return {"world": size_name, "split_seed": split_seed, **result}
+
+
+def recall_name(result: dict[str, Any]) -> str:
+    """How the audit read forget recall, in words (audits from before the choice read ``exact``)."""
+    if result.get("recall", "exact") == "contains":
+        return "answer in the greedy generation"
+    return "answer and end teacher-forced"
 
 
 def audit_table(result: dict[str, Any]) -> str:
@@ -70,7 +80,7 @@ def audit_table(result: dict[str, Any]) -> str:
         *(f"MIA AUC {MIA_NAMES[m]}" for m in MIA_NAMES),
         "mean log truth ratio",
         "true ranks last",
-        "forget recall",
+        f"forget recall ({recall_name(result)})",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
@@ -89,8 +99,8 @@ def audit_table(result: dict[str, Any]) -> str:
     if "relearn_steps" in result:
         steps = result["relearn_steps"]
         text += (
-            "\n\nRelearning: held-out forget recall after k steps of NLL on a forget fold "
-            "(or on retain facts)\n\n"
+            f"\n\nRelearning: held-out forget recall ({recall_name(result)}) after k steps of NLL on "
+            "a forget fold (or on retain facts)\n\n"
         )
         text += "| model | fine-tuned on | " + " | ".join(f"k={k}" for k in steps) + " |\n"
         text += "|" + "---|" * (len(steps) + 2)
@@ -155,7 +165,7 @@ def audit_markdown(runs: list[dict[str, Any]]) -> str:
         f"Audit of the forgetting (forget facts against {against}), mean ± standard deviation "
         f"over {len({r['seed'] for r in audited})} seed(s); an AUC of 0.5 and the reference's truth "
         "ratio are where a model that never learned the facts sits; forget quality: the KS test of "
-        "each run's truth ratios against the reference's."
+        f"each run's truth ratios against the reference's; recall: {recall_name(audited[0]['audit'])}."
     )
     if relearned:
         intro += (
@@ -180,6 +190,17 @@ def relearn_settings(args: argparse.Namespace) -> RelearnSettings | None:
         return RelearnSettings(folds=args.relearn_folds, steps=tuple(steps), lr=args.relearn_lr)
     except ValueError as err:
         raise CliError(f"--relearn-lr: {err}") from err
+
+
+def _recorded_recall(model: str) -> str | None:
+    """The recall a saved run was stopped and scored by (its report.json), if it recorded one."""
+    from pathlib import Path
+
+    try:
+        recall = json.loads((Path(model) / "report.json").read_text())["settings"]["task"]["recall"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return recall if recall in RECALLS else None
 
 
 def _world_run(args: argparse.Namespace) -> None:
@@ -251,6 +272,7 @@ def _run_on_files(args: argparse.Namespace, device: str) -> dict[str, Any]:
         reference=reference,
         relearn=relearn_settings(args),
         max_length=args.max_length or 256,
+        recall=args.recall or "contains",
     )
 
 
@@ -259,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
     from gradsynth.cli.unlearn_command import resolve_device
 
     on_files = args.forget is not None or args.non_members is not None
+    if args.recall is None:  # read forget recall as the run did
+        args.recall = _recorded_recall(args.model)
     if on_files:
         _user_files(args)  # refuse a wrong combination before reading anything
     else:
@@ -286,7 +310,13 @@ def run(args: argparse.Namespace) -> int:
         model.to(device)
         try:
             result = world_audit(
-                model, tokenizer, args.world, args.seed, reference=reference, relearn=relearn_settings(args)
+                model,
+                tokenizer,
+                args.world,
+                args.seed,
+                reference=reference,
+                relearn=relearn_settings(args),
+                recall=args.recall or "exact",
             )
         except ValueError as err:
             raise CliError(str(err)) from err

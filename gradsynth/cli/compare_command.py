@@ -69,7 +69,7 @@ from gradsynth.cli.user_audit import (
     audit_non_members,
     load_reference,
     read_non_members,
-    user_audit,
+    task_audit,
 )
 from gradsynth.unlearning.report import dump_json, mean_geometry
 from gradsynth.world.never_learned import load_never_learned_model
@@ -262,15 +262,8 @@ def run(args: argparse.Namespace) -> int:
                             runs.append(_run_record(seed, objective, rule, lr, settings, task, outcome))
                             runs[-1]["cell"] = cell
                             if args.audit and seed_non_members is not None:
-                                runs[-1]["audit"] = user_audit(
-                                    model,
-                                    task.tokenizer,
-                                    task.forget,
-                                    seed_non_members,
-                                    task.retain,
-                                    reference=reference,
-                                    relearn=relearn,
-                                    max_length=task.max_length,
+                                runs[-1]["audit"] = task_audit(
+                                    model, task, seed_non_members, reference, relearn
                                 )
                             elif args.audit:
                                 runs[-1]["audit"] = world_audit(
@@ -280,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
                                     seed,
                                     reference=reference,
                                     relearn=relearn,
+                                    recall=task.recall,
                                 )
                             del model  # one unlearned copy at a time
                         if bar is not None:

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from gradsynth.cli.errors import CliError
 from gradsynth.rules import available_rules
-from gradsynth.unlearning.audit import RELEARN_STEPS, RelearnSettings
+from gradsynth.unlearning.audit import RECALLS, RELEARN_STEPS, RelearnSettings
 from gradsynth.unlearning.chat import PROMPT_FORMATS
 from gradsynth.unlearning.encoding import LOSS_SCOPES
 from gradsynth.unlearning.objectives import FORGET_LOSSES, RETAIN_LOSSES
@@ -23,7 +23,7 @@ DEFAULT_LR = 1e-3
 DEFAULT_STEPS = 60
 COMPARE_RULES = "sum,pcgrad,sago,sago_prefer_retain"
 COMPARE_LRS = "3e-4,1e-3,2e-3"
-RECALL_MODES = ("contains", "exact")
+RECALL_MODES = RECALLS
 FACT_SETS = ("real",)  # --facts: the shipped benchmarks (gradsynth.unlearning.real_facts)
 LADDER_FACTOR = 2.0
 LADDER_RUNGS = 4
@@ -476,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--retain", type=Path, help="with --forget: retain facts for the relearning attack")
     audit.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="with --forget: as for unlearn")
     audit.add_argument("--max-length", type=_positive_int, help="with --forget: tokens per example (256)")
+    audit.add_argument(
+        "--recall",
+        choices=RECALL_MODES,
+        help="how forget recall is read, as for unlearn: contains (with --forget, the default) or exact "
+        "(the world's default); give the run's own",
+    )
     refs = audit.add_mutually_exclusive_group()
     refs.add_argument(
         "--reference-model",

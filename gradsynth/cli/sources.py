@@ -358,6 +358,7 @@ def load_task(args: argparse.Namespace, seed: int, log: Any = print) -> Task:
             task = world_task(args.world, seed, log)
         if getattr(args, "recall", None):
             task.recall = args.recall
+            task.description["recall"] = args.recall  # `gradsynth audit` reads the run's measure
         # --dtype is honoured for the world too (it was ignored): the cached weights are float32.
         dtype = getattr(args, "dtype", "float32")
         task.model.to(DTYPES[dtype])

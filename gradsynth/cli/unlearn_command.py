@@ -60,7 +60,7 @@ from gradsynth.cli.user_audit import (
     load_reference,
     non_members_name,
     read_non_members,
-    user_audit,
+    task_audit,
 )
 from gradsynth.unlearning.loop import UnlearnSettings, rmu_for, steps_for_epochs
 from gradsynth.unlearning.paper_weights import PAPER_WEIGHTS, ObjectiveWeights
@@ -305,18 +305,11 @@ def _unlearn(
         if args.audit:
             with phase("auditing the forgetting"):
                 if non_members is None:
-                    audit = world_audit(model, task.tokenizer, args.world, args.seed, relearn=relearn)
-                else:
-                    audit = user_audit(
-                        model,
-                        task.tokenizer,
-                        task.forget,
-                        non_members,
-                        task.retain,
-                        reference=reference,
-                        relearn=relearn,
-                        max_length=task.max_length,
+                    audit = world_audit(
+                        model, task.tokenizer, args.world, args.seed, relearn=relearn, recall=task.recall
                     )
+                else:
+                    audit = task_audit(model, task, non_members, reference, relearn)
             against = non_members_name(args) if non_members is not None else "fresh-name twins"
             print(f"\nAudit of the forgetting (forget facts against {against}):\n")
             print(audit_table(audit))

@@ -18,6 +18,7 @@ no relations.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 from typing import Any
 
@@ -45,6 +46,15 @@ def audit_facts(examples: list[Example], flag: str) -> list[AuditFact]:
     ]
 
 
+def with_labels(facts: list[AuditFact], trained: list[Example]) -> list[AuditFact]:
+    """``facts`` with the answers of ``trained`` (the same questions, in order) as relearning labels."""
+    if len(trained) != len(facts) or any(
+        t.prompt != f.example().prompt for t, f in zip(trained, facts, strict=False)
+    ):
+        raise ValueError("the training examples are not the scored forget facts in the same order")
+    return [dataclasses.replace(f, label=t.answer) for f, t in zip(facts, trained, strict=True)]
+
+
 def perturbation_values(
     facts: list[AuditFact], answers: list[str], per_fact: int = PERTURBATIONS
 ) -> tuple[list[AuditFact], dict[str, list[str]]]:
@@ -58,7 +68,7 @@ def perturbation_values(
         if len(others) > per_fact:
             others = pick.sample(others, per_fact)
         group = f"#{i}"
-        grouped.append(AuditFact(fact.question, fact.answer, group, fact.prompt, fact.separator))
+        grouped.append(dataclasses.replace(fact, group=group))
         values[group] = [fact.answer, *others]
     return grouped, values
 
@@ -100,6 +110,11 @@ def audit_non_members(
         chosen = in_task_format(from_file, task.tokenizer, args)
     else:
         chosen = task.non_members if getattr(args, "audit", False) else None
+        if chosen == []:
+            raise CliError(
+                "--audit: the model knows every shipped fact, so --facts real has no non-members to "
+                "audit against; give --non-members FILE (facts it does not know, of the same forms)"
+            )
     if chosen is not None:
         check_user_audit(task.forget, relearn)
     elif getattr(args, "audit", False):  # the world's own facts: only the folds can fail
@@ -136,6 +151,30 @@ def load_reference(args: argparse.Namespace, model: Any, tokenizer: Any, device:
     return reference.to(device)
 
 
+def task_audit(
+    model: Any,
+    task: Any,
+    non_members: list[Example],
+    reference: Any = None,
+    relearn: RelearnSettings | None = None,
+) -> dict[str, Any]:
+    """The audit of a run's unlearned ``model`` on its task (``unlearn``/``compare --audit``): the
+    forget split as scored (gold answers, the non-members' form), relearning on what the run trained
+    on, forget recall read by the run's own measure."""
+    return user_audit(
+        model,
+        task.tokenizer,
+        task.splits.get("forget", task.forget),
+        non_members,
+        task.retain,
+        reference=reference,
+        relearn=relearn,
+        max_length=task.max_length,
+        recall=task.recall,
+        trained=task.forget,
+    )
+
+
 def check_user_audit(forget: list[Example], relearn: RelearnSettings | None) -> None:
     """Refuse, before any unlearning, a forget set the audit cannot score or split into folds."""
     audit_facts(forget, "--forget")
@@ -161,9 +200,19 @@ def user_audit(
     reference: Any = None,
     relearn: RelearnSettings | None = None,
     max_length: int = 256,
+    recall: str = "contains",
+    trained: list[Example] | None = None,
 ) -> dict[str, Any]:
-    """`audit_model` on a user's files (already in the model's prompt format)."""
+    """`audit_model` on a user's files (already in the model's prompt format); ``recall``: the run's
+    measure of forget recall (a model's default: the answer inside the greedy generation).
+
+    ``forget`` is scored in the form of ``non_members`` (question and gold answer). ``trained``: the
+    run's training examples of the same facts in the same order, where they differ (``--facts
+    real`` trains on the model's own answer sentences): the relearning attack fine-tunes on them.
+    """
     members = audit_facts(forget, "--forget")
+    if trained is not None:
+        members = with_labels(members, trained)
     others = audit_facts(non_members, "--non-members")
     if len({f.answer for f in (*members, *others)}) < 2:
         raise CliError(
@@ -184,6 +233,7 @@ def user_audit(
             values=values,
             relearn=relearn,
             max_length=max_length,
+            recall=recall,
         )
     except ValueError as err:
         raise CliError(str(err)) from err

@@ -9,11 +9,17 @@ when given, for a reference that never learned the forget facts (TOFU's retain m
   the share of facts whose true answer ranks last, and the forget quality, the p-value of the
   KS test between the model's truth ratios and the reference's;
 - **relearning**: the model fine-tuned with plain answer NLL (AdamW) on one fold of the forget
-  facts, and separately on as many retain facts, for ``max(steps)`` steps from one copy of its
+  facts (on their ``label``, what the run trained on, where it is not the answer), and separately
+  on as many retain facts, for ``max(steps)`` steps from one copy of its
   weights (restored between folds); the recall of the held-out forget facts after each of
   ``steps``, averaged over the folds, and minus the reference's curve when one is given.
 
-Everything is scored on the answer tokens, with the prompts the model was unlearned with. Rows
+Forget recall (before the attack and along its curves) is read as the run read it: ``exact``, the
+answer and end-of-sequence arg-max under teacher forcing (the world's), or ``contains``, the
+normalised answer inside a greedy generation (`gradsynth.unlearning.answers`; an instruct model's
+default, whose sentence answers never match ``exact``).
+
+Everything else is scored on the answer tokens, with the prompts the model was unlearned with. Rows
 that share a chat template's turns run packed behind one copy of them, in scoring and in the
 relearning steps alike (`gradsynth.unlearning.shared_prefix`): the same numbers up to rounding,
 at about 1.6 x less compute on an instruct model's short questions.
@@ -29,6 +35,7 @@ from typing import Any
 
 import torch
 
+from gradsynth.unlearning.answers import answer_scores
 from gradsynth.unlearning.audit_metrics import (
     TokenStats,
     ks_pvalue,
@@ -45,6 +52,7 @@ from gradsynth.unlearning.task_losses import batch_logits
 
 RELEARN_STEPS = (1, 2, 5, 10, 20)
 MAX_LENGTH = 64
+RECALLS = ("contains", "exact")  # how forget recall is read: `forget_recall`
 
 
 @dataclass(frozen=True)
@@ -52,13 +60,16 @@ class AuditFact:
     """A question, its answer and the group (relation) whose other answers are its perturbations.
 
     ``prompt``: the text the model is scored on before the answer, when it is not
-    ``prompt_of(question)`` (e.g. a chat template's turn, with ``separator=""``)."""
+    ``prompt_of(question)`` (e.g. a chat template's turn, with ``separator=""``). ``label``: what
+    the relearning attack fine-tunes on, when the run trained on something other than the answer
+    (an instruct model's own answer sentence); the answer is what every score reads."""
 
     question: str
     answer: str
     group: str = ""
     prompt: str | None = None
     separator: str = " "
+    label: str | None = None
 
     def example(self, answer: str | None = None) -> Example:
         """This fact (or its question with another ``answer``) as an answer-only example."""
@@ -96,6 +107,10 @@ def _batches(
 
 def _examples(facts: Sequence[AuditFact]) -> list[Example]:
     return [f.example() for f in facts]
+
+
+def _trained_examples(facts: Sequence[AuditFact]) -> list[Example]:
+    return [f.example(f.label) for f in facts]
 
 
 @torch.no_grad()
@@ -166,7 +181,19 @@ def _mia(
     return mia_aucs(scores(members), scores(others))
 
 
-def _recall(model: Any, tokenizer: Any, facts: Sequence[AuditFact], max_length: int = MAX_LENGTH) -> float:
+def forget_recall(
+    model: Any,
+    tokenizer: Any,
+    facts: Sequence[AuditFact],
+    max_length: int = MAX_LENGTH,
+    recall: str = "exact",
+) -> float:
+    """The share of ``facts`` recalled: ``exact`` (answer and end-of-sequence arg-max, teacher-forced)
+    or ``contains`` (the normalised answer inside the greedy generation)."""
+    if recall == "contains":
+        return answer_scores(model, tokenizer, _examples(facts), max_length)["recall"] or 0.0
+    if recall != "exact":
+        raise ValueError(f"recall must be one of {RECALLS}; got {recall!r}")
     return split_metrics(model, _batches(tokenizer, _examples(facts), max_length=max_length))["recall"]
 
 
@@ -177,12 +204,13 @@ def _fine_tune_curve(
     held_out: Sequence[AuditFact],
     settings: RelearnSettings,
     max_length: int = MAX_LENGTH,
+    recall: str = "exact",
 ) -> list[float]:
     """Recall of ``held_out`` after each of ``settings.steps`` steps of NLL on ``train`` (a copy)."""
     student = copy.deepcopy(model)
     student.train()
     device = next(student.parameters()).device
-    (batch,) = _batches(tokenizer, _examples(train), len(train), max_length)
+    (batch,) = _batches(tokenizer, _trained_examples(train), len(train), max_length)
     batch = {k: v.to(device) for k, v in batch.items()}
     params = list(student.parameters())
     # torch's fused AdamW: the same update up to rounding, ~6 x faster than its default on the CPU
@@ -196,7 +224,7 @@ def _fine_tune_curve(
         nll_loss(logits, labels).backward()
         optimizer.step()
         if step in settings.steps:
-            curve.append(_recall(student, tokenizer, held_out, max_length))
+            curve.append(forget_recall(student, tokenizer, held_out, max_length, recall))
     return curve
 
 
@@ -207,6 +235,7 @@ def relearning(
     retain: Sequence[AuditFact],
     settings: RelearnSettings,
     max_length: int = MAX_LENGTH,
+    recall: str = "exact",
 ) -> dict[str, list[float]]:
     """``{"forget": curve, "retain": curve}``: held-out forget recall after each step count, averaged
     over folds, fine-tuning on a forget fold or on as many retain facts."""
@@ -219,11 +248,13 @@ def relearning(
     curves: dict[str, list[list[float]]] = {"forget": [], "retain": []}
     for k, fold in enumerate(folds):
         held_out = [f for j, other in enumerate(folds) if j != k for f in other]
-        curves["forget"].append(_fine_tune_curve(model, tokenizer, fold, held_out, settings, max_length))
+        curves["forget"].append(
+            _fine_tune_curve(model, tokenizer, fold, held_out, settings, max_length, recall)
+        )
         if retain:
             sample = pick.sample(list(retain), min(len(fold), len(retain)))
             curves["retain"].append(
-                _fine_tune_curve(model, tokenizer, sample, held_out, settings, max_length)
+                _fine_tune_curve(model, tokenizer, sample, held_out, settings, max_length, recall)
             )
     return {
         name: [sum(c) / len(c) for c in zip(*found, strict=True)] for name, found in curves.items() if found
@@ -241,17 +272,21 @@ def audit_model(
     values: Mapping[str, Sequence[str]] | None = None,
     relearn: RelearnSettings | None = None,
     max_length: int = MAX_LENGTH,
+    recall: str = "exact",
 ) -> dict[str, Any]:
     """The audit of ``model`` (and of ``reference``, beside it) as a JSON-ready dict.
 
     ``values``: the answers each group's perturbations are drawn from (default: the answers of
     the forget and non-member facts of that group). ``relearn=None`` skips the relearning attack.
-    ``max_length``: tokens per scored example (prompt and answer).
+    ``max_length``: tokens per scored example (prompt and answer). ``recall``: how forget recall
+    is read, before and during the relearning attack (`forget_recall`); the run's own measure.
     """
     if not forget or not non_members:
         raise ValueError("the audit needs forget facts (members) and non-member facts")
+    if recall not in RECALLS:
+        raise ValueError(f"recall must be one of {RECALLS}; got {recall!r}")
     values = values if values is not None else _values_by_group([*forget, *non_members])
-    result: dict[str, Any] = {"forget": len(forget), "non_members": len(non_members)}
+    result: dict[str, Any] = {"forget": len(forget), "non_members": len(non_members), "recall": recall}
     models = {"model": model} if reference is None else {"model": model, "reference": reference}
     ratios = {}
     for name, m in models.items():
@@ -260,10 +295,10 @@ def audit_model(
             "mia": _mia(m, tokenizer, forget, non_members, max_length),
             "mean_log_truth_ratio": sum(ratios[name]) / len(ratios[name]),
             "ranks_last": last,
-            "forget_recall": _recall(m, tokenizer, forget, max_length),
+            "forget_recall": forget_recall(m, tokenizer, forget, max_length, recall),
         }
         if relearn is not None:
-            result[name]["relearning"] = relearning(m, tokenizer, forget, retain, relearn, max_length)
+            result[name]["relearning"] = relearning(m, tokenizer, forget, retain, relearn, max_length, recall)
     if reference is not None:
         result["forget_quality"] = ks_pvalue(ratios["model"], ratios["reference"])
         if relearn is not None:
