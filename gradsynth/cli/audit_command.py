@@ -192,14 +192,21 @@ def relearn_settings(args: argparse.Namespace) -> RelearnSettings | None:
         raise CliError(f"--relearn-lr: {err}") from err
 
 
-def _recorded_recall(model: str) -> str | None:
-    """The recall a saved run was stopped and scored by (its report.json), if it recorded one."""
+def _recorded_settings(model: str) -> dict[str, Any]:
+    """The settings a saved run recorded in its report.json ({} when ``model`` is not a run folder)."""
     from pathlib import Path
 
     try:
-        recall = json.loads((Path(model) / "report.json").read_text())["settings"]["task"]["recall"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        settings = json.loads((Path(model) / "report.json").read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def _recorded_recall(model: str) -> str | None:
+    """The recall a saved run was stopped and scored by, if it recorded one."""
+    task = _recorded_settings(model).get("task")
+    recall = task.get("recall") if isinstance(task, dict) else None
     return recall if recall in RECALLS else None
 
 
@@ -207,15 +214,11 @@ def _world_run(args: argparse.Namespace) -> None:
     """Take ``--world``/``--seed`` from a saved run's report.json where not given, and refuse ones
     that contradict it: the never-learned reference and twins of another split would make every
     number wrong (absent both: the default world, seed 0)."""
-    from pathlib import Path
-
     recorded_world, recorded_seed = None, None
-    try:
-        settings = json.loads((Path(args.model) / "report.json").read_text()).get("settings", {})
-        source = settings["task"]["source"]
-        seed = settings.get("seed")
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        source, seed = None, None  # not a gradsynth run folder: nothing recorded to check against
+    settings = _recorded_settings(args.model)  # {} outside a run folder: nothing to check against
+    task = settings.get("task")
+    source = task.get("source") if isinstance(task, dict) else None
+    seed = settings.get("seed")
     if isinstance(source, str):
         if not source.startswith("embedded world ("):
             raise CliError(
